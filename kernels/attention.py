@@ -1,0 +1,151 @@
+"""Paged attention: metadata, KV store, prefill and decode attention (torch references = the CPU path).
+
+KV cache layout, per layer: one tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]``
+(index 0 = K, 1 = V). Token slot ``s`` lives in block ``s // block_size`` at offset ``s % block_size``.
+
+A batch is a flat run of tokens: first every prefill chunk (several tokens each, in order), then one
+token per decoding request. The engine builds an ``AttentionMetadata`` once per step and every layer
+reads it; anything derivable once per step (gather indices, masks) is computed here, not per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """One request's chunk of new tokens, ``query_len`` of them, ending at ``context_len``."""
+
+    query_start: int  # offset of the chunk's first token in the flat batch
+    query_len: int
+    context_len: int  # tokens in the cache after this chunk (cached prefix + chunk)
+    # Slots of the whole context [context_len] int64, or None when the chunk is the whole context
+    # (no cached prefix): then attention runs on the chunk's own K/V without touching the cache.
+    context_slots: torch.Tensor | None
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: the cache slot each new token's K/V goes to
+    prefills: list[PrefillChunk]
+    num_prefill_tokens: int
+    # Decode part (one query token per request), None when the batch has no decodes.
+    block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int32, rows padded with 0
+    context_lens: torch.Tensor | None  # [num_decodes] int32, including the new token
+    decode_slots: torch.Tensor | None  # [num_decodes, max_context_len] int64, padded with slot 0
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context_len] bool, or None if no padding
+
+    @property
+    def num_decodes(self) -> int:
+        return 0 if self.context_lens is None else int(self.context_lens.shape[0])
+
+
+def build_decode_metadata(
+    block_tables: list[list[int]], context_lens: list[int], block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Block tables, lengths, per-token gather slots and padding mask for the decode requests."""
+    max_blocks = max(len(t) for t in block_tables)
+    tables = torch.zeros(len(block_tables), max_blocks, dtype=torch.int32)
+    for i, t in enumerate(block_tables):
+        tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    max_len = max(context_lens)
+    pos = torch.arange(max_len)
+    slots = tables.long()[:, pos // block_size] * block_size + pos % block_size  # [B, max_len]
+    valid = pos[None, :] < lens[:, None].long()
+    slots = torch.where(valid, slots, torch.zeros_like(slots))
+    mask = None if bool(valid.all()) else valid[:, None, None, :]
+    return tables, lens, slots, mask
+
+
+def context_slots(block_table: list[int], context_len: int, block_size: int) -> torch.Tensor:
+    """Slots of the first ``context_len`` tokens of a request: [context_len] int64."""
+    table = torch.tensor(block_table, dtype=torch.long)
+    pos = torch.arange(context_len)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+def store_kv_ref(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64
+) -> None:
+    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+    flat[0].index_copy_(0, slot_mapping, key)
+    flat[1].index_copy_(0, slot_mapping, value)
+
+
+def _gather(kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+    return flat[0][slots], flat[1][slots]
+
+
+def prefill_attention_ref(
+    query: torch.Tensor,  # [n, num_heads, head_dim]
+    key: torch.Tensor,  # [n, num_kv_heads, head_dim] (the chunk's own keys)
+    value: torch.Tensor,  # [n, num_kv_heads, head_dim]
+    kv_cache: torch.Tensor,
+    chunk: PrefillChunk,
+    scale: float,
+) -> torch.Tensor:  # [n, num_heads, head_dim]
+    n = chunk.query_len
+    q = query.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+    if chunk.context_slots is None:
+        k, v = key, value
+        mask, causal = None, True
+    else:
+        k, v = _gather(kv_cache, chunk.context_slots)  # [ctx, KVH, D]
+        # Query i sits at absolute position ctx - n + i and sees keys 0..ctx - n + i.
+        q_pos = torch.arange(chunk.context_len - n, chunk.context_len)
+        mask = torch.arange(chunk.context_len)[None, :] <= q_pos[:, None]
+        causal = False
+    k = k.transpose(0, 1).unsqueeze(0)
+    v = v.transpose(0, 1).unsqueeze(0)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+    )
+    return out[0].transpose(0, 1)
+
+
+def decode_attention_ref(
+    query: torch.Tensor,  # [num_decodes, num_heads, head_dim]
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [num_decodes, num_heads, head_dim]
+    k, v = _gather(kv_cache, attn.decode_slots)  # [B, L, KVH, D]
+    out = F.scaled_dot_product_attention(
+        query.unsqueeze(2),  # [B, H, 1, D]
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=attn.decode_mask,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.squeeze(2)
+
+
+def paged_attention_ref(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Store the new K/V, then attend: each prefill chunk, then all decodes at once."""
+    store_kv_ref(key, value, kv_cache, attn.slot_mapping)
+    if not attn.prefills:
+        return decode_attention_ref(query, kv_cache, attn, scale)
+    parts = []
+    for chunk in attn.prefills:
+        sl = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+        parts.append(prefill_attention_ref(query[sl], key[sl], value[sl], kv_cache, chunk, scale))
+    if attn.num_decodes:
+        parts.append(decode_attention_ref(query[attn.num_prefill_tokens :], kv_cache, attn, scale))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
