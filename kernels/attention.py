@@ -38,6 +38,12 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None  # [num_decodes] int32, including the new token
     decode_slots: torch.Tensor | None  # [num_decodes, max_context_len] int64, padded with slot 0
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context_len] bool, or None if no padding
+    # Prefill part as the Triton kernel reads it (see build_prefill_metadata). Optional: the CPU path
+    # never reads them, and on CUDA the dispatcher derives them from ``prefills`` when they are None
+    # (per layer, so a CUDA engine should build them once per step).
+    prefill_block_tables: torch.Tensor | None = None  # [num_prefills, max_blocks] int32, padded with 0
+    prefill_query_starts: torch.Tensor | None = None  # [num_prefills + 1] int32, cumulative query_len
+    prefill_context_lens: torch.Tensor | None = None  # [num_prefills] int32
 
     @property
     def num_decodes(self) -> int:
@@ -60,6 +66,19 @@ def build_decode_metadata(
     slots = torch.where(valid, slots, torch.zeros_like(slots))
     mask = None if bool(valid.all()) else valid[:, None, None, :]
     return tables, lens, slots, mask
+
+
+def build_prefill_metadata(
+    block_tables: list[list[int]], query_lens: list[int], context_lens: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block tables, cumulative query starts and context lengths of the prefill chunks (Triton path)."""
+    max_blocks = max(len(t) for t in block_tables)
+    tables = torch.zeros(len(block_tables), max_blocks, dtype=torch.int32)
+    for i, t in enumerate(block_tables):
+        tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    starts = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    starts[1:] = torch.tensor(query_lens, dtype=torch.int32).cumsum(0)
+    return tables, starts, torch.tensor(context_lens, dtype=torch.int32)
 
 
 def context_slots(block_table: list[int], context_len: int, block_size: int) -> torch.Tensor:

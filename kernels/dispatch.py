@@ -1,10 +1,35 @@
-"""The one entry point the engine calls for kernels: Triton on CUDA, the torch reference elsewhere."""
+"""The one entry point the engine calls for kernels: Triton on CUDA, the torch reference elsewhere.
+
+A call takes the Triton path when its tensors are on a CUDA device and triton is importable; CPU
+tensors always take the reference (the Triton interpreter is for tests only, far too slow to serve).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from kvferry.kernels import _triton
 from kvferry.kernels.attention import AttentionMetadata, paged_attention_ref
+from kvferry.kernels.decode_attention import decode_attention
+from kvferry.kernels.kv_transfer import (
+    gather_kv_blocks_ref,
+    scatter_kv_blocks_ref,
+)
+from kvferry.kernels.kv_transfer import gather_kv_blocks as _gather_kv_blocks_triton
+from kvferry.kernels.kv_transfer import scatter_kv_blocks as _scatter_kv_blocks_triton
+from kvferry.kernels.prefill_attention import prefill_attention
+from kvferry.kernels.rms_norm import rms_norm as _rms_norm_triton
+from kvferry.kernels.rms_norm import rms_norm_ref
+from kvferry.kernels.rotary import rotary as _rotary_triton
+from kvferry.kernels.rotary import rotary_ref
+from kvferry.kernels.store_kv import store_kv as _store_kv_triton
+from kvferry.kernels.store_kv import store_kv_ref
+
+__all__ = ["gather_kv_blocks", "paged_attention", "rms_norm", "rotary", "scatter_kv_blocks", "store_kv"]
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and _triton.HAS_TRITON
 
 
 def paged_attention(
@@ -14,5 +39,121 @@ def paged_attention(
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
     attn: AttentionMetadata,
     scale: float,
-) -> torch.Tensor:
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Store the new K/V at ``attn.slot_mapping``, then attend (prefill chunks first, then decodes)."""
+    if _use_triton(query):
+        return paged_attention_triton(query, key, value, kv_cache, attn, scale)
     return paged_attention_ref(query, key, value, kv_cache, attn, scale)
+
+
+def paged_attention_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """``paged_attention`` on the Triton kernels whatever the device (tests run it in the interpreter)."""
+    _store_kv_triton(key, value, kv_cache, attn.slot_mapping)
+    out = torch.empty_like(query)
+    num_prefill_tokens = attn.num_prefill_tokens
+    if attn.prefills:
+        tables, starts, lens = prefill_tables(attn, kv_cache.shape[2])
+        prefill_attention(
+            query[:num_prefill_tokens],
+            kv_cache,
+            tables,
+            starts,
+            lens,
+            max(c.query_len for c in attn.prefills),
+            scale,
+            out=out[:num_prefill_tokens],
+        )
+    if attn.num_decodes:
+        assert attn.block_tables is not None and attn.context_lens is not None
+        decode_attention(
+            query[num_prefill_tokens:],
+            kv_cache,
+            attn.block_tables,
+            attn.context_lens,
+            scale,
+            out=out[num_prefill_tokens:],
+        )
+    return out
+
+
+def prefill_tables(
+    attn: AttentionMetadata, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # block tables, query starts, context lens
+    """The prefill fields of ``attn``, or, when absent, the same derived from its chunks on device.
+
+    A chunk's block ids are the blocks of every ``block_size``-th slot of its context (its
+    ``context_slots``, or its own new slots when it has no cached prefix); no host sync.
+    """
+    if attn.prefill_block_tables is not None:
+        assert attn.prefill_query_starts is not None and attn.prefill_context_lens is not None
+        return attn.prefill_block_tables, attn.prefill_query_starts, attn.prefill_context_lens
+    device = attn.slot_mapping.device
+    chunks = attn.prefills
+    max_blocks = max(-(-c.context_len // block_size) for c in chunks)
+    tables = torch.zeros(len(chunks), max_blocks, dtype=torch.int32, device=device)
+    for i, c in enumerate(chunks):
+        slots = c.context_slots
+        if slots is None:
+            slots = attn.slot_mapping[c.query_start : c.query_start + c.query_len]
+        blocks = slots[::block_size] // block_size
+        tables[i, : blocks.shape[0]] = blocks.to(torch.int32)
+    query_lens = [c.query_len for c in chunks]
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    lens = torch.tensor([c.context_len for c in chunks], dtype=torch.int32, device=device)
+    return tables, starts, lens
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64
+) -> None:
+    (_store_kv_triton if _use_triton(kv_cache) else store_kv_ref)(key, value, kv_cache, slot_mapping)
+
+
+def rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [num_tokens, hidden]
+) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, new residual = x + residual, or x itself)
+    return (_rms_norm_triton if _use_triton(x) else rms_norm_ref)(x, weight, eps, residual)
+
+
+def rotary(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim], rotated in place
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], rotated in place
+    cos: torch.Tensor,  # [num_tokens, head_dim] (HF cat(freqs, freqs)) or [num_tokens, head_dim // 2]
+    sin: torch.Tensor,
+) -> None:
+    (_rotary_triton if _use_triton(query) else rotary_ref)(query, key, cos, sin)
+
+
+def gather_kv_blocks(
+    kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_ids: torch.Tensor,  # [n] int64
+) -> torch.Tensor:  # [2, n, block_size, num_kv_heads, head_dim], contiguous
+    if _use_triton(kv_cache_layer):
+        return _gather_kv_blocks_triton(kv_cache_layer, block_ids.to(kv_cache_layer.device))
+    return gather_kv_blocks_ref(kv_cache_layer, block_ids)
+
+
+def scatter_kv_blocks(
+    buffer: torch.Tensor,  # [2, n, block_size, num_kv_heads, head_dim]
+    kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_ids: torch.Tensor,  # [n] int64, distinct
+) -> None:
+    if _use_triton(kv_cache_layer):
+        device = kv_cache_layer.device
+        buffer = buffer.to(device=device, dtype=kv_cache_layer.dtype).contiguous()
+        _scatter_kv_blocks_triton(buffer, kv_cache_layer, block_ids.to(device))
+    else:
+        scatter_kv_blocks_ref(buffer, kv_cache_layer, block_ids)

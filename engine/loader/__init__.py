@@ -1,1 +1,110 @@
+"""Model loading: a Hugging Face directory (``hf.py``) or a GGUF file (``gguf.py``) -> ``LoadedModel``.
 
+Both formats are read into one dict of tensors under Hugging Face names (``model.layers.0.self_attn.
+q_proj.weight``), checked against the shapes the config implies, then fused (q/k/v -> ``qkv_proj``,
+gate/up -> ``gate_up_proj``) and assigned to a model built on the meta device (no random init).
+Every problem is a ``ConfigError`` naming the file and, where there is one, the tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvferry.engine.config import ConfigError, ModelConfig
+from kvferry.engine.model import LlamaForCausalLM
+from kvferry.engine.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM  # eval mode, on the device, in the dtype
+    config: ModelConfig
+    tokenizer: Tokenizer
+    generation_config: dict[str, Any]  # at least "eos_token_id": list[int]
+
+
+def load_model(path: str, dtype: torch.dtype, device: str = "cpu") -> LoadedModel:
+    """Load a Hugging Face directory (config.json + safetensors) or a ``.gguf`` file."""
+    from kvferry.engine.loader import gguf, hf
+
+    path = os.path.expanduser(str(path))
+    if not os.path.exists(path):
+        raise ConfigError(f"model path {path} does not exist")
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return hf.load_hf(path, dtype, device)
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(ggufs) == 1:
+            return gguf.load_gguf(os.path.join(path, ggufs[0]), dtype, device)
+        raise ConfigError(
+            f"{path}: a model directory needs config.json (Hugging Face format) or exactly one .gguf file"
+            + (f"; found {len(ggufs)}: {', '.join(ggufs)}" if ggufs else "")
+        )
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF" or path.endswith(".gguf"):
+        return gguf.load_gguf(path, dtype, device)
+    raise ConfigError(f"{path}: not a GGUF file and not a directory with config.json")
+
+
+def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model needs, under its Hugging Face name, with the shape the config implies."""
+    h, inter = config.hidden_size, config.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        proj = {"q_proj": config.q_size, "k_proj": config.kv_size, "v_proj": config.kv_size}
+        for name, rows in proj.items():
+            shapes[f"{p}self_attn.{name}.weight"] = (rows, h)
+            if config.attention_bias:
+                shapes[f"{p}self_attn.{name}.bias"] = (rows,)
+        shapes[f"{p}self_attn.o_proj.weight"] = (h, config.q_size)
+        shapes[f"{p}mlp.gate_proj.weight"] = (inter, h)
+        shapes[f"{p}mlp.up_proj.weight"] = (inter, h)
+        shapes[f"{p}mlp.down_proj.weight"] = (h, inter)
+        shapes[f"{p}input_layernorm.weight"] = (h,)
+        shapes[f"{p}post_attention_layernorm.weight"] = (h,)
+    return shapes
+
+
+def build_model(
+    config: ModelConfig, tensors: dict[str, Tensor], dtype: torch.dtype, device: str
+) -> LlamaForCausalLM:
+    """Fuse checked Hugging Face tensors into our parameters and assign them to a fresh model.
+
+    ``tensors`` must hold exactly ``checkpoint_shapes(config)`` (the format loaders check that, as they
+    know file and tensor names); it is emptied as tensors are fused, to bound peak memory.
+    """
+    state: dict[str, Tensor] = {
+        "embed_tokens.weight": tensors.pop("model.embed_tokens.weight"),
+        "norm.weight": tensors.pop("model.norm.weight"),
+    }
+    if not config.tie_word_embeddings:
+        state["lm_head.weight"] = tensors.pop("lm_head.weight")
+    for i in range(config.num_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        attn = [f"{src}self_attn.{n}_proj" for n in "qkv"]
+        state[f"{dst}self_attn.qkv_proj.weight"] = torch.cat([tensors.pop(f"{a}.weight") for a in attn])
+        if config.attention_bias:
+            state[f"{dst}self_attn.qkv_proj.bias"] = torch.cat([tensors.pop(f"{a}.bias") for a in attn])
+        state[f"{dst}self_attn.o_proj.weight"] = tensors.pop(f"{src}self_attn.o_proj.weight")
+        state[f"{dst}mlp.gate_up_proj.weight"] = torch.cat(
+            [tensors.pop(f"{src}mlp.gate_proj.weight"), tensors.pop(f"{src}mlp.up_proj.weight")]
+        )
+        state[f"{dst}mlp.down_proj.weight"] = tensors.pop(f"{src}mlp.down_proj.weight")
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            state[f"{dst}{norm}.weight"] = tensors.pop(f"{src}{norm}.weight")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

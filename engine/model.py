@@ -1,0 +1,166 @@
+"""The Llama family in plain torch: Llama 2/3 (llama3 RoPE scaling), Mistral, Qwen2/2.5, SmolLM2.
+
+One config-driven model in the style of gpt-fast. Every input is explicit: a flat batch of tokens, their
+positions, one paged KV cache tensor per layer and the step's ``AttentionMetadata``. Paging and
+scheduling stay outside; attention goes through ``kvferry.kernels.dispatch.paged_attention``.
+
+Numerics follow transformers' Llama/Mistral/Qwen2 code (the reference in tests): RMSNorm in float32
+then cast back before the weight multiply, RoPE cos/sin computed in float32 and cast to the model dtype,
+rotate-half RoPE applied in the model dtype. q/k/v and gate/up are fused into one linear each; cos/sin
+are gathered once per forward from a precomputed table and shared by every layer. The decode step at
+batch 1 is Python-bound on CPU, so each layer is kept to a handful of ops with no avoidable allocations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kvferry.engine.config import ModelConfig, RopeScaling
+from kvferry.kernels.attention import AttentionMetadata
+from kvferry.kernels.dispatch import paged_attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # As transformers' LlamaRMSNorm: normalise in float32, cast back, then scale in the model dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:  # [head_dim // 2]
+    """Inverse frequencies exactly as transformers computes them (default and ``llama3`` types)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old_len = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_table(config: ModelConfig) -> Tensor:  # [max_position_embeddings, head_dim] float32
+    """``cos`` of each position's frequencies in the first half of a row, ``sin`` in the second; built
+    on the CPU even under a meta-device context."""
+    inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.float32, device="cpu")
+    freqs = positions[:, None] * inv_freq[None, :]  # [max_pos, head_dim // 2], as transformers' product
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.qk_size = config.q_size + config.kv_size
+        self.scale = config.head_dim**-0.5
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: Tensor, attn: AttentionMetadata) -> Tensor:
+        num_tokens = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, (H + 2 * KVH) * D]
+        # RoPE on q and k together: rotate_half(x) * sin == roll(x, D/2) * sin_signed (sign folded in).
+        qk = qkv[:, : self.qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = qk * cos + qk.roll(self.head_dim // 2, dims=-1) * sin  # [T, H + KVH, D]
+        v = qkv[:, self.qk_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = paged_attention(
+            qk[:, : self.num_heads], qk[:, self.num_heads :], v, kv_cache, attn, self.scale
+        )  # [T, H, D]
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: Tensor, attn: AttentionMetadata) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Parameter names: ``embed_tokens``, ``layers.N.{input_layernorm, self_attn.{qkv_proj, o_proj},
+    post_attention_layernorm, mlp.{gate_up_proj, down_proj}}``, ``norm``, ``lm_head`` (absent if tied)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        # An explicit (uniform) weight skips nn.Embedding's normal_ init, which on the meta device (the
+        # loader's) imports torch._dynamo: a second of load time.
+        embed = torch.empty(config.vocab_size, config.hidden_size).uniform_(-1.0, 1.0)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=embed)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (
+            None if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        # Real even under a meta-device context (the loader builds the model on meta); cast to the model
+        # dtype by ``.to(dtype)``, as transformers casts its float32 cos/sin to the input dtype.
+        self.register_buffer("rope", rope_table(config), persistent=False)
+
+    def forward(
+        self,
+        input_ids: Tensor,  # [num_tokens] int64
+        positions: Tensor,  # [num_tokens] int64
+        kv_caches: list[Tensor],  # per layer [2, num_blocks, block_size, num_kv_heads, head_dim]
+        attn: AttentionMetadata,
+        layer_hook: Callable[[int], None] | None = None,  # called after layer i stored its K/V
+    ) -> Tensor:  # [num_tokens, hidden_size]
+        half = self.config.head_dim // 2
+        cos_sin = self.rope[positions]  # [T, D]: cos | sin of the half frequencies
+        cos, sin = cos_sin[:, :half], cos_sin[:, half:]
+        cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)  # [T, 1, D]
+        sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)  # [T, 1, D], sign of rotate_half folded in
+        x = self.embed_tokens(input_ids)
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            x = layer(x, cos, sin, kv_cache, attn)
+            if layer_hook is not None:
+                layer_hook(i)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:  # [n, hidden] -> [n, vocab] float32
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+
+def allocate_kv_caches(
+    config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> list[Tensor]:
+    """One zeroed ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` tensor per layer."""
+    shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]

@@ -1,0 +1,87 @@
+"""A request inside an engine: its tokens, its blocks and its state.
+
+Progress is two numbers: ``num_tokens`` (prompt + output so far) and ``num_computed_tokens`` (how many
+of those have K/V in the cache). Chunked prefill, prefix-cache hits, recompute after preemption and KV
+received from a prefill worker all move ``num_computed_tokens``; the scheduler only ever asks each
+request to catch up (``num_tokens - num_computed_tokens`` more tokens to compute).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from kvferry.engine.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued; needs compute (prefill, or recompute after preemption)
+    RUNNING = "running"  # scheduled every step: prefill chunks, then decode
+    WAITING_FOR_KV = "waiting_for_kv"  # decode role: blocks reserved, KV arriving from a prefill worker
+    SENDING_KV = "sending_kv"  # prefill role: first token out, blocks held until the KV is acknowledged
+    PREEMPTED = "preempted"  # blocks taken back; recomputed from scratch when room returns
+    FINISHED_STOPPED = "finished_stopped"  # EOS, stop token or stop string
+    FINISHED_LENGTH = "finished_length"  # max_tokens or the context limit
+    FINISHED_ABORTED = "finished_aborted"
+    FINISHED_ERROR = "finished_error"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = {
+    RequestStatus.FINISHED_STOPPED,
+    RequestStatus.FINISHED_LENGTH,
+    RequestStatus.FINISHED_ABORTED,
+    RequestStatus.FINISHED_ERROR,
+}
+
+FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_index: int = 0  # FIFO order; preempted requests keep theirs and go back to the front
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last allocation
+    block_table: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return FINISH_REASONS.get(self.status)
+
+    def token_id(self, index: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]

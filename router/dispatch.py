@@ -1,0 +1,314 @@
+"""Driving one request (one choice) through the workers, over gRPC.
+
+Per request:
+1. Place it: pick a decode worker by free KV and load (``WorkerRegistry.pick_decode``) and a prefill
+   worker by queued prefill tokens, then ``DecodeWorker.Reserve`` blocks for the prompt. A refusal for
+   lack of room (RESOURCE_EXHAUSTED) or an unreachable worker moves on to the next decode worker; when
+   none can take it the request waits in the ``AdmissionQueue`` (bounded, with a timeout).
+2. Subscribe to the decode worker's token ``Stream`` (before prefill, so nothing is missed).
+3. ``PrefillWorker.Prefill`` with the reservation: the prefill worker computes the KV, pushes it to the
+   decode worker and answers the first token. A colocated worker skips this (``prefill_locally``).
+4. Merge the first token and the decode stream by output index (either may arrive first; duplicates
+   are dropped) and yield ``WorkerEvent``s in order until a finish reason.
+5. Leaving early (client gone, stop string found by the router, error) aborts the request on both
+   workers; either way the decode worker's in-flight count is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import grpc
+
+from kvferry.engine.sampling import SamplingParams
+from kvferry.proto import generate_pb2, kv_transfer_pb2, worker_pb2, worker_pb2_grpc
+from kvferry.router.admission import AdmissionQueue
+from kvferry.router.registry import Worker, WorkerRegistry, WorkerRole
+from kvferry.router.request import APIError, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    rpc_timeout_s: float = 10.0  # Reserve, Abort, GetStats
+    prefill_timeout_s: float = 300.0  # queueing + prefill + KV push
+    stream_timeout_s: float = 3600.0  # the whole decode stream
+
+
+@dataclass
+class WorkerEvent:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # set on the last event: "stop" | "length" | "abort" | "error"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    decode: Worker
+    prefill: Worker | None  # None: the decode worker prefills itself
+    reservation: worker_pb2.ReserveResponse
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    kv_bytes: int
+    transfer_seconds: float
+    prefill_seconds: float
+
+
+def sampling_to_proto(params: SamplingParams) -> generate_pb2.SamplingParams:
+    """Workers get everything but ``stop`` strings and ``n``: those are the router's."""
+    msg = generate_pb2.SamplingParams(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
+        n=1,
+    )
+    if params.seed is not None:
+        msg.seed = params.seed & _MASK64
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
+    return msg
+
+
+def logprob_from_proto(token_id: int, msg: kv_transfer_pb2.TokenLogprobs) -> TokenLogprob:
+    return TokenLogprob(token_id, msg.logprob, tuple(zip(msg.top_token_ids, msg.top_logprobs)))
+
+
+def _rpc_error(worker: Worker, exc: grpc.aio.AioRpcError) -> str:
+    return f"{worker.role.name.lower()} worker {worker.address}: {exc.code().name}: {exc.details()}"
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        admission: AdmissionQueue,
+        config: DispatchConfig = DispatchConfig(),
+        on_transfer: Callable[[TransferStats], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.admission = admission
+        self.config = config
+        self.on_transfer = on_transfer
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._background: set[asyncio.Task] = set()
+
+    # --- channels ---------------------------------------------------------------------------------
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return channel
+
+    async def forget(self, address: str) -> None:
+        """A worker left: close its channel."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close(grace=None)
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=self.config.rpc_timeout_s)
+        for address in list(self._channels):
+            await self.forget(address)
+
+    def decode_stub(self, worker: Worker) -> worker_pb2_grpc.DecodeWorkerStub:
+        return worker_pb2_grpc.DecodeWorkerStub(self.channel(worker.address))
+
+    def prefill_stub(self, worker: Worker) -> worker_pb2_grpc.PrefillWorkerStub:
+        return worker_pb2_grpc.PrefillWorkerStub(self.channel(worker.address))
+
+    # --- one request ------------------------------------------------------------------------------
+
+    async def run(
+        self, request_id: str, prompt_token_ids: tuple[int, ...], params: SamplingParams
+    ) -> AsyncIterator[WorkerEvent]:
+        if params.seed is None:
+            # Prefill samples token 0 and decode the rest: one seed makes them one random stream.
+            params = params.with_(seed=random.getrandbits(63))
+        num_blocks = self.registry.blocks_for(len(prompt_token_ids) + 1)
+        largest = self.registry.largest_decode_blocks()
+        if largest and num_blocks > largest:
+            raise APIError(
+                f"the prompt needs {num_blocks} KV blocks; the largest decode worker has {largest}",
+                param="prompt", code="context_length_exceeded",
+            )
+        sampling = sampling_to_proto(params)
+        placement = await self.admission.admit(
+            lambda: self._try_place(request_id, prompt_token_ids, sampling, num_blocks),
+            lambda: self._describe(num_blocks),
+        )
+        async for event in self._generate(request_id, prompt_token_ids, sampling, placement):
+            yield event
+
+    def _describe(self, num_blocks: int) -> str:
+        decode = self.registry.live(WorkerRole.DECODE, WorkerRole.COLOCATED)
+        prefill = self.registry.live(WorkerRole.PREFILL)
+        if not decode:
+            return "no decode worker is registered"
+        free = ", ".join(f"{w.address}: {w.free_blocks_estimate} free" for w in decode)
+        text = f"the request needs {num_blocks} KV blocks ({free})"
+        if not prefill and any(w.role is WorkerRole.DECODE for w in decode):
+            text += "; no prefill worker is registered"
+        return text
+
+    async def _try_place(
+        self, request_id: str, prompt: tuple[int, ...], sampling: generate_pb2.SamplingParams, num_blocks: int
+    ) -> Placement | None:
+        exclude: set[str] = set()
+        for _ in range(len(self.registry.workers) + 1):  # each pass excludes one more worker
+            decode = self.registry.pick_decode(num_blocks, frozenset(exclude))
+            if decode is None:
+                return None
+            local = decode.role is WorkerRole.COLOCATED
+            prefill = None if local else self.registry.pick_prefill()
+            if prefill is None and not local:
+                return None  # wait for a prefill worker to join
+            request = worker_pb2.ReserveRequest(
+                request_id=request_id, prompt_token_ids=prompt, sampling=sampling, prefill_locally=local
+            )
+            try:
+                reservation = await self.decode_stub(decode).Reserve(request, timeout=self.config.rpc_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise APIError(exc.details() or "invalid request", code="invalid_value") from None
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    logger.warning("reserve failed: %s", _rpc_error(decode, exc))
+                self.registry.on_refused(decode)
+                exclude.add(decode.worker_id)
+                continue
+            self.registry.on_reserved(decode, len(reservation.block_ids))
+            return Placement(decode, prefill, reservation)
+        return None
+
+    async def _generate(
+        self,
+        request_id: str,
+        prompt: tuple[int, ...],
+        sampling: generate_pb2.SamplingParams,
+        placement: Placement,
+    ) -> AsyncIterator[WorkerEvent]:
+        decode, prefill = placement.decode, placement.prefill
+        want_logprobs = sampling.HasField("logprobs")
+        queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        stream = self.decode_stub(decode).Stream(
+            worker_pb2.StreamRequest(request_id=request_id), timeout=self.config.stream_timeout_s
+        )
+
+        async def read_stream() -> None:
+            try:
+                async for event in stream:
+                    queue.put_nowait(("event", event))
+                queue.put_nowait(("error", f"decode worker {decode.address} ended the stream unfinished"))
+            except grpc.aio.AioRpcError as exc:
+                queue.put_nowait(("error", _rpc_error(decode, exc)))
+
+        async def run_prefill(worker: Worker) -> None:
+            self.registry.on_prefill_sent(worker, len(prompt))
+            request = worker_pb2.PrefillRequest(
+                request_id=request_id,
+                prompt_token_ids=prompt,
+                sampling=sampling,
+                kv_address=placement.reservation.kv_address or decode.target,
+                block_ids=placement.reservation.block_ids,
+                receiver_instance_id=placement.reservation.receiver_instance_id,
+            )
+            try:
+                response = await self.prefill_stub(worker).Prefill(request, timeout=self.config.prefill_timeout_s)
+                queue.put_nowait(("first", response))
+            except grpc.aio.AioRpcError as exc:
+                queue.put_nowait(("error", _rpc_error(worker, exc)))
+            finally:
+                self.registry.on_prefill_done(worker)
+
+        tasks = [asyncio.create_task(read_stream())]
+        if prefill is not None:
+            tasks.append(asyncio.create_task(run_prefill(prefill)))
+        prefill_done = prefill is None
+        finished = False
+        tokens: dict[int, tuple[int, TokenLogprob | None]] = {}  # output index -> token, by arrival
+        next_index = 0
+        end_index: int | None = None  # set by the finishing event: all tokens before it, then finish
+        finish_reason: str | None = None
+        finish_error: str | None = None
+        try:
+            while not finished:
+                kind, item = await queue.get()
+                if kind == "error":
+                    finished = True
+                    yield WorkerEvent([], finish_reason="error", error=str(item))
+                    return
+                if kind == "first":
+                    prefill_done = True
+                    first: worker_pb2.PrefillResponse = item  # type: ignore[assignment]
+                    lp = logprob_from_proto(first.first_token_id, first.first_logprobs) if want_logprobs else None
+                    tokens.setdefault(0, (first.first_token_id, lp))
+                    if self.on_transfer is not None:
+                        self.on_transfer(TransferStats(first.kv_bytes, first.transfer_seconds, first.prefill_seconds))
+                else:
+                    event: worker_pb2.TokenEvent = item  # type: ignore[assignment]
+                    for j, token_id in enumerate(event.token_ids):
+                        lp = None
+                        if want_logprobs and j < len(event.logprobs):
+                            lp = logprob_from_proto(token_id, event.logprobs[j])
+                        tokens.setdefault(event.index + j, (token_id, lp))
+                    if event.finish_reason:
+                        finish_reason, finish_error = event.finish_reason, event.error or None
+                        end_index = event.index + len(event.token_ids)
+                ready: list[tuple[int, TokenLogprob | None]] = []
+                while next_index in tokens:
+                    ready.append(tokens.pop(next_index))
+                    next_index += 1
+                # An abort or error ends the request even if a token before it never came.
+                done = finish_reason is not None and (
+                    finish_reason in ("abort", "error") or (end_index is not None and next_index >= end_index)
+                )
+                if ready or done:
+                    finished = done
+                    yield WorkerEvent(
+                        [t for t, _ in ready],
+                        [lp for _, lp in ready if lp is not None] if want_logprobs else None,
+                        finish_reason if done else None,
+                        finish_error if done else None,
+                    )
+        finally:
+            for task in tasks:
+                task.cancel()
+            stream.cancel()
+            if not finished:
+                self._abort_later(request_id, decode, prefill if not prefill_done else None)
+            self.registry.on_released(decode)
+
+    def _abort_later(self, request_id: str, decode: Worker, prefill: Worker | None) -> None:
+        """Abort on the workers from a task of its own: this runs while the caller is being cancelled."""
+
+        async def abort() -> None:
+            calls = [self.decode_stub(decode).Abort]
+            if prefill is not None:
+                calls.append(self.prefill_stub(prefill).Abort)
+            for call in calls:
+                try:
+                    await call(worker_pb2.AbortRequest(request_id=request_id), timeout=self.config.rpc_timeout_s)
+                except grpc.aio.AioRpcError as exc:
+                    logger.warning("abort of %s failed: %s", request_id, exc.details())
+
+        task = asyncio.create_task(abort())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

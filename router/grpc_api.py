@@ -1,0 +1,275 @@
+"""The router's gRPC server: the client-facing ``Generate`` service, the workers' ``Router`` control
+plane (registration, heartbeats), standard health checking (grpc.health.v1) and server reflection.
+
+``Generate`` maps onto the same ``GenerationRequest`` / ``ChoiceDelta`` stream as the HTTP API: invalid
+input is INVALID_ARGUMENT, no room within the queue timeout RESOURCE_EXHAUSTED, a worker failure
+UNAVAILABLE. A cancelled call (client gone, deadline passed) aborts the request on its workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvferry.proto import generate_pb2, generate_pb2_grpc, router_pb2, router_pb2_grpc
+from kvferry.router.openai_protocol import ChoiceResult, usage_of
+from kvferry.router.registry import Capacity, Fingerprint, RegistrationError, WorkerRole
+from kvferry.router.request import (
+    APIError,
+    ChoiceDelta,
+    GenerationRequest,
+    ServedModel,
+    TokenLogprob,
+    check_context,
+    check_token_ids,
+    encode_text,
+    make_sampling_params,
+)
+from kvferry.router.service import RouterService
+
+logger = logging.getLogger(__name__)
+
+FINISH_REASONS = {
+    None: generate_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": generate_pb2.FINISH_REASON_STOP,
+    "length": generate_pb2.FINISH_REASON_LENGTH,
+    "abort": generate_pb2.FINISH_REASON_ABORT,
+}
+SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "logprobs", "n",
+)
+
+
+def status_of(exc: APIError) -> grpc.StatusCode:
+    if exc.status == 400:
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if exc.code == "no_capacity":
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if exc.status in (502, 503):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+def parse_generate(msg: generate_pb2.GenerateRequest, model: ServedModel) -> GenerationRequest:
+    if msg.model and msg.model != model.name:
+        raise APIError(f"unknown model {msg.model!r}; this server serves {model.name!r}", param="model",
+                       code="model_not_found")
+    kind = msg.WhichOneof("input")
+    if kind == "prompt":
+        prompt = encode_text(model, msg.prompt, "prompt")
+    elif kind == "prompt_token_ids":
+        prompt = check_token_ids(model, list(msg.prompt_token_ids.ids), "prompt_token_ids")
+    elif kind == "chat":
+        if not msg.chat.messages:
+            raise APIError("chat.messages is empty", param="chat.messages")
+        messages = [{"role": m.role, "content": m.content} for m in msg.chat.messages]
+        for i, m in enumerate(messages):
+            if m["role"] not in ("system", "user", "assistant", "tool"):
+                raise APIError(f"chat.messages[{i}].role {m['role']!r} is not system/user/assistant/tool",
+                               param=f"chat.messages[{i}].role")
+        prompt = encode_text(model, model.tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                             "chat")
+    else:
+        raise APIError("one of prompt, chat or prompt_token_ids is required", param="input")
+    s = msg.sampling
+    fields_: dict = {name: getattr(s, name) for name in SAMPLING_FIELDS if s.HasField(name)}
+    max_tokens_given = s.HasField("max_tokens")
+    if max_tokens_given and s.max_tokens <= 0:
+        raise APIError("max_tokens must be at least 1", param="max_tokens")
+    if max_tokens_given:
+        fields_["max_tokens"] = s.max_tokens
+    elif kind == "chat":
+        fields_["max_tokens"] = model.max_model_len
+    fields_["stop"] = tuple(s.stop)
+    if s.stop_token_ids:
+        fields_["stop_token_ids"] = check_token_ids(model, list(s.stop_token_ids), "stop_token_ids")
+    fields_["ignore_eos"] = s.ignore_eos
+    if fields_.get("n", 1) > 16:
+        raise APIError("n must be in [1, 16]", param="n")
+    params = check_context(model, [prompt], make_sampling_params(**fields_), max_tokens_given)
+    return GenerationRequest(
+        request_id=msg.request_id or f"gen-{uuid.uuid4().hex}", prompts=(prompt,), params=params
+    )
+
+
+def _logprobs(items: list[TokenLogprob] | None, model: ServedModel) -> list[generate_pb2.TokenLogprob]:
+    decode = model.tokenizer.decode
+    return [
+        generate_pb2.TokenLogprob(
+            token_id=lp.token_id, token=decode([lp.token_id]), logprob=lp.logprob,
+            top_logprobs=[generate_pb2.TopLogprob(token_id=t, token=decode([t]), logprob=v) for t, v in lp.top],
+        )
+        for lp in items or ()
+    ]
+
+
+class GenerateServicer(generate_pb2_grpc.GenerateServicer):
+    def __init__(self, service: RouterService) -> None:
+        self.service = service
+
+    async def _deltas(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
+                      api: str) -> tuple[GenerationRequest, AsyncIterator[ChoiceDelta]]:
+        try:
+            gen = parse_generate(request, self.service.model)
+        except APIError as exc:
+            self.service.metrics.requests.labels(api, "invalid").inc()
+            await context.abort(status_of(exc), exc.message)
+        return gen, self.service.generate(gen)
+
+    async def Generate(self, request, context):
+        gen, deltas = await self._deltas(request, context, "grpc")
+        choices = [ChoiceResult(i) for i in range(gen.num_choices)]
+        try:
+            async for delta in deltas:
+                choices[delta.index].add(delta)
+        except APIError as exc:
+            self.service.metrics.requests.labels("grpc", "error").inc()
+            await context.abort(status_of(exc), exc.message)
+        finally:
+            await deltas.aclose()
+        failed = [c for c in choices if c.finish_reason == "error"]
+        if failed:
+            self.service.metrics.requests.labels("grpc", "error").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"generation failed: {failed[0].error}")
+        self.service.metrics.requests.labels("grpc", "ok").inc()
+        usage = usage_of(gen, sum(len(c.token_ids) for c in choices))
+        model = self.service.model
+        return generate_pb2.GenerateResponse(
+            request_id=gen.request_id,
+            model=model.name,
+            choices=[
+                generate_pb2.Choice(index=c.index, text=c.text, token_ids=c.token_ids,
+                                    logprobs=_logprobs(c.logprobs, model),
+                                    finish_reason=FINISH_REASONS.get(c.finish_reason, 0))
+                for c in choices
+            ],
+            usage=generate_pb2.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                                     total_tokens=usage.total_tokens),
+        )
+
+    async def GenerateStream(self, request, context):
+        gen, deltas = await self._deltas(request, context, "grpc_stream")
+        model = self.service.model
+        completion_tokens, remaining = 0, gen.num_choices
+        outcome = "disconnected"
+        try:
+            async for delta in deltas:
+                if delta.finish_reason == "error":
+                    outcome = "error"
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"generation failed: {delta.error}")
+                completion_tokens += len(delta.token_ids)
+                remaining -= delta.finish_reason is not None
+                chunk = generate_pb2.GenerateChunk(
+                    request_id=gen.request_id, index=delta.index, token_ids=delta.token_ids, text=delta.text,
+                    logprobs=_logprobs(delta.logprobs, model), finish_reason=FINISH_REASONS.get(delta.finish_reason, 0),
+                )
+                if remaining == 0:
+                    usage = usage_of(gen, completion_tokens)
+                    chunk.usage.CopyFrom(generate_pb2.Usage(
+                        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                        total_tokens=usage.total_tokens))
+                yield chunk
+            outcome = "ok"
+        except APIError as exc:
+            outcome = "error"
+            await context.abort(status_of(exc), exc.message)
+        finally:
+            await deltas.aclose()
+            self.service.metrics.requests.labels("grpc_stream", outcome).inc()
+
+    async def ListModels(self, request, context):
+        model = self.service.model
+        return generate_pb2.ListModelsResponse(
+            models=[generate_pb2.ModelInfo(id=model.name, max_model_len=model.max_model_len)]
+        )
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    """Workers' registration and heartbeats, checked against the router's own model."""
+
+    def __init__(self, service: RouterService) -> None:
+        self.service = service
+
+    async def RegisterWorker(self, request, context):
+        registry, model = self.service.registry, self.service.model
+        try:
+            role = WorkerRole(request.role)
+        except ValueError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown worker role {request.role}")
+        fingerprint = Fingerprint.from_proto(request.fingerprint)
+        if fingerprint.vocab_size and fingerprint.vocab_size != model.vocab_size:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{role.name.lower()} worker at {request.address} is incompatible with this router: vocab_size: "
+                f"router {model.vocab_size}, worker {fingerprint.vocab_size} (not the router's model)",
+            )
+        try:
+            worker = registry.register(
+                role, request.address, fingerprint, Capacity.from_proto(request.capacity),
+                name=request.worker_name, kv_address=request.kv_address,
+            )
+        except RegistrationError as exc:
+            logger.warning("refused a worker: %s", exc)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        logger.info("worker %s joined: %s at %s", worker.worker_id, role.name.lower(), worker.address)
+        return router_pb2.RegisterWorkerResponse(
+            worker_id=worker.worker_id,
+            heartbeat_interval_ms=int(registry.config.heartbeat_interval_s * 1000),
+            lease_ms=int(registry.config.lease_s * 1000),
+        )
+
+    async def Heartbeat(self, request, context):
+        registry = self.service.registry
+        known = registry.heartbeat(request.worker_id, Capacity.from_proto(request.capacity))
+        return router_pb2.HeartbeatResponse(
+            known=known, heartbeat_interval_ms=int(registry.config.heartbeat_interval_s * 1000)
+        )
+
+    async def Deregister(self, request, context):
+        worker = self.service.registry.workers.get(request.worker_id)
+        if self.service.registry.deregister(request.worker_id, request.draining) and not request.draining:
+            logger.info("worker %s left", request.worker_id)
+            if worker is not None:
+                await self.service.dispatcher.forget(worker.address)
+        return router_pb2.DeregisterResponse()
+
+    async def ListWorkers(self, request, context):
+        registry = self.service.registry
+        now = registry.clock()
+        return router_pb2.ListWorkersResponse(
+            workers=[
+                router_pb2.WorkerInfo(
+                    worker_id=w.worker_id, role=w.role.value, address=w.address, worker_name=w.name,
+                    capacity=w.capacity.to_proto(), draining=w.draining,
+                    seconds_since_heartbeat=now - w.last_heartbeat, requests_routed_total=w.requests_routed_total,
+                )
+                for w in registry.workers.values()
+            ],
+            fingerprint=registry.fingerprint.to_proto() if registry.fingerprint else None,
+        )
+
+
+def create_grpc_server(service: RouterService, address: str) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """The server (not started), its health servicer, and the bound port."""
+    server = grpc.aio.server()
+    generate_pb2_grpc.add_GenerateServicer_to_server(GenerateServicer(service), server)
+    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        generate_pb2.DESCRIPTOR.services_by_name["Generate"].full_name,
+        router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind the gRPC server to {address}")
+    return server, health_servicer, port

@@ -1,0 +1,240 @@
+"""`kvferry serve`: a whole cluster on this machine — the router, one prefill worker and one decode
+worker as real subprocesses on the default model (or, with ``--colocated``, one worker doing both
+phases behind the same router: the baseline that disaggregation is measured against).
+
+Lifecycle:
+1. Start the router; wait until its gRPC port answers health checks.
+2. Start the workers with ``--router``; wait until the router's ``/health`` says it can serve.
+3. Print the URL and a curl example; then watch: if any process dies, stop the rest and exit non-zero.
+4. On SIGINT/SIGTERM: stop the router first (it refuses new requests and lets in-flight ones finish for
+   ``--shutdown-grace`` seconds), then the workers; anything still alive after its grace is killed.
+   Children run in their own process group (a terminal's Ctrl-C reaches only this launcher, which stops
+   them in order) and get SIGTERM if the launcher itself dies (Linux ``PR_SET_PDEATHSIG``): no orphans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("kvferry.serve")
+
+STARTUP_TIMEOUT_S = 300.0  # model loading on a small CPU box
+POLL_S = 0.25
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the launcher dies, however it dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the launcher's own shutdown path still stops its children
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        logger.info("starting %s: %s", self.name, " ".join(self.argv))
+        self.process = subprocess.Popen(
+            self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent,
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self) -> None:
+        if self.alive:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> bool:
+        if self.process is None:
+            return True
+        try:
+            self.process.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def kill(self) -> None:
+        if self.alive:
+            logger.warning("%s did not stop in time: killing it", self.name)
+            self.process.kill()
+            self.process.wait(10)
+
+
+@dataclass
+class Cluster:
+    """The processes of one `kvferry serve`, started and stopped in order."""
+
+    router: Child
+    workers: list[Child]
+    http_url: str
+    grpc_address: str
+    shutdown_grace_s: float = 30.0
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    @property
+    def children(self) -> list[Child]:
+        return [self.router, *self.workers]
+
+    def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        self.router.start(self.env)
+        self._wait(lambda: _grpc_serving(self.grpc_address), timeout_s, "the router's gRPC server")
+        for w in self.workers:
+            w.start(self.env)
+        self._wait(lambda: _http_ready(self.http_url), timeout_s, "the workers to register")
+
+    def _wait(self, ready, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            dead = [c for c in self.children if c.process is not None and not c.alive]
+            if dead:
+                raise RuntimeError(f"{dead[0].name} exited with code {dead[0].process.returncode} while waiting "
+                                   f"for {what}")
+            if ready():
+                return
+            time.sleep(POLL_S)
+        raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+    def first_dead(self) -> Child | None:
+        return next((c for c in self.children if c.process is not None and not c.alive), None)
+
+    def stop(self) -> None:
+        """Router first (in-flight requests finish), then the workers; kill what outlives its grace."""
+        self.router.terminate()
+        if not self.router.wait(self.shutdown_grace_s + 10):
+            self.router.kill()
+        for w in self.workers:
+            w.terminate()
+        for w in self.workers:
+            if not w.wait(30):
+                w.kill()
+
+
+def _http_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _grpc_serving(address: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            return answer.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def build_cluster(args: argparse.Namespace) -> Cluster:
+    python = [sys.executable, "-m", "kvferry.cli"]
+    router_addr = f"{args.host}:{args.grpc_port}"
+    common = []
+    if args.model:
+        common += ["--model", args.model]
+    router_argv = [*python, "router", "--host", args.host, "--port", str(args.port), "--grpc-port",
+                   str(args.grpc_port), "--shutdown-grace", str(args.shutdown_grace), *common]
+    if args.max_model_len:
+        router_argv += ["--max-model-len", str(args.max_model_len)]
+    worker_common = [*common, "--router", router_addr, "--host", args.host, "--port", "0"]
+    if args.dtype:
+        worker_common += ["--dtype", args.dtype]
+    if args.colocated:
+        workers = [Child("colocated worker", [*python, "decode", *worker_common, "--colocated"])]
+    else:
+        workers = [
+            Child("prefill worker", [*python, "prefill", *worker_common]),
+            Child("decode worker", [*python, "decode", *worker_common]),
+        ]
+    cluster = Cluster(Child("router", router_argv), workers, f"http://{args.host}:{args.port}", router_addr,
+                      args.shutdown_grace)
+    if args.threads:
+        cluster.env["KVFERRY_NUM_THREADS"] = str(args.threads)
+    return cluster
+
+
+def curl_example(url: str, model: str) -> str:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello in French."}],
+                       "max_tokens": 32})
+    return f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
+
+
+def _model_name(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
+            return json.load(r)["data"][0]["id"]
+    except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError):
+        return "default"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct GGUF)")
+    parser.add_argument("--host", default="127.0.0.1", help="address everything binds to (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port of the OpenAI API (default 8000)")
+    parser.add_argument("--grpc-port", type=int, default=50051, help="router gRPC port (default 50051)")
+    parser.add_argument("--colocated", action="store_true",
+                        help="one worker does prefill and decode (the baseline to compare against)")
+    parser.add_argument("--dtype", default=None, help="model dtype for the workers (default: auto)")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (KVFERRY_NUM_THREADS)")
+    parser.add_argument("--shutdown-grace", type=float, default=30.0,
+                        help="seconds in-flight requests get to finish on shutdown")
+    parser.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cluster = build_cluster(args)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        cluster.start(args.startup_timeout)
+        mode = "colocated (one worker, both phases)" if args.colocated else "1 prefill + 1 decode worker"
+        print(f"\nkvferry is serving at {cluster.http_url}/v1 ({mode}); gRPC Generate at {cluster.grpc_address}\n"
+              f"try:\n  {curl_example(cluster.http_url, _model_name(cluster.http_url))}\n"
+              f"stop with Ctrl-C\n", flush=True)
+        while not stop.wait(POLL_S):
+            dead = cluster.first_dead()
+            if dead is not None:
+                logger.error("%s exited with code %s: stopping the cluster", dead.name, dead.process.returncode)
+                code = 1
+                break
+    except RuntimeError as exc:
+        if not stop.is_set():
+            logger.error("%s", exc)
+            code = 1
+    finally:
+        logger.info("stopping: router first, then the workers")
+        cluster.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code

@@ -1,0 +1,222 @@
+"""`kvferry router`: the HTTP OpenAI API and the gRPC server (Generate + worker registration) in one
+process and one event loop.
+
+Lifecycle:
+1. Load the served model's tokenizer and config (no weights): the router tokenizes, checks context
+   lengths and detokenizes; workers exchange token ids only.
+2. Start the gRPC server (workers register here) and the HTTP server; expire silent workers every
+   heartbeat interval.
+3. On SIGINT/SIGTERM: refuse new requests (503 / UNAVAILABLE), let in-flight ones finish for up to
+   ``--shutdown-grace`` seconds, then cut the rest (which aborts them on their workers), and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+
+import uvicorn
+from grpc_health.v1 import health_pb2
+
+from kvferry.engine.config import ConfigError, ModelConfig, SchedulerConfig, default_model_path
+from kvferry.engine.tokenizer import Tokenizer
+from kvferry.router.admission import AdmissionConfig, AdmissionQueue
+from kvferry.router.dispatch import DispatchConfig, Dispatcher
+from kvferry.router.grpc_api import create_grpc_server
+from kvferry.router.openai_api import create_app
+from kvferry.router.registry import RegistryConfig, WorkerRegistry
+from kvferry.router.request import ServedModel
+from kvferry.router.service import RouterService
+
+logger = logging.getLogger("kvferry.router")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model: str = field(default_factory=default_model_path)
+    served_model_name: str | None = None  # default: the model file/dir name without .gguf
+    max_model_len: int = SchedulerConfig().max_model_len
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    shutdown_grace_s: float = 30.0
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536 or not 0 <= self.grpc_port < 65536:
+            raise ConfigError("ports must be in [0, 65535] (0 = any free port)")
+        if self.max_model_len <= 0 or self.shutdown_grace_s < 0:
+            raise ConfigError("max_model_len must be positive and shutdown_grace_s >= 0")
+
+
+def load_served_model(path: str, served_name: str | None, max_model_len: int) -> ServedModel:
+    """Tokenizer and model config only (reads the GGUF header or config.json, never the weights)."""
+    from kvferry.engine.loader import gguf, hf
+
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise ConfigError(f"model path {path} does not exist")
+    config: ModelConfig
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            raw = json.load(f)
+        gen_path = os.path.join(path, "generation_config.json")
+        gen = json.load(open(gen_path)) if os.path.isfile(gen_path) else {}
+        eos = hf._eos_list(gen.get("eos_token_id")) or hf._eos_list(raw.get("eos_token_id"))
+        config = hf.config_from_hf(raw, os.path.join(path, "config.json"), eos)
+        tokenizer = Tokenizer.from_dir(path, config.eos_token_ids)
+        default_name = os.path.basename(os.path.normpath(path))
+    else:
+        if os.path.isdir(path):
+            ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+            if len(ggufs) != 1:
+                raise ConfigError(f"{path}: need config.json or exactly one .gguf file")
+            path = os.path.join(path, ggufs[0])
+        config = gguf.config_from_gguf(gguf.read_gguf(path))
+        tokenizer = Tokenizer.from_gguf(path, config.eos_token_ids)
+        default_name = os.path.basename(path).removesuffix(".gguf")
+    return ServedModel(
+        name=served_name or default_name,
+        tokenizer=tokenizer,
+        vocab_size=config.vocab_size,
+        max_model_len=min(config.max_model_len, max_model_len),
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the router shuts HTTP and gRPC down together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+@dataclass
+class RouterHandle:
+    """What a running router exposes to whoever started it (tests, ``kvferry serve``)."""
+
+    service: RouterService
+    http_port: int
+    grpc_port: int
+    stop: asyncio.Event
+
+
+async def serve(
+    config: RouterConfig, on_ready=None, stop: asyncio.Event | None = None, model: ServedModel | None = None
+) -> None:
+    """Run until SIGINT/SIGTERM (main thread) or until ``stop`` is set; ``on_ready(RouterHandle)`` once up."""
+    model = model or load_served_model(config.model, config.served_model_name, config.max_model_len)
+    registry = WorkerRegistry(config.registry)
+    admission = AdmissionQueue(config.admission)
+    dispatcher = Dispatcher(registry, admission, config.dispatch)
+    service = RouterService(model, registry, admission, dispatcher)
+
+    grpc_server, health_servicer, grpc_port = create_grpc_server(
+        service, f"{config.grpc_host}:{config.grpc_port}"
+    )
+    await grpc_server.start()
+    for name in ("", "kvferry.generate.v1.Generate", "kvferry.router.v1.Router"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    http = _Server(uvicorn.Config(
+        create_app(service), host=config.host, port=config.port, log_level="warning",
+        timeout_graceful_shutdown=int(config.shutdown_grace_s) or None, lifespan="off",
+    ))
+    stop = stop or asyncio.Event()
+    if threading.current_thread() is threading.main_thread():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+    async def expire_workers() -> None:
+        while not stop.is_set():
+            for worker in registry.expire():
+                logger.warning("worker %s (%s at %s) missed its heartbeats: removed",
+                               worker.worker_id, worker.role.name.lower(), worker.address)
+                await dispatcher.forget(worker.address)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), config.registry.heartbeat_interval_s)
+
+    http_task = asyncio.create_task(http.serve())
+    expiry_task = asyncio.create_task(expire_workers())
+    for _ in range(600):  # up to 30 s
+        if http.started or http_task.done():
+            break
+        await asyncio.sleep(0.05)
+    if not http.started:  # failed to bind (uvicorn logs why)
+        stop.set()
+        http.should_exit = True
+        await grpc_server.stop(None)
+        await expiry_task
+        await asyncio.gather(http_task, return_exceptions=True)
+        raise OSError(f"the HTTP server on {config.host}:{config.port} did not start")
+    port = http.servers[0].sockets[0].getsockname()[1]
+    print(f"kvferry router: http://{config.host}:{port}/v1 (OpenAI API), "
+          f"grpc {config.grpc_host}:{grpc_port} (Generate, worker registration); model {model.name}",
+          flush=True)
+    if on_ready is not None:
+        on_ready(RouterHandle(service, port, grpc_port, stop))
+    await stop.wait()
+
+    logger.warning("shutting down: finishing in-flight requests (up to %.0f s)", config.shutdown_grace_s)
+    service.shutting_down = True
+    await health_servicer.enter_graceful_shutdown()
+    http.should_exit = True
+    await asyncio.gather(http_task, grpc_server.stop(config.shutdown_grace_s), return_exceptions=True)
+    await expiry_task
+    await dispatcher.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = RouterConfig.__dataclass_fields__
+    parser.add_argument("--model", default=None, help="model path (GGUF file or HF dir); default: SmolLM2-135M")
+    parser.add_argument("--served-model-name", default=None, help="the name clients use (default: file name)")
+    parser.add_argument("--max-model-len", type=int, default=d["max_model_len"].default)
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--grpc-host", default=None, help="gRPC host (default: --host)")
+    parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (default 50051)")
+    parser.add_argument("--queue-timeout", type=float, default=AdmissionConfig.timeout_s,
+                        help="seconds a request may wait for KV room before it fails")
+    parser.add_argument("--max-queue", type=int, default=AdmissionConfig.max_waiting,
+                        help="requests that may wait for KV room at once")
+    parser.add_argument("--heartbeat-interval", type=float, default=RegistryConfig.heartbeat_interval_s)
+    parser.add_argument("--worker-lease", type=float, default=RegistryConfig.lease_s,
+                        help="seconds without a heartbeat before a worker is removed")
+    parser.add_argument("--shutdown-grace", type=float, default=30.0)
+    parser.add_argument("--log-level", default="info")
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(
+        model=args.model or default_model_path(),
+        served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len,
+        host=args.host,
+        port=args.port,
+        grpc_host=args.grpc_host or args.host,
+        grpc_port=args.grpc_port,
+        shutdown_grace_s=args.shutdown_grace,
+        registry=RegistryConfig(args.heartbeat_interval, args.worker_lease),
+        admission=AdmissionConfig(max_waiting=args.max_queue, timeout_s=args.queue_timeout),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = config_from_args(args)
+        asyncio.run(serve(config))
+    except (ConfigError, OSError) as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0

@@ -1,0 +1,112 @@
+"""Prometheus metrics of the router, on a registry of its own (no process-global state).
+
+Request-level figures are observed as requests run (TTFT, inter-token latency, end-to-end latency,
+tokens, request outcomes, KV transfers as the prefill workers report them). Worker-level figures (KV
+blocks used/free per worker, queued prefill tokens, cumulative transfer bytes and seconds) are read from
+the worker registry at scrape time by a collector, so they are never staler than the last heartbeat.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvferry.router.registry import WorkerRegistry
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30, 60)
+TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class _WorkerCollector(Collector):
+    def __init__(self, workers: WorkerRegistry, queue_depth: Callable[[], int], running: Callable[[], int]):
+        self.workers = workers
+        self.queue_depth = queue_depth
+        self.running = running
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["worker_id", "role", "address"]
+        g = {
+            name: GaugeMetricFamily(f"kvferry_worker_{name}", doc, labels=labels)
+            for name, doc in (
+                ("kv_blocks_total", "KV cache blocks of the worker"),
+                ("kv_blocks_used", "KV cache blocks used or reserved"),
+                ("kv_blocks_free", "KV cache blocks free"),
+                ("running_requests", "requests running on the worker"),
+                ("waiting_requests", "requests waiting on the worker"),
+                ("queued_prefill_tokens", "prompt tokens queued for prefill"),
+                ("seconds_since_heartbeat", "age of the worker's last heartbeat"),
+            )
+        }
+        c = {
+            name: CounterMetricFamily(f"kvferry_worker_{name}", doc, labels=labels)
+            for name, doc in (
+                ("kv_transfer_bytes_sent", "KV bytes pushed to decode workers"),
+                ("kv_transfer_bytes_received", "KV bytes received from prefill workers"),
+                ("kv_transfer_seconds", "time spent in KV transfers"),
+                ("kv_transfers", "completed KV transfers"),
+                ("requests_routed", "requests the router sent to the worker"),
+            )
+        }
+        now = self.workers.clock()
+        for w in self.workers.workers.values():
+            cap, lv = w.capacity, [w.worker_id, w.role.name.lower(), w.address]
+            g["kv_blocks_total"].add_metric(lv, cap.total_kv_blocks)
+            g["kv_blocks_used"].add_metric(lv, cap.total_kv_blocks - cap.free_kv_blocks)
+            g["kv_blocks_free"].add_metric(lv, cap.free_kv_blocks)
+            g["running_requests"].add_metric(lv, cap.running_requests)
+            g["waiting_requests"].add_metric(lv, cap.waiting_requests)
+            g["queued_prefill_tokens"].add_metric(lv, cap.queued_prefill_tokens)
+            g["seconds_since_heartbeat"].add_metric(lv, now - w.last_heartbeat)
+            c["kv_transfer_bytes_sent"].add_metric(lv, cap.kv_bytes_sent_total)
+            c["kv_transfer_bytes_received"].add_metric(lv, cap.kv_bytes_received_total)
+            c["kv_transfer_seconds"].add_metric(lv, cap.kv_transfer_seconds_total)
+            c["kv_transfers"].add_metric(lv, cap.kv_transfers_total)
+            c["requests_routed"].add_metric(lv, w.requests_routed_total)
+        yield from g.values()
+        yield from c.values()
+        workers = GaugeMetricFamily("kvferry_router_workers", "registered workers", labels=["role"])
+        for role in ("prefill", "decode", "colocated"):
+            workers.add_metric([role], sum(w.role.name.lower() == role for w in self.workers.workers.values()))
+        yield workers
+        yield GaugeMetricFamily(
+            "kvferry_router_requests_queued", "requests waiting for KV room on a decode worker",
+            value=self.queue_depth(),
+        )
+        yield GaugeMetricFamily("kvferry_router_requests_running", "requests in flight", value=self.running())
+
+
+class RouterMetrics:
+    def __init__(self, workers: WorkerRegistry, queue_depth: Callable[[], int], running: Callable[[], int]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "kvferry_router_requests", "finished requests by API and outcome", ["api", "outcome"], registry=r
+        )
+        self.ttft = Histogram(
+            "kvferry_router_time_to_first_token_seconds", "arrival to first token, per choice",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.itl = Histogram(
+            "kvferry_router_inter_token_latency_seconds", "time between a choice's successive tokens",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "kvferry_router_e2e_request_latency_seconds", "arrival to last token",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter("kvferry_router_prompt_tokens", "prompt tokens", registry=r)
+        self.generation_tokens = Counter("kvferry_router_generation_tokens", "generated tokens", registry=r)
+        self.kv_transfer_bytes = Counter(
+            "kvferry_router_kv_transfer_bytes", "KV bytes moved prefill -> decode (as prefill reports)", registry=r
+        )
+        self.kv_transfer_seconds = Histogram(
+            "kvferry_router_kv_transfer_seconds", "KV transfer time per request (first byte to ack)",
+            buckets=TRANSFER_BUCKETS, registry=r,
+        )
+        r.register(_WorkerCollector(workers, queue_depth, running))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

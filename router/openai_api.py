@@ -1,0 +1,197 @@
+"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models, health, metrics.
+
+Streaming responses are server-sent events (``data: {json}`` lines, then ``data: [DONE]``). The handler
+waits for the first output before answering, so a request that cannot be placed (queue full or timed
+out) still gets a proper HTTP error status. A client that disconnects — while waiting or mid-stream —
+cancels its request, which aborts it on every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvferry.router.openai_protocol import ChoiceResult, Formatter, parse_chat, parse_completion, usage_of
+from kvferry.router.registry import WorkerRole
+from kvferry.router.request import APIError, ChoiceDelta, GenerationRequest
+from kvferry.router.service import RouterService
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def sse(data: dict | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+async def _until_disconnect(request: Request) -> None:
+    while True:  # ends with the connection: uvicorn answers http.disconnect once the client is gone
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def race_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` unless the client disconnects first (then cancel it)."""
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        raise ClientDisconnected()
+    return work.result()
+
+
+def create_app(service: RouterService) -> FastAPI:
+    app = FastAPI(title="kvferry router", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(APIError(str(exc.detail), code=code, status=exc.status_code))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(APIError(str(exc)))
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    async def read_json(request: Request) -> Any:
+        body = await request.body()
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+    async def serve(request: Request, parse: Callable, chat: bool, api: str) -> Response:
+        try:
+            gen = parse(await read_json(request), service.model)
+        except APIError:
+            service.metrics.requests.labels(api, "invalid").inc()
+            raise
+        formatter = Formatter(gen, service.model, chat)
+        deltas = service.generate(gen)
+        try:
+            if gen.stream:
+                first = await race_disconnect(request, anext(deltas))
+                return StreamingResponse(
+                    stream_events(gen, formatter, first, deltas, chat, api),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            return await race_disconnect(request, complete(gen, formatter, deltas, api))
+        except ClientDisconnected:
+            await deltas.aclose()
+            service.metrics.requests.labels(api, "disconnected").inc()
+            return Response(status_code=499)
+        except APIError as exc:
+            await deltas.aclose()
+            service.metrics.requests.labels(api, "error").inc()
+            return error_response(exc)
+
+    async def complete(
+        gen: GenerationRequest, formatter: Formatter, deltas: AsyncIterator[ChoiceDelta], api: str
+    ) -> Response:
+        choices = [ChoiceResult(i) for i in range(gen.num_choices)]
+        try:
+            async for delta in deltas:
+                choices[delta.index].add(delta)
+        finally:
+            await deltas.aclose()
+        failed = [c for c in choices if c.finish_reason == "error"]
+        if failed:
+            service.metrics.requests.labels(api, "error").inc()
+            raise APIError(f"generation failed: {failed[0].error}", code="worker_error", status=502,
+                           type="server_error")
+        service.metrics.requests.labels(api, "ok").inc()
+        usage = usage_of(gen, sum(len(c.token_ids) for c in choices))
+        return JSONResponse(formatter.response(choices, usage))
+
+    async def stream_events(
+        gen: GenerationRequest, formatter: Formatter, first: ChoiceDelta, deltas: AsyncIterator[ChoiceDelta],
+        chat: bool, api: str,
+    ) -> AsyncIterator[bytes]:
+        completion_tokens = 0
+        outcome = "disconnected"
+        try:
+            if chat:
+                for i in range(gen.num_choices):
+                    yield sse(formatter.role_chunk(i))
+            delta: ChoiceDelta | None = first
+            while delta is not None:
+                completion_tokens += len(delta.token_ids)
+                if delta.finish_reason == "error":
+                    yield sse({"error": APIError(f"generation failed: {delta.error}", code="worker_error",
+                                                 status=502, type="server_error").body()["error"]})
+                if delta.text or delta.finish_reason is not None or delta.logprobs:
+                    yield sse(formatter.delta_chunk(delta))
+                delta = await anext(deltas, None)
+            if gen.include_usage:
+                yield sse(formatter.usage_chunk(usage_of(gen, completion_tokens)))
+            yield sse("[DONE]")
+            outcome = "ok"
+        except APIError as exc:
+            outcome = "error"
+            yield sse(exc.body())
+            yield sse("[DONE]")
+        finally:
+            await deltas.aclose()
+            service.metrics.requests.labels(api, outcome).inc()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await serve(request, parse_completion, chat=False, api="completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await serve(request, parse_chat, chat=True, api="chat")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        model = service.model
+        return {"object": "list", "data": [{
+            "id": model.name, "object": "model", "created": int(time.time()), "owned_by": "kvferry",
+            "max_model_len": model.max_model_len,
+        }]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        reg = service.registry
+        decode = reg.live(WorkerRole.DECODE)
+        colocated = reg.live(WorkerRole.COLOCATED)
+        prefill = reg.live(WorkerRole.PREFILL)
+        ready = bool(colocated) or bool(decode and prefill)
+        body = {
+            "status": "ok" if ready else "no_workers",
+            "workers": {"prefill": len(prefill), "decode": len(decode), "colocated": len(colocated)},
+            "queued": service.admission.num_waiting,
+            "running": service.num_running,
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

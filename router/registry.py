@@ -1,0 +1,306 @@
+"""The router's view of its workers: who they are, whether they are alive, how loaded they are.
+
+Workers register (role, address, compatibility fingerprint, capacity) and heartbeat their capacity; a
+worker whose lease runs out without a heartbeat is removed; new ones join at any time. Between
+heartbeats the router keeps its own accounting of what it has sent each worker (blocks reserved,
+prompt tokens queued, requests in flight) so that a burst of requests does not all land on the worker
+that looked emptiest at the last heartbeat.
+
+Picking (``pick_decode`` then ``pick_prefill``):
+
+- decode: among live, non-draining decode workers whose estimated free blocks cover the request, the one
+  with the highest ``free_fraction - load_fraction`` (free KV after placing the request over total KV,
+  minus requests running or in flight over its batch limit); ties go to the worker routed to least.
+  KV room is what makes decode refuse or preempt, and batch occupancy is what makes its TPOT grow, so
+  both count; neither alone spreads load when workers differ in size.
+- prefill: the live, non-draining prefill worker with the fewest queued prefill tokens (as reported plus
+  what the router sent since), then fewest in flight. Prefill time is roughly linear in prompt tokens, so
+  queued tokens predict TTFT better than a request count.
+
+Everything here runs on the router's event loop; nothing blocks and nothing needs a lock.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+from kvferry.proto import router_pb2
+
+
+class WorkerRole(enum.Enum):
+    PREFILL = router_pb2.WORKER_ROLE_PREFILL
+    DECODE = router_pb2.WORKER_ROLE_DECODE
+    COLOCATED = router_pb2.WORKER_ROLE_COLOCATED  # one engine, both phases: gets whole requests
+
+
+class RegistrationError(Exception):
+    """A worker that cannot join: bad role/address, or a fingerprint unlike the cluster's."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What must agree across workers (and with the router's tokenizer) for KV and token ids to match."""
+
+    model_name: str = ""
+    model_digest: str = ""
+    dtype: str = ""
+    block_size: int = 0
+    kv_layout: str = ""
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    vocab_size: int = 0
+    max_model_len: int = 0
+    protocol_version: int = 0
+
+    # Fields a worker may differ in without breaking anything: the router takes the smallest context.
+    TOLERATED = ("max_model_len",)
+
+    @classmethod
+    def from_proto(cls, msg: router_pb2.ModelFingerprint) -> Fingerprint:
+        return cls(**{f.name: getattr(msg, f.name) for f in fields(cls)})
+
+    def to_proto(self) -> router_pb2.ModelFingerprint:
+        return router_pb2.ModelFingerprint(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+    def differences(self, other: Fingerprint) -> list[str]:
+        """``"dtype: cluster 'bfloat16', worker 'float32'"`` for each field that must agree and does not."""
+        return [
+            f"{f.name}: cluster {getattr(self, f.name)!r}, worker {getattr(other, f.name)!r}"
+            for f in fields(self)
+            if f.name not in self.TOLERATED and getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+@dataclass(frozen=True)
+class Capacity:
+    total_kv_blocks: int = 0
+    free_kv_blocks: int = 0
+    queued_prefill_tokens: int = 0
+    running_requests: int = 0
+    waiting_requests: int = 0
+    kv_bytes_sent_total: int = 0
+    kv_bytes_received_total: int = 0
+    kv_transfer_seconds_total: float = 0.0
+    kv_transfers_total: int = 0
+    max_running_requests: int = 0
+
+    @classmethod
+    def from_proto(cls, msg: router_pb2.WorkerCapacity) -> Capacity:
+        return cls(**{f.name: getattr(msg, f.name) for f in fields(cls)})
+
+    def to_proto(self) -> router_pb2.WorkerCapacity:
+        return router_pb2.WorkerCapacity(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+
+DEFAULT_MAX_RUNNING = 64  # batch limit assumed for a worker that does not report one
+
+
+@dataclass
+class Worker:
+    worker_id: str
+    role: WorkerRole
+    address: str
+    name: str
+    fingerprint: Fingerprint
+    capacity: Capacity
+    last_heartbeat: float
+    kv_address: str = ""
+    draining: bool = False
+    requests_routed_total: int = 0
+    # Router-side accounting since the last heartbeat (reset by it) and of requests not yet finished.
+    blocks_reserved_since_heartbeat: int = 0
+    prefill_tokens_since_heartbeat: int = 0
+    num_inflight: int = 0
+
+    @property
+    def free_blocks_estimate(self) -> int:
+        return max(0, self.capacity.free_kv_blocks - self.blocks_reserved_since_heartbeat)
+
+    @property
+    def queued_prefill_tokens_estimate(self) -> int:
+        return self.capacity.queued_prefill_tokens + self.prefill_tokens_since_heartbeat
+
+    @property
+    def max_running(self) -> int:
+        return self.capacity.max_running_requests or DEFAULT_MAX_RUNNING
+
+    @property
+    def target(self) -> str:
+        """Where KV for this (decode) worker goes."""
+        return self.kv_address or self.address
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    heartbeat_interval_s: float = 0.5
+    lease_s: float = 3.0  # removed after this long without a heartbeat
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_interval_s < self.lease_s:
+            raise ValueError("need 0 < heartbeat_interval_s < lease_s")
+
+
+@dataclass
+class WorkerRegistry:
+    config: RegistryConfig = field(default_factory=RegistryConfig)
+    # The cluster's fingerprint: given by the router's own model, or fixed by the first worker to join.
+    fingerprint: Fingerprint | None = None
+    clock: Callable[[], float] = time.monotonic
+    on_change: Callable[[], None] | None = None  # capacity may have grown: wake queued requests
+    workers: dict[str, Worker] = field(default_factory=dict)
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    # --- membership -------------------------------------------------------------------------------
+
+    def register(
+        self,
+        role: WorkerRole,
+        address: str,
+        fingerprint: Fingerprint,
+        capacity: Capacity,
+        name: str = "",
+        kv_address: str = "",
+    ) -> Worker:
+        if not address or ":" not in address:
+            raise RegistrationError(f"worker address must be host:port, got {address!r}")
+        if self.fingerprint is None:
+            self.fingerprint = fingerprint
+        else:
+            diffs = self.fingerprint.differences(fingerprint)
+            if diffs:
+                raise RegistrationError(
+                    f"{role.name.lower()} worker at {address} is incompatible with this cluster: "
+                    + "; ".join(diffs)
+                )
+        # A worker re-registering from the same address (restart, or after expiry) replaces its old
+        # entry: stale peers must not linger next to their successors.
+        for old in [w for w in self.workers.values() if w.address == address]:
+            del self.workers[old.worker_id]
+        worker_id = f"{role.name.lower()}-{next(self._ids)}"
+        worker = Worker(
+            worker_id=worker_id,
+            role=role,
+            address=address,
+            name=name or address,
+            fingerprint=fingerprint,
+            capacity=capacity,
+            last_heartbeat=self.clock(),
+            kv_address=kv_address,
+        )
+        self.workers[worker_id] = worker
+        self._changed()
+        return worker
+
+    def heartbeat(self, worker_id: str, capacity: Capacity) -> bool:
+        """Record a heartbeat; False when the worker is unknown (it must re-register)."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return False
+        worker.capacity = capacity
+        worker.last_heartbeat = self.clock()
+        worker.blocks_reserved_since_heartbeat = 0
+        worker.prefill_tokens_since_heartbeat = 0
+        self._changed()
+        return True
+
+    def deregister(self, worker_id: str, draining: bool) -> bool:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return False
+        if draining:
+            worker.draining = True
+        else:
+            del self.workers[worker_id]
+        return True
+
+    def expire(self) -> list[Worker]:
+        """Remove the workers whose lease ran out; returns them."""
+        deadline = self.clock() - self.config.lease_s
+        dead = [w for w in self.workers.values() if w.last_heartbeat < deadline]
+        for w in dead:
+            del self.workers[w.worker_id]
+        return dead
+
+    def live(self, *roles: WorkerRole) -> list[Worker]:
+        return [w for w in self.workers.values() if w.role in roles and not w.draining]
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The smallest context any worker accepts (None: no worker has said)."""
+        lens = [w.fingerprint.max_model_len for w in self.workers.values() if w.fingerprint.max_model_len]
+        return min(lens) if lens else None
+
+    @property
+    def block_size(self) -> int:
+        return self.fingerprint.block_size if self.fingerprint and self.fingerprint.block_size else 16
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # --- picking ----------------------------------------------------------------------------------
+
+    def pick_decode(self, num_blocks: int, exclude: frozenset[str] = frozenset()) -> Worker | None:
+        """The decode (or colocated) worker to reserve ``num_blocks`` on, or None when none has room."""
+        candidates = [
+            w for w in self.live(WorkerRole.DECODE, WorkerRole.COLOCATED)
+            if w.worker_id not in exclude and w.free_blocks_estimate >= num_blocks
+        ]
+        if not candidates:
+            return None
+
+        def score(w: Worker) -> tuple[float, int]:
+            total = max(1, w.capacity.total_kv_blocks)
+            free_fraction = (w.free_blocks_estimate - num_blocks) / total
+            load = max(w.capacity.running_requests + w.capacity.waiting_requests, w.num_inflight)
+            load_fraction = load / w.max_running
+            return (free_fraction - load_fraction, -w.requests_routed_total)
+
+        return max(candidates, key=score)
+
+    def pick_prefill(self, exclude: frozenset[str] = frozenset()) -> Worker | None:
+        candidates = [w for w in self.live(WorkerRole.PREFILL) if w.worker_id not in exclude]
+        if not candidates:
+            return None
+        return min(
+            candidates,
+            key=lambda w: (w.queued_prefill_tokens_estimate, w.num_inflight, w.requests_routed_total),
+        )
+
+    def largest_decode_blocks(self) -> int:
+        return max(
+            (w.capacity.total_kv_blocks for w in self.live(WorkerRole.DECODE, WorkerRole.COLOCATED)),
+            default=0,
+        )
+
+    # --- router-side accounting -------------------------------------------------------------------
+
+    def on_reserved(self, worker: Worker, num_blocks: int) -> None:
+        worker.blocks_reserved_since_heartbeat += num_blocks
+        worker.requests_routed_total += 1
+        worker.num_inflight += 1
+
+    def on_refused(self, worker: Worker) -> None:
+        """The worker said no room (or could not be reached): treat it as full until its next heartbeat."""
+        worker.blocks_reserved_since_heartbeat = worker.capacity.free_kv_blocks
+
+    def on_prefill_sent(self, worker: Worker, num_tokens: int) -> None:
+        worker.prefill_tokens_since_heartbeat += num_tokens
+        worker.requests_routed_total += 1
+        worker.num_inflight += 1
+
+    def on_prefill_done(self, worker: Worker) -> None:
+        worker.num_inflight = max(0, worker.num_inflight - 1)
+
+    def on_released(self, worker: Worker) -> None:
+        """A request on a decode worker finished or was aborted: its blocks are coming back."""
+        worker.num_inflight = max(0, worker.num_inflight - 1)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()

@@ -1,0 +1,118 @@
+"""The router's generation service: one validated request in, a stream of ``ChoiceDelta``s out.
+
+Fans a request out into its choices (prompts x n), runs each through the workers (``Dispatcher``),
+turns token ids into text (``ChoiceState``), merges the choices into one stream, and records metrics.
+Both front ends (OpenAI HTTP, gRPC Generate) call ``generate``; closing its iterator early (client
+gone) cancels every choice, which aborts it on its workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import AsyncIterator
+
+from kvferry.router.admission import AdmissionQueue, NoCapacityError
+from kvferry.router.dispatch import Dispatcher, TransferStats
+from kvferry.router.metrics import RouterMetrics
+from kvferry.router.output import ChoiceState
+from kvferry.router.registry import WorkerRegistry
+from kvferry.router.request import APIError, ChoiceDelta, GenerationRequest, ServedModel, unavailable
+
+
+class RouterService:
+    def __init__(
+        self, model: ServedModel, registry: WorkerRegistry, admission: AdmissionQueue, dispatcher: Dispatcher
+    ) -> None:
+        self._model = model
+        self.registry = registry
+        self.admission = admission
+        self.dispatcher = dispatcher
+        self.num_running = 0
+        self.shutting_down = False  # set on SIGTERM: new requests are refused, running ones finish
+        self.metrics = RouterMetrics(registry, lambda: admission.num_waiting, lambda: self.num_running)
+        dispatcher.on_transfer = self._on_transfer
+        registry.on_change = admission.notify
+
+    @property
+    def model(self) -> ServedModel:
+        """The served model, its context cut to the smallest any registered worker accepts."""
+        worker_len = self.registry.max_model_len
+        if worker_len and worker_len < self._model.max_model_len:
+            return replace(self._model, max_model_len=worker_len)
+        return self._model
+
+    def _on_transfer(self, stats: TransferStats) -> None:
+        if stats.kv_bytes:
+            self.metrics.kv_transfer_bytes.inc(stats.kv_bytes)
+            self.metrics.kv_transfer_seconds.observe(stats.transfer_seconds)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta]:
+        """Deltas of every choice, interleaved as they come; each choice ends with a finish_reason."""
+        if self.shutting_down:
+            raise unavailable("the router is shutting down", code="shutting_down")
+        arrival = time.perf_counter()
+        queue: asyncio.Queue[ChoiceDelta | BaseException] = asyncio.Queue()
+        tasks = [
+            asyncio.create_task(self._run_choice(request, i, arrival, queue)) for i in range(request.num_choices)
+        ]
+        for p in request.prompts:
+            self.metrics.prompt_tokens.inc(len(p))
+        self.num_running += 1
+        remaining = request.num_choices
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    remaining -= 1
+                yield item
+            self.metrics.e2e.observe(time.perf_counter() - arrival)
+        finally:
+            self.num_running -= 1
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run_choice(
+        self, request: GenerationRequest, index: int, arrival: float, queue: asyncio.Queue
+    ) -> None:
+        params = request.choice_params(index)
+        prompt = request.choice_prompt(index)
+        state = ChoiceState(index, self._model.tokenizer, prompt, params)
+        request_id = request.request_id if request.num_choices == 1 else f"{request.request_id}-{index}"
+        last_token_at: float | None = None
+        events = self.dispatcher.run(request_id, prompt, params)
+        try:
+            async for event in events:
+                if event.token_ids:
+                    now = time.perf_counter()
+                    if last_token_at is None:
+                        self.metrics.ttft.observe(now - arrival)
+                    else:
+                        gap = (now - last_token_at) / len(event.token_ids)
+                        for _ in event.token_ids:
+                            self.metrics.itl.observe(gap)
+                    last_token_at = now
+                delta = state.add(event.token_ids, event.logprobs)
+                self.metrics.generation_tokens.inc(len(delta.token_ids))
+                if not state.finished and event.finish_reason is not None:
+                    # The worker ended it (context length, abort, error): flush held-back text.
+                    tail = state.finish(event.finish_reason, event.error)
+                    delta.text += tail.text
+                    delta.finish_reason, delta.error = tail.finish_reason, tail.error
+                queue.put_nowait(delta)
+                if state.finished:
+                    break  # a stop string the router found: closing `events` aborts on the workers
+        except NoCapacityError as exc:
+            queue.put_nowait(unavailable(str(exc)))
+        except APIError as exc:
+            queue.put_nowait(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not hang the client: report it as this choice's error
+            queue.put_nowait(APIError(f"internal error: {exc!r}", code="internal_error", status=500, type="server_error"))
+        finally:
+            await events.aclose()

@@ -1,0 +1,129 @@
+"""The worker registry: membership, leases, fingerprint checks and the picking policy."""
+
+import pytest
+
+from kvferry.router.registry import (
+    Capacity,
+    Fingerprint,
+    RegistrationError,
+    RegistryConfig,
+    WorkerRegistry,
+    WorkerRole,
+)
+
+FP = Fingerprint(model_name="m", dtype="bfloat16", block_size=16, num_layers=30, num_kv_heads=3, head_dim=64,
+                 vocab_size=49152, max_model_len=8192, protocol_version=1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_registry() -> tuple[WorkerRegistry, Clock]:
+    clock = Clock()
+    return WorkerRegistry(RegistryConfig(heartbeat_interval_s=0.5, lease_s=3.0), clock=clock), clock
+
+
+def cap(total=100, free=100, running=0, queued=0, max_running=8) -> Capacity:
+    return Capacity(total_kv_blocks=total, free_kv_blocks=free, running_requests=running,
+                    queued_prefill_tokens=queued, max_running_requests=max_running)
+
+
+def test_register_heartbeat_and_expiry():
+    reg, clock = make_registry()
+    d = reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap())
+    p = reg.register(WorkerRole.PREFILL, "127.0.0.1:7002", FP, cap())
+    clock.now += 2.0
+    assert reg.heartbeat(d.worker_id, cap(free=50))
+    clock.now += 2.0  # prefill: 4 s silent > 3 s lease; decode: 2 s
+    assert [w.worker_id for w in reg.expire()] == [p.worker_id]
+    assert list(reg.workers) == [d.worker_id]
+    assert reg.workers[d.worker_id].capacity.free_kv_blocks == 50
+    assert not reg.heartbeat(p.worker_id, cap())  # unknown now: it must re-register
+    p2 = reg.register(WorkerRole.PREFILL, "127.0.0.1:7002", FP, cap())  # joins at run time
+    assert p2.worker_id != p.worker_id and reg.pick_prefill() is p2
+
+
+def test_reregistering_the_same_address_replaces_the_stale_entry():
+    reg, _ = make_registry()
+    old = reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap())
+    new = reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap())
+    assert list(reg.workers) == [new.worker_id] and old.worker_id != new.worker_id
+
+
+def test_fingerprint_mismatch_names_every_field():
+    reg, _ = make_registry()
+    reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap())
+    other = Fingerprint(**{**FP.__dict__, "dtype": "float32", "block_size": 32, "max_model_len": 2048})
+    with pytest.raises(RegistrationError) as err:
+        reg.register(WorkerRole.PREFILL, "127.0.0.1:7002", other, cap())
+    message = str(err.value)
+    assert "dtype: cluster 'bfloat16', worker 'float32'" in message
+    assert "block_size: cluster 16, worker 32" in message
+    assert "max_model_len" not in message  # tolerated: the router serves the smallest context
+    assert len(reg.workers) == 1
+
+
+def test_bad_address_is_refused():
+    reg, _ = make_registry()
+    with pytest.raises(RegistrationError, match="host:port"):
+        reg.register(WorkerRole.DECODE, "nowhere", FP, cap())
+
+
+def test_pick_decode_by_free_capacity_and_load():
+    reg, _ = make_registry()
+    a = reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap(free=90, running=0))
+    b = reg.register(WorkerRole.DECODE, "127.0.0.1:7002", FP, cap(free=40, running=0))
+    assert reg.pick_decode(10) is a
+    # Load counts too: a full batch on a outweighs its extra free blocks.
+    reg.heartbeat(a.worker_id, cap(free=90, running=8))
+    assert reg.pick_decode(10) is b
+    # Room is a hard limit: only a fits 50 blocks.
+    assert reg.pick_decode(50) is a
+    assert reg.pick_decode(91) is None
+    assert reg.pick_decode(10, exclude=frozenset({b.worker_id})) is a
+
+
+def test_router_side_accounting_spreads_a_burst_between_heartbeats():
+    reg, _ = make_registry()
+    a = reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap(free=100))
+    b = reg.register(WorkerRole.DECODE, "127.0.0.1:7002", FP, cap(free=100))
+    picks = []
+    for _ in range(6):
+        w = reg.pick_decode(5)
+        reg.on_reserved(w, 5)
+        picks.append(w.worker_id)
+    assert picks.count(a.worker_id) == 3 and picks.count(b.worker_id) == 3
+    reg.on_refused(a)  # a said "no room": skipped until its next heartbeat
+    assert reg.pick_decode(1) is b
+    reg.heartbeat(a.worker_id, cap(free=100))
+    assert a.free_blocks_estimate == 100
+
+
+def test_pick_prefill_by_queued_tokens():
+    reg, _ = make_registry()
+    p1 = reg.register(WorkerRole.PREFILL, "127.0.0.1:7001", FP, cap(queued=500))
+    p2 = reg.register(WorkerRole.PREFILL, "127.0.0.1:7002", FP, cap(queued=100))
+    assert reg.pick_prefill() is p2
+    reg.on_prefill_sent(p2, 1000)  # the router's own sends count before the next heartbeat
+    assert reg.pick_prefill() is p1
+
+
+def test_draining_workers_get_no_new_requests():
+    reg, _ = make_registry()
+    d = reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap())
+    assert reg.deregister(d.worker_id, draining=True)
+    assert reg.pick_decode(1) is None and d.worker_id in reg.workers
+    assert reg.deregister(d.worker_id, draining=False) and not reg.workers
+
+
+def test_max_model_len_is_the_smallest_workers():
+    reg, _ = make_registry()
+    assert reg.max_model_len is None
+    reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap())
+    reg.register(WorkerRole.PREFILL, "127.0.0.1:7002", Fingerprint(**{**FP.__dict__, "max_model_len": 2048}), cap())
+    assert reg.max_model_len == 2048

@@ -1,0 +1,208 @@
+"""The KV transfer interface: typed handshake data, the poll state, and the sender side's two classes.
+
+A transfer moves one request's KV cache from a prefill worker to a decode worker that reserved blocks
+for it. Per layer the payload is the request's blocks packed as ``[2, num_blocks, block_size,
+num_kv_heads, head_dim]`` (K then V, blocks in block-table order) — what
+``kvferry.kernels.kv_transfer.gather_kv_blocks`` produces and ``scatter_kv_blocks`` consumes. A trailer
+carries the first token, which the prefill worker sampled; the decode side acknowledges once the KV is
+in its blocks.
+
+Sender side (this module): ``KVSender.open(target, request_id, num_blocks) -> KVSendHandle``, then
+``send_layer`` per layer as layers finish, ``finish(first_token)``, and ``poll()``/``wait()`` until
+DONE or FAILED. Receiver side: ``kvferry.transport.receiver.KVReceiver``, shared by every transport.
+Implementations: ``inprocess`` (also the test transport) and ``grpc_transport``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+
+PROTOCOL_VERSION = 1
+KV_LAYOUT = "[2,num_blocks,block_size,num_kv_heads,head_dim]"
+
+
+class TransferState(enum.Enum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class TransferErrorCode(enum.Enum):
+    UNAVAILABLE = "unavailable"  # peer unreachable or gone mid-transfer
+    INCOMPATIBLE = "incompatible"  # fingerprint mismatch, or the peer restarted (instance id)
+    NOT_FOUND = "not_found"  # no reservation on the receiver (lease expired, aborted, restarted)
+    INVALID = "invalid"  # malformed transfer (sizes, layers, duplicate chunks)
+    DEADLINE = "deadline"  # did not complete within its deadline
+    ABORTED = "aborted"  # aborted by either side
+
+
+class TransferError(Exception):
+    def __init__(self, code: TransferErrorCode, message: str):
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class KVFingerprint:
+    """Everything that must agree for one side's KV blocks to mean the same thing on the other."""
+
+    model_name: str
+    model_config_hash: str
+    dtype: str
+    block_size: int
+    kv_layout: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    protocol_version: int = PROTOCOL_VERSION
+
+    @classmethod
+    def from_model(cls, model_config, dtype: torch.dtype, block_size: int) -> KVFingerprint:
+        """``model_config``: a frozen ``ModelConfig`` dataclass; every field goes into the hash."""
+        fields = dataclasses.asdict(model_config)
+        config_hash = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+        return cls(
+            model_name=model_config.name,
+            model_config_hash=config_hash[:16],
+            dtype=dtype_name(dtype),
+            block_size=block_size,
+            kv_layout=KV_LAYOUT,
+            num_layers=model_config.num_layers,
+            num_kv_heads=model_config.num_kv_heads,
+            head_dim=model_config.head_dim,
+        )
+
+    def differences(self, theirs: KVFingerprint, ours_name: str = "sender", theirs_name: str = "receiver") -> list[str]:
+        """One line per differing field, e.g. ``dtype: sender bfloat16, receiver float32``."""
+        out = []
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(theirs, f.name)
+            if a != b:
+                out.append(f"{f.name}: {ours_name} {a!r}, {theirs_name} {b!r}")
+        return out
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def layer_nbytes(self, num_blocks: int) -> int:
+        itemsize = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return 2 * num_blocks * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+
+
+@dataclass(frozen=True)
+class HandshakeResult:
+    compatible: bool
+    mismatches: tuple[str, ...]
+    receiver_fingerprint: KVFingerprint
+    receiver_id: str
+    receiver_instance_id: str
+    max_chunk_bytes: int
+
+
+@dataclass(frozen=True)
+class KVTransferHeader:
+    request_id: str
+    num_layers: int
+    num_blocks: int
+    layer_nbytes: int
+    fingerprint_digest: str
+    receiver_instance_id: str = ""  # empty: not checked
+    sender_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    logprob: float  # of the sampled token
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), best first
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    token_id: int
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass(frozen=True)
+class KVTarget:
+    """Where a request's KV goes: the decode worker's KV address and the reservation's instance id."""
+
+    address: str
+    receiver_instance_id: str = ""
+    timeout_s: float = 30.0  # the whole transfer's deadline, from open()
+
+
+class KVSendHandle(abc.ABC):
+    """One request's outgoing transfer. ``send_layer`` and ``finish`` never raise for a failed transfer:
+    they become no-ops and ``poll()`` says FAILED, with the reason in ``error``."""
+
+    request_id: str
+    error: TransferError | None = None
+    bytes_sent: int = 0
+    seconds: float = 0.0  # open to acknowledgement
+
+    @abc.abstractmethod
+    def send_layer(self, layer_idx: int, kv: torch.Tensor) -> None:
+        """kv: [2, num_blocks, block_size, num_kv_heads, head_dim], owned by the handle from now on."""
+
+    @abc.abstractmethod
+    def finish(self, first_token: FirstToken) -> None:
+        """Every layer has been sent; send the trailer. The receiver acknowledges after it."""
+
+    @abc.abstractmethod
+    def abort(self, reason: str) -> None: ...
+
+    @abc.abstractmethod
+    def poll(self) -> TransferState: ...
+
+    @abc.abstractmethod
+    def wait(self, timeout: float | None = None) -> TransferState:
+        """Block until DONE/FAILED or ``timeout``; returns the state then."""
+
+
+class KVSender(abc.ABC):
+    def __init__(self, fingerprint: KVFingerprint, sender_id: str = ""):
+        self.fingerprint = fingerprint
+        self.sender_id = sender_id
+
+    @abc.abstractmethod
+    def open(self, target: KVTarget, request_id: str, num_blocks: int) -> KVSendHandle:
+        """Start a transfer; never blocks on the network (the handshake happens in the background)."""
+
+    def send(
+        self, target: KVTarget, request_id: str, layers: list[torch.Tensor], first_token: FirstToken
+    ) -> KVSendHandle:
+        """Whole-request convenience: every layer's packed blocks, then the trailer."""
+        handle = self.open(target, request_id, layers[0].shape[1])
+        for layer_idx, kv in enumerate(layers):
+            handle.send_layer(layer_idx, kv)
+        handle.finish(first_token)
+        return handle
+
+    def close(self) -> None:
+        """Release connections; open handles fail."""
+
+
+def gather_blocks(kv_cache_layer: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+    """[2, n, block_size, num_kv_heads, head_dim] copy of the blocks: Triton on CUDA, torch elsewhere."""
+    from kvferry.kernels import kv_transfer
+    from kvferry.kernels._triton import HAS_TRITON
+
+    ids = torch.tensor(block_ids, dtype=torch.int64, device=kv_cache_layer.device)
+    if kv_cache_layer.is_cuda and HAS_TRITON:
+        return kv_transfer.gather_kv_blocks(kv_cache_layer, ids)
+    return kv_transfer.gather_kv_blocks_ref(kv_cache_layer, ids)
+

@@ -1,0 +1,495 @@
+"""KV transfer over gRPC (``kvferry.kv_transfer.KVTransfer``): any two machines, no GPU interconnect.
+
+Sender: one channel per peer address, one ``Handshake`` per peer (cached; dropped when a push is refused
+as incompatible, so a restarted peer is re-checked), then one ``PushKV`` client stream per request:
+header, per-layer chunks as layers finish, trailer with the first token. ``send_layer`` puts chunks in a
+bounded queue (``max_inflight_chunks``) that the stream drains: the producer waits when the peer is
+slow (flow control; bounded memory) and every wait ends by the transfer's deadline. Each transfer runs
+on its own thread, so ``open`` and ``send_layer`` never wait for the network beyond that bound.
+
+Receiver: ``KVTransferServicer`` feeds a ``KVReceiver``; errors are gRPC statuses (see
+kv_transfer.proto) whose messages name the problem.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from kvferry.proto import kv_transfer_pb2 as pb
+from kvferry.proto import kv_transfer_pb2_grpc as pb_grpc
+from kvferry.transport.base import (
+    FirstToken,
+    HandshakeResult,
+    KVFingerprint,
+    KVSendHandle,
+    KVSender,
+    KVTarget,
+    KVTransferHeader,
+    TokenLogprobs,
+    TransferError,
+    TransferErrorCode,
+    TransferState,
+)
+from kvferry.transport.receiver import KVReceiver
+
+DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+MESSAGE_OVERHEAD = 64 * 1024  # header fields around a chunk's bytes
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes + MESSAGE_OVERHEAD),
+        ("grpc.max_receive_message_length", max_message_bytes + MESSAGE_OVERHEAD),
+    ]
+
+
+# ---- dataclass <-> proto ---------------------------------------------------------------------------
+def fingerprint_to_proto(fp: KVFingerprint) -> pb.Fingerprint:
+    return pb.Fingerprint(
+        model_name=fp.model_name,
+        model_config_hash=fp.model_config_hash,
+        dtype=fp.dtype,
+        block_size=fp.block_size,
+        kv_layout=fp.kv_layout,
+        num_layers=fp.num_layers,
+        num_kv_heads=fp.num_kv_heads,
+        head_dim=fp.head_dim,
+        protocol_version=fp.protocol_version,
+    )
+
+
+def fingerprint_from_proto(msg: pb.Fingerprint) -> KVFingerprint:
+    return KVFingerprint(
+        model_name=msg.model_name,
+        model_config_hash=msg.model_config_hash,
+        dtype=msg.dtype,
+        block_size=msg.block_size,
+        kv_layout=msg.kv_layout,
+        num_layers=msg.num_layers,
+        num_kv_heads=msg.num_kv_heads,
+        head_dim=msg.head_dim,
+        protocol_version=msg.protocol_version,
+    )
+
+
+def logprobs_to_proto(lp: TokenLogprobs) -> pb.TokenLogprobs:
+    return pb.TokenLogprobs(
+        logprob=lp.logprob,
+        top_token_ids=[t for t, _ in lp.top],
+        top_logprobs=[v for _, v in lp.top],
+    )
+
+
+def logprobs_from_proto(msg: pb.TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(msg.logprob, tuple(zip(msg.top_token_ids, msg.top_logprobs)))
+
+
+_STATUS_FOR = {
+    TransferErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    TransferErrorCode.INCOMPATIBLE: grpc.StatusCode.FAILED_PRECONDITION,
+    TransferErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    TransferErrorCode.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    TransferErrorCode.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    TransferErrorCode.ABORTED: grpc.StatusCode.ABORTED,
+}
+_CODE_FOR = {status: code for code, status in _STATUS_FOR.items()}
+_CODE_FOR[grpc.StatusCode.CANCELLED] = TransferErrorCode.ABORTED
+
+
+def status_for(code: TransferErrorCode) -> grpc.StatusCode:
+    return _STATUS_FOR[code]
+
+
+def error_from_rpc(e: grpc.RpcError, what: str) -> TransferError:
+    code = _CODE_FOR.get(e.code(), TransferErrorCode.UNAVAILABLE)
+    return TransferError(code, f"{what}: {e.code().name}: {e.details()}")
+
+
+# ---- KVData on the wire, without copying the payload through protobuf --------------------------------
+# KVChunk{data: KVData{layer_idx, offset, data}} is encoded and decoded by hand (it is standard protobuf
+# wire format: grpcurl and other clients interoperate): the sender joins a few header bytes with the
+# tensor's bytes in one copy, the receiver gets a memoryview into the message instead of a copy.
+# Headers and trailers go through protobuf as usual.
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def encode_data_chunk(layer_idx: int, offset: int, data: memoryview) -> bytes:
+    inner = b"\x08" + _varint(layer_idx) + b"\x10" + _varint(offset) + b"\x1a" + _varint(len(data))
+    return b"".join((b"\x12", _varint(len(inner) + len(data)), inner, data))
+
+
+@dataclass(frozen=True)
+class KVDataView:
+    layer_idx: int
+    offset: int
+    data: memoryview  # into the received message: no copy
+
+
+def decode_chunk(raw: bytes) -> KVDataView | pb.KVChunk:
+    """A KVData chunk as a view into ``raw``; any other message (or an unusual encoding) via protobuf."""
+    try:
+        if raw[:1] == b"\x12":
+            size, pos = _read_varint(raw, 1)
+            if pos + size == len(raw):
+                layer_idx = offset = 0
+                data = memoryview(b"")
+                while pos < len(raw):
+                    key, pos = _read_varint(raw, pos)
+                    field, wire_type = key >> 3, key & 7
+                    if wire_type == 0:
+                        value, pos = _read_varint(raw, pos)
+                        layer_idx = value if field == 1 else layer_idx
+                        offset = value if field == 2 else offset
+                    elif wire_type == 2:
+                        length, pos = _read_varint(raw, pos)
+                        if field == 3:
+                            data = memoryview(raw)[pos : pos + length]
+                        pos += length
+                    else:
+                        raise ValueError("unexpected wire type")
+                if pos == len(raw):
+                    return KVDataView(layer_idx, offset, data)
+    except ValueError:
+        pass
+    return pb.KVChunk.FromString(raw)
+
+
+# ---- receiver side ---------------------------------------------------------------------------------
+class KVTransferServicer(pb_grpc.KVTransferServicer):
+    def __init__(self, receiver: KVReceiver):
+        self.receiver = receiver
+
+    def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeResponse:
+        result = self.receiver.handshake(fingerprint_from_proto(request.fingerprint))
+        return pb.HandshakeResponse(
+            compatible=result.compatible,
+            mismatches=list(result.mismatches),
+            fingerprint=fingerprint_to_proto(result.receiver_fingerprint),
+            receiver_id=result.receiver_id,
+            receiver_instance_id=result.receiver_instance_id,
+            max_chunk_bytes=result.max_chunk_bytes,
+        )
+
+    def PushKV(self, request_iterator, context: grpc.ServicerContext) -> pb.PushKVResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PushKV stream must start with a KVHeader")
+        h = first.header
+        header = KVTransferHeader(
+            request_id=h.request_id,
+            num_layers=h.num_layers,
+            num_blocks=h.num_blocks,
+            layer_nbytes=h.layer_nbytes,
+            fingerprint_digest=h.fingerprint_digest,
+            receiver_instance_id=h.receiver_instance_id,
+            sender_id=h.sender_id,
+        )
+        try:
+            session = self.receiver.open(header)
+        except TransferError as e:
+            context.abort(status_for(e.code), e.message)
+        error: TransferError | None = None
+        finished = False
+        try:
+            for msg in request_iterator:
+                if isinstance(msg, KVDataView):
+                    session.write(msg.layer_idx, msg.offset, msg.data)
+                    continue
+                kind = msg.WhichOneof("kind")
+                if kind == "data":
+                    session.write(msg.data.layer_idx, msg.data.offset, msg.data.data)
+                elif kind == "trailer":
+                    t = msg.trailer
+                    lp = logprobs_from_proto(t.first_logprobs) if t.HasField("first_logprobs") else None
+                    session.finish(FirstToken(t.first_token_id, lp), t.total_bytes)
+                    finished = True
+                    break
+                else:
+                    raise TransferError(TransferErrorCode.INVALID, "a second KVHeader in one stream")
+            if not finished:
+                raise TransferError(TransferErrorCode.ABORTED, "stream ended before the trailer (sender aborted)")
+        except TransferError as e:
+            error = e
+        except Exception as e:  # the stream broke (client cancelled, deadline, connection lost)
+            error = TransferError(TransferErrorCode.UNAVAILABLE, f"stream broken: {type(e).__name__}: {e}")
+        if error is not None:
+            session.fail(error)
+            context.abort(status_for(error.code), error.message)
+        return pb.PushKVResponse(
+            request_id=header.request_id,
+            bytes_received=session._res.bytes_received,
+            receive_seconds=session._res.seconds,
+        )
+
+
+SERVICE_NAME = "kvferry.kv_transfer.KVTransfer"
+
+
+def add_kv_transfer_service(server: grpc.Server, receiver: KVReceiver) -> None:
+    """Like the generated ``add_KVTransferServicer_to_server``, with ``decode_chunk`` for PushKV."""
+    servicer = KVTransferServicer(receiver)
+    handlers = {
+        "Handshake": grpc.unary_unary_rpc_method_handler(
+            servicer.Handshake,
+            request_deserializer=pb.HandshakeRequest.FromString,
+            response_serializer=pb.HandshakeResponse.SerializeToString,
+        ),
+        "PushKV": grpc.stream_unary_rpc_method_handler(
+            servicer.PushKV,
+            request_deserializer=decode_chunk,
+            response_serializer=pb.PushKVResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+# ---- sender side -----------------------------------------------------------------------------------
+_TRAILER = object()
+
+
+class GrpcSendHandle(KVSendHandle):
+    def __init__(self, sender: GrpcKVSender, target: KVTarget, request_id: str, num_blocks: int):
+        self.request_id = request_id
+        self._sender = sender
+        self._target = target
+        self._num_blocks = num_blocks
+        self._opened = time.monotonic()
+        self._deadline = self._opened + target.timeout_s
+        self._queue: queue.Queue = queue.Queue(maxsize=sender.max_inflight_chunks)
+        self._lock = threading.Lock()
+        self._state = TransferState.PENDING
+        self._finished = threading.Event()
+        self._call: grpc.Future | None = None
+        self._first_token: FirstToken | None = None
+        self._thread = threading.Thread(target=self._run, name=f"kv-send-{request_id}", daemon=True)
+        self._thread.start()
+
+    # ---- the producer's side (engine thread) ----
+    def send_layer(self, layer_idx: int, kv: torch.Tensor) -> None:
+        data = memoryview(kv.contiguous().view(torch.uint8).reshape(-1).numpy())
+        step = self._sender.chunk_bytes_for(kv)
+        for offset in range(0, len(data), step):
+            if not self._put((layer_idx, offset, data[offset : offset + step])):
+                return
+
+    def finish(self, first_token: FirstToken) -> None:
+        self._first_token = first_token
+        self._put(_TRAILER)
+
+    def abort(self, reason: str) -> None:
+        self._fail(TransferError(TransferErrorCode.ABORTED, f"sender aborted: {reason}"))
+
+    def poll(self) -> TransferState:
+        return self._state
+
+    def wait(self, timeout: float | None = None) -> TransferState:
+        self._finished.wait(timeout)
+        return self._state
+
+    def _put(self, item) -> bool:
+        """Queue an item, waiting while the stream is behind; False once the transfer cannot succeed."""
+        while self._state is TransferState.PENDING:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                self._fail(TransferError(TransferErrorCode.DEADLINE, self._deadline_message()))
+                return False
+            try:
+                self._queue.put(item, timeout=min(remaining, 0.1))
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # ---- the transfer thread ----
+    def _run(self) -> None:
+        address = self._target.address
+        try:
+            handshake = self._sender.handshake(address, timeout=self._remaining())
+            if not handshake.compatible:
+                raise TransferError(
+                    TransferErrorCode.INCOMPATIBLE,
+                    f"KV fingerprint mismatch with {address}: " + "; ".join(handshake.mismatches),
+                )
+            with self._lock:
+                if self._state is not TransferState.PENDING:
+                    return
+                push = self._sender.channel(address).stream_unary(
+                    f"/{SERVICE_NAME}/PushKV",
+                    request_serializer=None,  # _requests yields encoded bytes
+                    response_deserializer=pb.PushKVResponse.FromString,
+                )
+                self._call = push.future(self._requests(handshake), timeout=self._remaining())
+            response = self._call.result()
+            with self._lock:
+                if self._state is TransferState.PENDING:
+                    self.seconds = time.monotonic() - self._opened
+                    self._state = TransferState.DONE
+                    del response
+        except grpc.RpcError as e:
+            error = error_from_rpc(e, f"PushKV {self.request_id!r} to {address}")
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                error = TransferError(TransferErrorCode.DEADLINE, self._deadline_message())
+            if error.code is TransferErrorCode.INCOMPATIBLE:
+                self._sender.forget_handshake(address)
+            self._fail(error)
+        except TransferError as e:
+            self._fail(e)
+        except grpc.FutureCancelledError:  # we cancelled it in _fail: the error is already recorded
+            self._fail(TransferError(TransferErrorCode.ABORTED, "cancelled"))
+        finally:
+            self._finished.set()
+
+    def _requests(self, handshake: HandshakeResult):
+        fp = self._sender.fingerprint
+        yield pb.KVChunk(
+            header=pb.KVHeader(
+                request_id=self.request_id,
+                fingerprint_digest=fp.digest,
+                receiver_instance_id=self._target.receiver_instance_id,
+                num_layers=fp.num_layers,
+                num_blocks=self._num_blocks,
+                layer_nbytes=fp.layer_nbytes(self._num_blocks),
+                sender_id=self._sender.sender_id,
+            )
+        ).SerializeToString()
+        total = 0
+        while self._state is TransferState.PENDING and time.monotonic() < self._deadline:
+            try:
+                item = self._queue.get(timeout=min(max(self._remaining(), 0.001), 0.1))
+            except queue.Empty:
+                continue
+            if item is _TRAILER:
+                ft = self._first_token
+                trailer = pb.KVTrailer(first_token_id=ft.token_id, total_bytes=total)
+                if ft.logprobs is not None:
+                    trailer.first_logprobs.CopyFrom(logprobs_to_proto(ft.logprobs))
+                yield pb.KVChunk(trailer=trailer).SerializeToString()
+                return
+            layer_idx, offset, data = item
+            total += len(data)
+            self.bytes_sent = total
+            yield encode_data_chunk(layer_idx, offset, data)
+        # Aborted or out of time: returning ends the stream without a trailer; the call fails.
+
+    def _remaining(self) -> float:
+        return max(self._deadline - time.monotonic(), 0.0)
+
+    def _deadline_message(self) -> str:
+        return (
+            f"KV transfer of {self.request_id!r} to {self._target.address} did not complete within "
+            f"{self._target.timeout_s:.1f}s"
+        )
+
+    def _fail(self, error: TransferError) -> None:
+        with self._lock:
+            if self._state is not TransferState.PENDING:
+                return
+            self.error = error
+            self._state = TransferState.FAILED
+            call = self._call
+        if call is not None:
+            call.cancel()
+
+
+class GrpcKVSender(KVSender):
+    def __init__(
+        self,
+        fingerprint: KVFingerprint,
+        sender_id: str = "",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_inflight_chunks: int = 16,
+        handshake_timeout_s: float = 5.0,
+    ):
+        super().__init__(fingerprint, sender_id)
+        self.chunk_bytes = chunk_bytes
+        self.max_inflight_chunks = max_inflight_chunks
+        self.handshake_timeout_s = handshake_timeout_s
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._handshakes: dict[str, HandshakeResult] = {}
+
+    def channel(self, address: str) -> grpc.Channel:
+        with self._lock:
+            ch = self._channels.get(address)
+            if ch is None:
+                ch = grpc.insecure_channel(address, options=channel_options(self.chunk_bytes))
+                self._channels[address] = ch
+            return ch
+
+    def handshake(self, address: str, timeout: float | None = None) -> HandshakeResult:
+        """The peer's answer, cached per address; raises TransferError if it cannot be reached in time."""
+        cached = self._handshakes.get(address)
+        if cached is not None:
+            return cached
+        timeout = self.handshake_timeout_s if timeout is None else min(timeout, self.handshake_timeout_s)
+        stub = pb_grpc.KVTransferStub(self.channel(address))
+        request = pb.HandshakeRequest(fingerprint=fingerprint_to_proto(self.fingerprint), sender_id=self.sender_id)
+        try:
+            resp = stub.Handshake(request, timeout=max(timeout, 0.001))
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, f"KV handshake with {address}") from None
+        result = HandshakeResult(
+            compatible=resp.compatible,
+            mismatches=tuple(resp.mismatches),
+            receiver_fingerprint=fingerprint_from_proto(resp.fingerprint),
+            receiver_id=resp.receiver_id,
+            receiver_instance_id=resp.receiver_instance_id,
+            max_chunk_bytes=resp.max_chunk_bytes,
+        )
+        if result.max_chunk_bytes and result.max_chunk_bytes < self.chunk_bytes:
+            raise TransferError(
+                TransferErrorCode.INCOMPATIBLE,
+                f"{address} accepts chunks up to {result.max_chunk_bytes} bytes, sender uses {self.chunk_bytes}",
+            )
+        if result.compatible:  # an incompatible peer is asked again next time (it may have been fixed)
+            with self._lock:
+                self._handshakes[address] = result
+        return result
+
+    def chunk_bytes_for(self, kv: torch.Tensor) -> int:
+        """``chunk_bytes`` rounded down to whole block rows (one K or V block), so that the receiver
+        writes each chunk straight into its blocks; at least one row."""
+        row_bytes = kv[0, 0].numel() * kv.element_size() if kv.dim() == 5 and kv.shape[1] else 1
+        return max(row_bytes, self.chunk_bytes // row_bytes * row_bytes)
+
+    def forget_handshake(self, address: str) -> None:
+        with self._lock:
+            self._handshakes.pop(address, None)
+
+    def open(self, target: KVTarget, request_id: str, num_blocks: int) -> GrpcSendHandle:
+        return GrpcSendHandle(self, target, request_id, num_blocks)
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+            self._handshakes.clear()
+        for ch in channels:
+            ch.close()

@@ -1,0 +1,102 @@
+"""In-process KV transport: the sender writes straight into a ``KVReceiver`` in the same process.
+
+It is the test transport (workers and the decode loop are tested through it without sockets) and the
+path for a prefill and a decode engine sharing one process. Receivers are found by address in a dict
+the caller owns; an address missing from it behaves like a dead peer.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kvferry.transport.base import (
+    FirstToken,
+    KVSendHandle,
+    KVSender,
+    KVTarget,
+    KVTransferHeader,
+    TransferError,
+    TransferErrorCode,
+    TransferState,
+)
+from kvferry.transport.receiver import KVReceiver, ReceiveSession
+
+
+class InProcessSendHandle(KVSendHandle):
+    def __init__(self, request_id: str, session: ReceiveSession | None, error: TransferError | None):
+        self.request_id = request_id
+        self._session = session
+        self.error = error
+        self._state = TransferState.FAILED if error else TransferState.PENDING
+        self._opened = time.monotonic()
+
+    def send_layer(self, layer_idx: int, kv: torch.Tensor) -> None:
+        if self._state is not TransferState.PENDING:
+            return
+        data = kv.contiguous().view(torch.uint8).reshape(-1).numpy()
+        self._run(lambda: self._session.write(layer_idx, 0, data))
+        self.bytes_sent += data.nbytes if self._state is TransferState.PENDING else 0
+
+    def finish(self, first_token: FirstToken) -> None:
+        if self._state is not TransferState.PENDING:
+            return
+        self._run(lambda: self._session.finish(first_token, self.bytes_sent))
+        if self._state is TransferState.PENDING:
+            self._state = TransferState.DONE
+            self.seconds = time.monotonic() - self._opened
+
+    def abort(self, reason: str) -> None:
+        if self._state is TransferState.PENDING:
+            self._fail(TransferError(TransferErrorCode.ABORTED, f"sender aborted: {reason}"))
+
+    def poll(self) -> TransferState:
+        return self._state
+
+    def wait(self, timeout: float | None = None) -> TransferState:
+        return self._state  # synchronous: never pending on anything but the caller
+
+    def _run(self, fn) -> None:
+        try:
+            fn()
+        except TransferError as e:
+            self._fail(e)
+
+    def _fail(self, error: TransferError) -> None:
+        self.error = error
+        self._state = TransferState.FAILED
+        self._session.fail(error)
+
+
+class InProcessKVSender(KVSender):
+    def __init__(self, receivers: dict[str, KVReceiver], fingerprint, sender_id: str = ""):
+        super().__init__(fingerprint, sender_id)
+        self.receivers = receivers  # address -> receiver; the caller adds and removes peers
+
+    def open(self, target: KVTarget, request_id: str, num_blocks: int) -> KVSendHandle:
+        receiver = self.receivers.get(target.address)
+        if receiver is None:
+            error = TransferError(TransferErrorCode.UNAVAILABLE, f"no receiver at {target.address}")
+            return InProcessSendHandle(request_id, None, error)
+        handshake = receiver.handshake(self.fingerprint)
+        if not handshake.compatible:
+            error = TransferError(
+                TransferErrorCode.INCOMPATIBLE,
+                f"KV fingerprint mismatch with {target.address}: " + "; ".join(handshake.mismatches),
+            )
+            return InProcessSendHandle(request_id, None, error)
+        header = KVTransferHeader(
+            request_id=request_id,
+            num_layers=self.fingerprint.num_layers,
+            num_blocks=num_blocks,
+            layer_nbytes=self.fingerprint.layer_nbytes(num_blocks),
+            fingerprint_digest=self.fingerprint.digest,
+            receiver_instance_id=target.receiver_instance_id,
+            sender_id=self.sender_id,
+        )
+        try:
+            session = receiver.open(header)
+        except TransferError as e:
+            return InProcessSendHandle(request_id, None, e)
+        return InProcessSendHandle(request_id, session, None)

@@ -1,0 +1,256 @@
+"""The receiving end of KV transfers, shared by every transport: bytes in, KV blocks written.
+
+The decode worker tells the receiver which blocks each request reserved (``expect``); a transport opens
+a session per incoming transfer (``open(header)``), writes each layer's bytes (``write``; chunks of a
+layer arrive in order) and ends it with the first token (``finish``). A layer is scattered into its
+blocks as soon as all of its bytes are in, so receiving overlaps the sender's compute.
+
+Invariants: a session writes only into the blocks of a reservation that is still PENDING, under that
+reservation's lock; ``cancel`` takes the same lock, so once it returns no write can touch the blocks
+and the caller may free them. Each reservation accepts one session (a second is refused).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kvferry.transport.base import (
+    FirstToken,
+    HandshakeResult,
+    KVFingerprint,
+    KVTransferHeader,
+    TransferError,
+    TransferErrorCode,
+    TransferState,
+)
+
+DEFAULT_MAX_CHUNK_BYTES = 64 * 1024 * 1024
+
+# Called once per reservation when its transfer ends: (request_id, DONE, first_token, None) or
+# (request_id, FAILED, None, error). Runs on the transport's thread; must not block for long.
+OnTransferEnd = Callable[[str, TransferState, FirstToken | None, TransferError | None], None]
+
+
+@dataclass
+class _Reservation:
+    request_id: str
+    block_ids: list[int]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    state: TransferState = TransferState.PENDING
+    opened: bool = False
+    layers_done: set[int] = field(default_factory=set)
+    progress: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # layer -> (bytes in, partial row)
+    bytes_received: int = 0
+    created: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    seconds: float = 0.0
+
+
+class KVReceiver:
+    def __init__(
+        self,
+        kv_caches: list[torch.Tensor],  # per layer [2, num_blocks, block_size, num_kv_heads, head_dim]
+        fingerprint: KVFingerprint,
+        receiver_id: str = "",
+        on_transfer_end: OnTransferEnd | None = None,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    ):
+        assert len(kv_caches) == fingerprint.num_layers, (len(kv_caches), fingerprint.num_layers)
+        self.kv_caches = kv_caches
+        self.fingerprint = fingerprint
+        self.receiver_id = receiver_id
+        self.instance_id = uuid.uuid4().hex  # new on every start: stale pushes from before a restart fail
+        self.on_transfer_end = on_transfer_end
+        self.max_chunk_bytes = max_chunk_bytes
+        self._lock = threading.Lock()  # guards the dict; each reservation has its own lock for writes
+        self._reservations: dict[str, _Reservation] = {}
+        self.bytes_received_total = 0
+        self.transfers_total = 0
+        self.transfer_seconds_total = 0.0
+
+    # ---- the decode worker's side ----------------------------------------------------------------
+    def expect(self, request_id: str, block_ids: list[int]) -> None:
+        with self._lock:
+            if request_id in self._reservations:
+                raise ValueError(f"request {request_id!r} already expects KV")
+            self._reservations[request_id] = _Reservation(request_id, list(block_ids))
+
+    def cancel(self, request_id: str) -> bool:
+        """Forget the reservation; when this returns no write touches its blocks. False if unknown
+        (never expected, or its transfer already ended)."""
+        with self._lock:
+            res = self._reservations.pop(request_id, None)
+        if res is None:
+            return False
+        with res.lock:
+            if res.state is TransferState.PENDING:
+                res.state = TransferState.FAILED
+        return True
+
+    def poll(self, request_id: str) -> TransferState | None:
+        res = self._reservations.get(request_id)
+        return None if res is None else res.state
+
+    def last_activity(self, request_id: str) -> float | None:
+        res = self._reservations.get(request_id)
+        return None if res is None else res.last_activity
+
+    @property
+    def num_pending(self) -> int:
+        return sum(1 for r in list(self._reservations.values()) if r.state is TransferState.PENDING)
+
+    # ---- the transport's side --------------------------------------------------------------------
+    def handshake(self, sender_fingerprint: KVFingerprint) -> HandshakeResult:
+        mismatches = sender_fingerprint.differences(self.fingerprint)
+        return HandshakeResult(
+            compatible=not mismatches,
+            mismatches=tuple(mismatches),
+            receiver_fingerprint=self.fingerprint,
+            receiver_id=self.receiver_id,
+            receiver_instance_id=self.instance_id,
+            max_chunk_bytes=self.max_chunk_bytes,
+        )
+
+    def open(self, header: KVTransferHeader) -> ReceiveSession:
+        fp = self.fingerprint
+        if header.fingerprint_digest != fp.digest:
+            raise TransferError(
+                TransferErrorCode.INCOMPATIBLE,
+                f"fingerprint digest {header.fingerprint_digest!r} != receiver's {fp.digest!r}; "
+                "handshake again to see which fields differ",
+            )
+        if header.receiver_instance_id and header.receiver_instance_id != self.instance_id:
+            raise TransferError(
+                TransferErrorCode.INCOMPATIBLE,
+                f"reservation was made by receiver instance {header.receiver_instance_id}, "
+                f"this is {self.instance_id} (the decode worker restarted)",
+            )
+        res = self._reservations.get(header.request_id)
+        if res is None:
+            raise TransferError(
+                TransferErrorCode.NOT_FOUND,
+                f"no reservation for request {header.request_id!r} (never made, aborted or lease expired)",
+            )
+        expected_nbytes = fp.layer_nbytes(len(res.block_ids))
+        problems = []
+        if header.num_layers != fp.num_layers:
+            problems.append(f"num_layers {header.num_layers} != {fp.num_layers}")
+        if header.num_blocks != len(res.block_ids):
+            problems.append(f"num_blocks {header.num_blocks} != {len(res.block_ids)} reserved")
+        if header.layer_nbytes != expected_nbytes:
+            problems.append(f"layer_nbytes {header.layer_nbytes} != {expected_nbytes}")
+        if problems:
+            raise TransferError(TransferErrorCode.INVALID, f"request {header.request_id!r}: " + "; ".join(problems))
+        with res.lock:
+            if res.state is not TransferState.PENDING:
+                raise TransferError(TransferErrorCode.ABORTED, f"request {header.request_id!r} was aborted")
+            if res.opened:
+                raise TransferError(TransferErrorCode.INVALID, f"request {header.request_id!r} already has a transfer")
+            res.opened = True
+            res.started = res.last_activity = time.monotonic()
+        return ReceiveSession(self, res, header.layer_nbytes)
+
+    def _end(self, res: _Reservation, first_token: FirstToken | None, error: TransferError | None) -> None:
+        with self._lock:  # the transfer is over: the engine owns the blocks from here
+            if self._reservations.get(res.request_id) is res:
+                del self._reservations[res.request_id]
+        if error is None:
+            self.bytes_received_total += res.bytes_received
+            self.transfers_total += 1
+            self.transfer_seconds_total += res.seconds
+        if self.on_transfer_end is not None:
+            self.on_transfer_end(res.request_id, res.state, first_token, error)
+
+
+class ReceiveSession:
+    """One incoming transfer. Every method raises ``TransferError`` once the transfer cannot succeed."""
+
+    def __init__(self, receiver: KVReceiver, res: _Reservation, layer_nbytes: int):
+        self._receiver = receiver
+        self._res = res
+        self.layer_nbytes = layer_nbytes
+        cache = receiver.kv_caches[0]  # [2, num_blocks, block_size, num_kv_heads, head_dim], contiguous
+        assert all(c.is_contiguous() for c in receiver.kv_caches)
+        self._dtype = cache.dtype
+        self._row_bytes = cache[0, 0].numel() * cache.element_size()  # one K or V block
+        self._num_cache_rows = 2 * cache.shape[1]
+        ids = torch.tensor(res.block_ids, dtype=torch.int64, device=cache.device)
+        self._target_rows = torch.cat([ids, ids + cache.shape[1]])  # payload row -> cache row
+
+    @property
+    def request_id(self) -> str:
+        return self._res.request_id
+
+    def write(self, layer_idx: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Bytes ``[offset, offset + len(data))`` of the layer's payload; a layer's chunks come in order.
+
+        The payload is ``2 * num_blocks`` rows (K rows then V rows), one cache block each; whole rows are
+        copied straight into their blocks, a partial row waits for the next chunk (senders that cut
+        chunks on row boundaries, as ours do, never leave one)."""
+        res, n = self._res, len(data)
+        with res.lock:
+            self._check_pending()
+            if not 0 <= layer_idx < len(self._receiver.kv_caches) or layer_idx in res.layers_done:
+                raise self._invalid(f"layer {layer_idx} out of range or already complete")
+            if n == 0 or n > self._receiver.max_chunk_bytes:
+                raise self._invalid(f"chunk of {n} bytes (limit {self._receiver.max_chunk_bytes})")
+            filled, carry = res.progress.get(layer_idx, (0, b""))
+            if offset != filled or offset + n > self.layer_nbytes:
+                raise self._invalid(f"layer {layer_idx}: chunk at {offset}+{n}, expected offset {filled}")
+            if carry:
+                data = bytes(carry) + bytes(data)
+            row_start = (offset - len(carry)) // self._row_bytes
+            num_rows = len(data) // self._row_bytes
+            if num_rows:
+                with warnings.catch_warnings():  # read-only buffers are fine: we only copy out of them
+                    warnings.simplefilter("ignore", UserWarning)
+                    rows = torch.frombuffer(data, dtype=torch.uint8, count=num_rows * self._row_bytes)
+                rows = rows.view(self._dtype).view(num_rows, -1)
+                cache_rows = self._receiver.kv_caches[layer_idx].view(self._num_cache_rows, -1)
+                target = self._target_rows[row_start : row_start + num_rows]
+                cache_rows.index_copy_(0, target, rows.to(cache_rows.device))
+            res.progress[layer_idx] = (offset + n, bytes(data[num_rows * self._row_bytes :]))
+            res.bytes_received += n
+            res.last_activity = time.monotonic()
+            if offset + n == self.layer_nbytes:
+                res.progress.pop(layer_idx)
+                res.layers_done.add(layer_idx)
+
+    def finish(self, first_token: FirstToken, total_bytes: int) -> None:
+        res = self._res
+        with res.lock:
+            self._check_pending()
+            missing = sorted(set(range(len(self._receiver.kv_caches))) - res.layers_done)
+            if missing:
+                raise self._invalid(f"trailer before layers {missing[:8]}{'...' if len(missing) > 8 else ''}")
+            if total_bytes != res.bytes_received:
+                raise self._invalid(f"trailer says {total_bytes} bytes, received {res.bytes_received}")
+            res.state = TransferState.DONE
+            res.seconds = time.monotonic() - (res.started or res.created)
+        self._receiver._end(res, first_token, None)
+
+    def fail(self, error: TransferError) -> None:
+        """The transport lost the stream (or the sender aborted): the reservation's transfer failed."""
+        res = self._res
+        with res.lock:
+            if res.state is not TransferState.PENDING:
+                return
+            res.state = TransferState.FAILED
+        self._receiver._end(res, None, error)
+
+    def _check_pending(self) -> None:
+        if self._res.state is not TransferState.PENDING:
+            raise TransferError(
+                TransferErrorCode.ABORTED, f"request {self._res.request_id!r} was aborted or its lease expired"
+            )
+
+    def _invalid(self, message: str) -> TransferError:
+        return TransferError(TransferErrorCode.INVALID, f"request {self._res.request_id!r}: {message}")
