@@ -7,8 +7,10 @@ scheduling stay outside; attention goes through ``kvferry.kernels.dispatch.paged
 Numerics follow transformers' Llama/Mistral/Qwen2 code (the reference in tests): RMSNorm in float32
 then cast back before the weight multiply, RoPE cos/sin computed in float32 and cast to the model dtype,
 rotate-half RoPE applied in the model dtype. q/k/v and gate/up are fused into one linear each; cos/sin
-are gathered once per forward from a precomputed table and shared by every layer. The decode step at
-batch 1 is Python-bound on CPU, so each layer is kept to a handful of ops with no avoidable allocations.
+are gathered once per forward from a precomputed table and shared by every layer; the residual add is
+fused into the next RMSNorm (``dispatch.rms_norm``). The decode step at batch 1 is Python-bound on CPU,
+so each layer is kept to a handful of ops with no avoidable allocations. RMSNorm, RoPE (on CUDA) and
+attention go through ``kvferry.kernels.dispatch`` (Triton on CUDA, torch references on the CPU).
 """
 
 from __future__ import annotations
@@ -21,26 +23,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kvferry.engine.config import ModelConfig, RopeScaling
+from kvferry.kernels import dispatch
 from kvferry.kernels.attention import AttentionMetadata
-from kvferry.kernels.dispatch import paged_attention
+
+
+def rotary_in_place(t: Tensor) -> bool:
+    """Whether RoPE runs as the in-place kernel (``dispatch.rotary``, Triton on CUDA). On the CPU one
+    fused torch expression over q and k together takes fewer ops than the kernel's reference."""
+    return t.is_cuda
 
 
 class RMSNorm(nn.Module):
+    """Adds the residual first when given one: ``(norm(x + residual), x + residual)``. Numerics as
+    transformers' LlamaRMSNorm (float32, cast back, then the weight in the model dtype): see
+    ``kernels/rms_norm.py``."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: Tensor) -> Tensor:
-        # As transformers' LlamaRMSNorm: normalise in float32, cast back, then scale in the model dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return dispatch.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:  # [head_dim // 2]
     """Inverse frequencies exactly as transformers computes them (default and ``llama3`` types)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
     if scaling is None:
         return inv_freq
     factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
@@ -75,16 +85,21 @@ class Attention(nn.Module):
         )
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: Tensor, attn: AttentionMetadata) -> Tensor:
-        num_tokens = x.shape[0]
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: Tensor, attn: AttentionMetadata
+    ) -> Tensor:  # x: [T, hidden]; cos, sin: [T, 1, D]
+        num_tokens, num_heads, head_dim = x.shape[0], self.num_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [T, (H + 2 * KVH) * D]
-        # RoPE on q and k together: rotate_half(x) * sin == roll(x, D/2) * sin_signed (sign folded in).
-        qk = qkv[:, : self.qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = qk * cos + qk.roll(self.head_dim // 2, dims=-1) * sin  # [T, H + KVH, D]
-        v = qkv[:, self.qk_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = paged_attention(
-            qk[:, : self.num_heads], qk[:, self.num_heads :], v, kv_cache, attn, self.scale
-        )  # [T, H, D]
+        if rotary_in_place(qkv):  # cos, sin: [T, D / 2]
+            q = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+            k = qkv[:, num_heads * head_dim : self.qk_size].view(num_tokens, self.num_kv_heads, head_dim)
+            dispatch.rotary(q, k, cos, sin)
+        else:  # cos, sin: [T, 1, D]; rotate_half(x) * sin == roll(x, D / 2) * sin_signed
+            qk = qkv[:, : self.qk_size].view(num_tokens, num_heads + self.num_kv_heads, head_dim)
+            qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin  # [T, H + KVH, D], q and k at once
+            q, k = qk[:, :num_heads], qk[:, num_heads:]
+        v = qkv[:, self.qk_size :].view(num_tokens, self.num_kv_heads, head_dim)
+        out = dispatch.paged_attention(q, k, v, kv_cache, attn, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
@@ -107,9 +122,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: Tensor, attn: AttentionMetadata) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: Tensor,  # [T, hidden]: the previous layer's output (MLP), not yet added to the residual
+        residual: Tensor | None,  # [T, hidden]: the residual stream before x; None at layer 0
+        cos: Tensor,
+        sin: Tensor,
+        kv_cache: Tensor,
+        attn: AttentionMetadata,
+    ) -> tuple[Tensor, Tensor]:
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, attn)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -143,15 +168,16 @@ class LlamaForCausalLM(nn.Module):
     ) -> Tensor:  # [num_tokens, hidden_size]
         half = self.config.head_dim // 2
         cos_sin = self.rope[positions]  # [T, D]: cos | sin of the half frequencies
-        cos, sin = cos_sin[:, :half], cos_sin[:, half:]
-        cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)  # [T, 1, D]
-        sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)  # [T, 1, D], sign of rotate_half folded in
-        x = self.embed_tokens(input_ids)
+        cos, sin = cos_sin[:, :half], cos_sin[:, half:]  # [T, D / 2], as the rotary kernel takes them
+        if not rotary_in_place(cos_sin):
+            cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)  # [T, 1, D]
+            sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)  # [T, 1, D], sign of rotate_half folded in
+        x, residual = self.embed_tokens(input_ids), None
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            x = layer(x, cos, sin, kv_cache, attn)
+            x, residual = layer(x, residual, cos, sin, kv_cache, attn)
             if layer_hook is not None:
                 layer_hook(i)
-        return self.norm(x)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:  # [n, hidden] -> [n, vocab] float32
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -159,7 +185,11 @@ class LlamaForCausalLM(nn.Module):
 
 
 def allocate_kv_caches(
-    config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str | torch.device = "cpu"
+    config: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
 ) -> list[Tensor]:
     """One zeroed ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` tensor per layer."""
     shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)

@@ -68,7 +68,9 @@ class Tokenizer:
         """The conversation rendered by the model's own Jinja template (not tokenized)."""
         if not self.chat_template:
             raise ConfigError("this model has no chat template; send a plain prompt instead")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
 
 class IncrementalDetokenizer:
@@ -82,7 +84,9 @@ class IncrementalDetokenizer:
     # neighbour (sentencepiece's leading space, byte fallback) decodes as in the full text.
     INITIAL_OFFSET = 5
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True
+    ) -> None:
         self.backend = tokenizer.backend
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = list(prompt_ids)

@@ -11,10 +11,7 @@ import torch
 from kvferry.kernels import _triton
 from kvferry.kernels.attention import AttentionMetadata, paged_attention_ref
 from kvferry.kernels.decode_attention import decode_attention
-from kvferry.kernels.kv_transfer import (
-    gather_kv_blocks_ref,
-    scatter_kv_blocks_ref,
-)
+from kvferry.kernels.kv_transfer import gather_kv_blocks_ref, scatter_kv_blocks_ref
 from kvferry.kernels.kv_transfer import gather_kv_blocks as _gather_kv_blocks_triton
 from kvferry.kernels.kv_transfer import scatter_kv_blocks as _scatter_kv_blocks_triton
 from kvferry.kernels.prefill_attention import prefill_attention

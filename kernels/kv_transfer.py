@@ -62,7 +62,9 @@ def _check_cache_and_ids(kv_cache_layer: torch.Tensor, block_ids: torch.Tensor) 
     assert block_ids.device == kv_cache_layer.device, (block_ids.device, kv_cache_layer.device)
 
 
-def _launch(kv_cache_layer: torch.Tensor, buffer: torch.Tensor, block_ids: torch.Tensor, to_buffer: bool) -> None:
+def _launch(
+    kv_cache_layer: torch.Tensor, buffer: torch.Tensor, block_ids: torch.Tensor, to_buffer: bool
+) -> None:
     n = block_ids.shape[0]
     if n == 0:
         return

@@ -87,7 +87,9 @@ def _rotary_kernel(
     c2 = tl.load(cos + second, mask=dmask, other=0.0).to(dtype).to(tl.float32)
     s2 = tl.load(sin + second, mask=dmask, other=0.0).to(dtype).to(tl.float32)
     _rotate_heads(q_ptr + t * q_stride_t, q_stride_h, c1, s1, c2, s2, NUM_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
-    _rotate_heads(k_ptr + t * k_stride_t, k_stride_h, c1, s1, c2, s2, NUM_KV_HEADS, K_HEADS_PAD, HALF, HALF_PAD)
+    _rotate_heads(
+        k_ptr + t * k_stride_t, k_stride_h, c1, s1, c2, s2, NUM_KV_HEADS, K_HEADS_PAD, HALF, HALF_PAD
+    )
 
 
 def rotary(

@@ -34,6 +34,7 @@ class AdmissionQueue:
     def __init__(self, config: AdmissionConfig) -> None:
         self.config = config
         self.num_waiting = 0
+        self.num_delayed_total = 0  # requests that had to wait for room (a metric)
         self._event: asyncio.Event | None = None
         self._turns: list[object] = []  # FIFO: only the head retries placement
 
@@ -58,6 +59,7 @@ class AdmissionQueue:
         turn = object()
         self._turns.append(turn)
         self.num_waiting += 1
+        self.num_delayed_total += 1
         try:
             while True:
                 remaining = deadline - loop.time()

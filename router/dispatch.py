@@ -33,6 +33,7 @@ from kvferry.router.request import APIError, TokenLogprob
 logger = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
+PREFILL_ATTEMPTS = 12  # ~15 s of backoff when every prefill worker's queue is full
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ class Dispatcher:
         self.config = config
         self.on_transfer = on_transfer
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._users: dict[str, int] = {}  # address -> requests in flight on its channel
+        self._retired: set[str] = set()  # addresses of workers that left: close once unused
         self._background: set[asyncio.Task] = set()
 
     # --- channels ---------------------------------------------------------------------------------
@@ -115,19 +118,50 @@ class Dispatcher:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            self._retired.discard(address)
         return channel
 
     async def forget(self, address: str) -> None:
-        """A worker left: close its channel."""
+        """A worker left: close its channel, but only once no request uses it. A worker that merely
+        missed heartbeats (an overloaded box) keeps streaming what it already has."""
+        if self._users.get(address, 0):
+            self._retired.add(address)
+            return
         channel = self._channels.pop(address, None)
         if channel is not None:
             await channel.close(grace=None)
 
+    def _use(self, *workers: Worker | None) -> None:
+        for w in workers:
+            if w is not None:
+                self._users[w.address] = self._users.get(w.address, 0) + 1
+
+    def _unuse(self, *workers: Worker | None) -> None:
+        for w in workers:
+            if w is None:
+                continue
+            left = self._users.get(w.address, 1) - 1
+            if left > 0:
+                self._users[w.address] = left
+                continue
+            self._users.pop(w.address, None)
+            if w.address in self._retired:
+                self._retired.discard(w.address)
+                channel = self._channels.pop(w.address, None)
+                if channel is not None:
+                    self._spawn(channel.close(grace=None))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def close(self) -> None:
         if self._background:
             await asyncio.wait(self._background, timeout=self.config.rpc_timeout_s)
-        for address in list(self._channels):
-            await self.forget(address)
+        for channel in self._channels.values():
+            await channel.close(grace=None)
+        self._channels.clear()
 
     def decode_stub(self, worker: Worker) -> worker_pb2_grpc.DecodeWorkerStub:
         return worker_pb2_grpc.DecodeWorkerStub(self.channel(worker.address))
@@ -206,6 +240,7 @@ class Dispatcher:
         placement: Placement,
     ) -> AsyncIterator[WorkerEvent]:
         decode, prefill = placement.decode, placement.prefill
+        self._use(decode, prefill)
         want_logprobs = sampling.HasField("logprobs")
         queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
         stream = self.decode_stub(decode).Stream(
@@ -216,12 +251,13 @@ class Dispatcher:
             try:
                 async for event in stream:
                     queue.put_nowait(("event", event))
+                    if event.finish_reason:
+                        return  # the first token (from prefill) may still be on its way
                 queue.put_nowait(("error", f"decode worker {decode.address} ended the stream unfinished"))
             except grpc.aio.AioRpcError as exc:
                 queue.put_nowait(("error", _rpc_error(decode, exc)))
 
         async def run_prefill(worker: Worker) -> None:
-            self.registry.on_prefill_sent(worker, len(prompt))
             request = worker_pb2.PrefillRequest(
                 request_id=request_id,
                 prompt_token_ids=prompt,
@@ -230,19 +266,28 @@ class Dispatcher:
                 block_ids=placement.reservation.block_ids,
                 receiver_instance_id=placement.reservation.receiver_instance_id,
             )
-            try:
-                response = await self.prefill_stub(worker).Prefill(request, timeout=self.config.prefill_timeout_s)
-                queue.put_nowait(("first", response))
-            except grpc.aio.AioRpcError as exc:
-                queue.put_nowait(("error", _rpc_error(worker, exc)))
-            finally:
-                self.registry.on_prefill_done(worker)
+            # A prefill worker whose queue is full says RESOURCE_EXHAUSTED before doing anything: try
+            # another (or the same, later) while the decode reservation's lease holds. Bounded.
+            for attempt in range(PREFILL_ATTEMPTS):
+                self.registry.on_prefill_sent(worker, len(prompt))
+                try:
+                    response = await self.prefill_stub(worker).Prefill(request, timeout=self.config.prefill_timeout_s)
+                    queue.put_nowait(("first", response))
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt + 1 == PREFILL_ATTEMPTS:
+                        queue.put_nowait(("error", _rpc_error(worker, exc)))
+                        return
+                finally:
+                    self.registry.on_prefill_done(worker)
+                await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
+                worker = self.registry.pick_prefill(frozenset({worker.worker_id})) or worker
 
         tasks = [asyncio.create_task(read_stream())]
         if prefill is not None:
             tasks.append(asyncio.create_task(run_prefill(prefill)))
         prefill_done = prefill is None
-        finished = False
+        finished = False  # the decode worker reported the end and every token was passed on
         tokens: dict[int, tuple[int, TokenLogprob | None]] = {}  # output index -> token, by arrival
         next_index = 0
         end_index: int | None = None  # set by the finishing event: all tokens before it, then finish
@@ -251,8 +296,7 @@ class Dispatcher:
         try:
             while not finished:
                 kind, item = await queue.get()
-                if kind == "error":
-                    finished = True
+                if kind == "error":  # not `finished`: the finally aborts whatever the workers still hold
                     yield WorkerEvent([], finish_reason="error", error=str(item))
                     return
                 if kind == "first":
@@ -292,23 +336,23 @@ class Dispatcher:
             for task in tasks:
                 task.cancel()
             stream.cancel()
-            if not finished:
-                self._abort_later(request_id, decode, prefill if not prefill_done else None)
+            # Abort is idempotent on the workers; skip only what is known to be over.
+            targets = ([decode] if not finished else []) + ([prefill] if prefill and not prefill_done else [])
+            if targets:
+                self._spawn(self._abort(request_id, targets, (decode, prefill)))
+            else:
+                self._unuse(decode, prefill)
             self.registry.on_released(decode)
 
-    def _abort_later(self, request_id: str, decode: Worker, prefill: Worker | None) -> None:
-        """Abort on the workers from a task of its own: this runs while the caller is being cancelled."""
-
-        async def abort() -> None:
-            calls = [self.decode_stub(decode).Abort]
-            if prefill is not None:
-                calls.append(self.prefill_stub(prefill).Abort)
-            for call in calls:
+    async def _abort(self, request_id: str, targets: list[Worker], used: tuple[Worker, Worker | None]) -> None:
+        """Abort on ``targets``, in a task of its own (the request's task is being cancelled), then let
+        go of the channels the request ``used``."""
+        try:
+            for worker in targets:
+                stub = self.decode_stub(worker) if worker.role is not WorkerRole.PREFILL else self.prefill_stub(worker)
                 try:
-                    await call(worker_pb2.AbortRequest(request_id=request_id), timeout=self.config.rpc_timeout_s)
+                    await stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=self.config.rpc_timeout_s)
                 except grpc.aio.AioRpcError as exc:
-                    logger.warning("abort of %s failed: %s", request_id, exc.details())
-
-        task = asyncio.create_task(abort())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+                    logger.warning("abort of %s on %s failed: %s", request_id, worker.address, exc.details())
+        finally:
+            self._unuse(*used)

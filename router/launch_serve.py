@@ -94,16 +94,19 @@ class Cluster:
     def children(self) -> list[Child]:
         return [self.router, *self.workers]
 
-    def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    def start(self, timeout_s: float = STARTUP_TIMEOUT_S, cancel: threading.Event | None = None) -> None:
+        cancel = cancel or threading.Event()
         self.router.start(self.env)
-        self._wait(lambda: _grpc_serving(self.grpc_address), timeout_s, "the router's gRPC server")
+        self._wait(lambda: _grpc_serving(self.grpc_address), timeout_s, "the router's gRPC server", cancel)
         for w in self.workers:
             w.start(self.env)
-        self._wait(lambda: _http_ready(self.http_url), timeout_s, "the workers to register")
+        self._wait(lambda: _http_ready(self.http_url), timeout_s, "the workers to register", cancel)
 
-    def _wait(self, ready, timeout_s: float, what: str) -> None:
+    def _wait(self, ready, timeout_s: float, what: str, cancel: threading.Event) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if cancel.is_set():
+                raise RuntimeError(f"interrupted while waiting for {what}")
             dead = [c for c in self.children if c.process is not None and not c.alive]
             if dead:
                 raise RuntimeError(f"{dead[0].name} exited with code {dead[0].process.returncode} while waiting "
@@ -217,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     try:
-        cluster.start(args.startup_timeout)
+        cluster.start(args.startup_timeout, stop)
         mode = "colocated (one worker, both phases)" if args.colocated else "1 prefill + 1 decode worker"
         print(f"\nkvferry is serving at {cluster.http_url}/v1 ({mode}); gRPC Generate at {cluster.grpc_address}\n"
               f"try:\n  {curl_example(cluster.http_url, _model_name(cluster.http_url))}\n"

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvferry.router.admission import AdmissionQueue
 from kvferry.router.registry import WorkerRegistry
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30, 60)
@@ -21,9 +22,9 @@ TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 class _WorkerCollector(Collector):
-    def __init__(self, workers: WorkerRegistry, queue_depth: Callable[[], int], running: Callable[[], int]):
+    def __init__(self, workers: WorkerRegistry, admission: AdmissionQueue, running: Callable[[], int]):
         self.workers = workers
-        self.queue_depth = queue_depth
+        self.admission = admission
         self.running = running
 
     def collect(self) -> Iterable[Metric]:
@@ -73,13 +74,17 @@ class _WorkerCollector(Collector):
         yield workers
         yield GaugeMetricFamily(
             "kvferry_router_requests_queued", "requests waiting for KV room on a decode worker",
-            value=self.queue_depth(),
+            value=self.admission.num_waiting,
+        )
+        yield CounterMetricFamily(
+            "kvferry_router_requests_delayed", "requests that had to wait for KV room",
+            value=self.admission.num_delayed_total,
         )
         yield GaugeMetricFamily("kvferry_router_requests_running", "requests in flight", value=self.running())
 
 
 class RouterMetrics:
-    def __init__(self, workers: WorkerRegistry, queue_depth: Callable[[], int], running: Callable[[], int]):
+    def __init__(self, workers: WorkerRegistry, admission: AdmissionQueue, running: Callable[[], int]):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -106,7 +111,7 @@ class RouterMetrics:
             "kvferry_router_kv_transfer_seconds", "KV transfer time per request (first byte to ack)",
             buckets=TRANSFER_BUCKETS, registry=r,
         )
-        r.register(_WorkerCollector(workers, queue_depth, running))
+        r.register(_WorkerCollector(workers, admission, running))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

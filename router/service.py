@@ -31,7 +31,7 @@ class RouterService:
         self.dispatcher = dispatcher
         self.num_running = 0
         self.shutting_down = False  # set on SIGTERM: new requests are refused, running ones finish
-        self.metrics = RouterMetrics(registry, lambda: admission.num_waiting, lambda: self.num_running)
+        self.metrics = RouterMetrics(registry, admission, lambda: self.num_running)
         dispatcher.on_transfer = self._on_transfer
         registry.on_change = admission.notify
 

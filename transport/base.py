@@ -8,7 +8,7 @@ carries the first token, which the prefill worker sampled; the decode side ackno
 in its blocks.
 
 Sender side (this module): ``KVSender.open(target, request_id, num_blocks) -> KVSendHandle``, then
-``send_layer`` per layer as layers finish, ``finish(first_token)``, and ``poll()``/``wait()`` until
+``send_layer(layer_idx, kv_cache_layer, block_ids)`` per layer as layers finish, ``finish(first_token)``, and ``poll()``/``wait()`` until
 DONE or FAILED. Receiver side: ``kvferry.transport.receiver.KVReceiver``, shared by every transport.
 Implementations: ``inprocess`` (also the test transport) and ``grpc_transport``.
 """
@@ -23,6 +23,8 @@ import json
 from dataclasses import dataclass
 
 import torch
+
+from kvferry.engine.sampling import TokenLogprobs
 
 PROTOCOL_VERSION = 1
 KV_LAYOUT = "[2,num_blocks,block_size,num_kv_heads,head_dim]"
@@ -125,12 +127,6 @@ class KVTransferHeader:
 
 
 @dataclass(frozen=True)
-class TokenLogprobs:
-    logprob: float  # of the sampled token
-    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), best first
-
-
-@dataclass(frozen=True)
 class FirstToken:
     token_id: int
     logprobs: TokenLogprobs | None = None
@@ -155,8 +151,11 @@ class KVSendHandle(abc.ABC):
     seconds: float = 0.0  # open to acknowledgement
 
     @abc.abstractmethod
-    def send_layer(self, layer_idx: int, kv: torch.Tensor) -> None:
-        """kv: [2, num_blocks, block_size, num_kv_heads, head_dim], owned by the handle from now on."""
+    def send_layer(self, layer_idx: int, kv_cache_layer: torch.Tensor, block_ids: list[int]) -> None:
+        """Send layer ``layer_idx`` of the request: its ``block_ids`` in ``kv_cache_layer``
+        ([2, num_blocks, block_size, num_kv_heads, head_dim]). Those blocks must not change until the
+        transfer ends (the prefill worker holds them until then); a CPU cache is read in place while
+        sending, a GPU cache is gathered to host memory here."""
 
     @abc.abstractmethod
     def finish(self, first_token: FirstToken) -> None:
@@ -183,12 +182,17 @@ class KVSender(abc.ABC):
         """Start a transfer; never blocks on the network (the handshake happens in the background)."""
 
     def send(
-        self, target: KVTarget, request_id: str, layers: list[torch.Tensor], first_token: FirstToken
+        self,
+        target: KVTarget,
+        request_id: str,
+        kv_caches: list[torch.Tensor],
+        block_ids: list[int],
+        first_token: FirstToken,
     ) -> KVSendHandle:
-        """Whole-request convenience: every layer's packed blocks, then the trailer."""
-        handle = self.open(target, request_id, layers[0].shape[1])
-        for layer_idx, kv in enumerate(layers):
-            handle.send_layer(layer_idx, kv)
+        """Whole-request convenience: every layer's blocks, then the trailer."""
+        handle = self.open(target, request_id, len(block_ids))
+        for layer_idx, kv_cache_layer in enumerate(kv_caches):
+            handle.send_layer(layer_idx, kv_cache_layer, block_ids)
         handle.finish(first_token)
         return handle
 

@@ -2,10 +2,13 @@
 
 Sender: one channel per peer address, one ``Handshake`` per peer (cached; dropped when a push is refused
 as incompatible, so a restarted peer is re-checked), then one ``PushKV`` client stream per request:
-header, per-layer chunks as layers finish, trailer with the first token. ``send_layer`` puts chunks in a
-bounded queue (``max_inflight_chunks``) that the stream drains: the producer waits when the peer is
-slow (flow control; bounded memory) and every wait ends by the transfer's deadline. Each transfer runs
-on its own thread, so ``open`` and ``send_layer`` never wait for the network beyond that bound.
+header, per-layer chunks as layers finish, trailer with the first token. ``send_layer`` queues chunk
+descriptions (which block rows, no copy) and returns at once: the engine thread never waits for the
+network, whatever the peer does. The stream's thread turns one description at a time into a message,
+copying the rows out of a CPU cache straight into it (a GPU cache is gathered to the host first), and
+gRPC takes the next only once the previous is on its way: flow control is HTTP/2's, and a transfer
+holds at most one encoded chunk plus the HTTP/2 window (``window_bytes``) in flight. Every transfer
+has a deadline (``KVTarget.timeout_s``) covering handshake, stream and acknowledgement.
 
 Receiver: ``KVTransferServicer`` feeds a ``KVReceiver``; errors are gRPC statuses (see
 kv_transfer.proto) whose messages name the problem.
@@ -16,12 +19,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 import torch
 
 from kvferry.proto import kv_transfer_pb2 as pb
+from kvferry.proto.convert import logprobs_from_proto, logprobs_to_proto
 from kvferry.proto import kv_transfer_pb2_grpc as pb_grpc
 from kvferry.transport.base import (
     FirstToken,
@@ -31,21 +36,23 @@ from kvferry.transport.base import (
     KVSender,
     KVTarget,
     KVTransferHeader,
-    TokenLogprobs,
     TransferError,
     TransferErrorCode,
     TransferState,
+    gather_blocks,
 )
 from kvferry.transport.receiver import KVReceiver
 
-DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+DEFAULT_WINDOW_BYTES = 16 * 1024 * 1024  # HTTP/2 flow-control window per stream
 MESSAGE_OVERHEAD = 64 * 1024  # header fields around a chunk's bytes
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def channel_options(max_message_bytes: int, window_bytes: int = DEFAULT_WINDOW_BYTES) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes + MESSAGE_OVERHEAD),
         ("grpc.max_receive_message_length", max_message_bytes + MESSAGE_OVERHEAD),
+        ("grpc.http2.lookahead_bytes", window_bytes),
     ]
 
 
@@ -76,18 +83,6 @@ def fingerprint_from_proto(msg: pb.Fingerprint) -> KVFingerprint:
         head_dim=msg.head_dim,
         protocol_version=msg.protocol_version,
     )
-
-
-def logprobs_to_proto(lp: TokenLogprobs) -> pb.TokenLogprobs:
-    return pb.TokenLogprobs(
-        logprob=lp.logprob,
-        top_token_ids=[t for t, _ in lp.top],
-        top_logprobs=[v for _, v in lp.top],
-    )
-
-
-def logprobs_from_proto(msg: pb.TokenLogprobs) -> TokenLogprobs:
-    return TokenLogprobs(msg.logprob, tuple(zip(msg.top_token_ids, msg.top_logprobs)))
 
 
 _STATUS_FOR = {
@@ -141,9 +136,22 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def encode_data_chunk(layer_idx: int, offset: int, data: memoryview) -> bytes:
-    inner = b"\x08" + _varint(layer_idx) + b"\x10" + _varint(offset) + b"\x1a" + _varint(len(data))
-    return b"".join((b"\x12", _varint(len(inner) + len(data)), inner, data))
+def encode_data_chunk(layer_idx: int, offset: int, parts: list[memoryview]) -> bytes:
+    """One KVChunk{data} message whose payload is ``parts`` joined: one copy, straight from the cache."""
+    size = sum(len(p) for p in parts)
+    inner = b"\x08" + _varint(layer_idx) + b"\x10" + _varint(offset) + b"\x1a" + _varint(size)
+    return b"".join((b"\x12", _varint(len(inner) + size), inner, *parts))
+
+
+def _row_runs(row_ids: list[int]) -> list[tuple[int, int]]:
+    """[(first_row, num_rows)] for runs of consecutive row ids, so adjacent blocks are one slice."""
+    runs: list[tuple[int, int]] = []
+    for r in row_ids:
+        if runs and runs[-1][0] + runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((r, 1))
+    return runs
 
 
 @dataclass(frozen=True)
@@ -271,6 +279,33 @@ def add_kv_transfer_service(server: grpc.Server, receiver: KVReceiver) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
+def create_server(
+    address: str, service_names: list[str], max_workers: int = 32, max_message_bytes: int = 64 << 20
+) -> tuple[grpc.Server, object, int]:
+    """A gRPC server with grpc.health.v1 health checking and server reflection for ``service_names``
+    (plus their own names), bound to ``address`` ("host:port", port 0 = any free one); not started.
+    Returns (server, health servicer, bound port). Handlers hold a thread each for a stream's life, so
+    ``max_workers`` bounds concurrent streams."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=channel_options(max_message_bytes),
+        maximum_concurrent_rpcs=max_workers,  # beyond it RESOURCE_EXHAUSTED, never a silent queue
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC server to {address}")
+    for name in ("", *service_names):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, health_servicer, port
+
+
 # ---- sender side -----------------------------------------------------------------------------------
 _TRAILER = object()
 
@@ -283,7 +318,7 @@ class GrpcSendHandle(KVSendHandle):
         self._num_blocks = num_blocks
         self._opened = time.monotonic()
         self._deadline = self._opened + target.timeout_s
-        self._queue: queue.Queue = queue.Queue(maxsize=sender.max_inflight_chunks)
+        self._queue: queue.Queue = queue.Queue()  # chunk descriptions: row references, not copies
         self._lock = threading.Lock()
         self._state = TransferState.PENDING
         self._finished = threading.Event()
@@ -293,11 +328,23 @@ class GrpcSendHandle(KVSendHandle):
         self._thread.start()
 
     # ---- the producer's side (engine thread) ----
-    def send_layer(self, layer_idx: int, kv: torch.Tensor) -> None:
-        data = memoryview(kv.contiguous().view(torch.uint8).reshape(-1).numpy())
-        step = self._sender.chunk_bytes_for(kv)
-        for offset in range(0, len(data), step):
-            if not self._put((layer_idx, offset, data[offset : offset + step])):
+    def send_layer(self, layer_idx: int, kv_cache_layer: torch.Tensor, block_ids: list[int]) -> None:
+        # The payload is 2 * n rows (K rows, then V rows), one cache block each. Chunks are whole rows;
+        # each queued item names its rows, and the stream thread copies them into the message.
+        if kv_cache_layer.is_cuda:  # gather on the GPU, then read the packed copy on the host
+            source = gather_blocks(kv_cache_layer, block_ids).cpu()
+            row_ids = list(range(2 * len(block_ids)))
+        else:  # read the blocks in place: no gather copy
+            source = kv_cache_layer
+            num_cache_blocks = kv_cache_layer.shape[1]
+            row_ids = list(block_ids) + [num_cache_blocks + b for b in block_ids]
+        assert source.is_contiguous()
+        data = memoryview(source.view(torch.uint8).reshape(-1).numpy())
+        row_bytes = source[0, 0].numel() * source.element_size()
+        rows_per_chunk = max(1, self._sender.chunk_bytes // row_bytes)
+        for i in range(0, len(row_ids), rows_per_chunk):
+            parts = [data[r * row_bytes : (r + k) * row_bytes] for r, k in _row_runs(row_ids[i : i + rows_per_chunk])]
+            if not self._put((layer_idx, i * row_bytes, parts)):
                 return
 
     def finish(self, first_token: FirstToken) -> None:
@@ -315,18 +362,11 @@ class GrpcSendHandle(KVSendHandle):
         return self._state
 
     def _put(self, item) -> bool:
-        """Queue an item, waiting while the stream is behind; False once the transfer cannot succeed."""
-        while self._state is TransferState.PENDING:
-            remaining = self._deadline - time.monotonic()
-            if remaining <= 0:
-                self._fail(TransferError(TransferErrorCode.DEADLINE, self._deadline_message()))
-                return False
-            try:
-                self._queue.put(item, timeout=min(remaining, 0.1))
-                return True
-            except queue.Full:
-                continue
-        return False
+        """Queue an item for the stream; False once the transfer cannot succeed."""
+        if self._state is not TransferState.PENDING:
+            return False
+        self._queue.put(item)
+        return True
 
     # ---- the transfer thread ----
     def _run(self) -> None:
@@ -346,13 +386,12 @@ class GrpcSendHandle(KVSendHandle):
                     request_serializer=None,  # _requests yields encoded bytes
                     response_deserializer=pb.PushKVResponse.FromString,
                 )
-                self._call = push.future(self._requests(handshake), timeout=self._remaining())
-            response = self._call.result()
+                self._call = push.future(self._requests(), timeout=self._remaining())
+            self._call.result()  # the acknowledgement: the KV is in the decode worker's blocks
             with self._lock:
                 if self._state is TransferState.PENDING:
                     self.seconds = time.monotonic() - self._opened
                     self._state = TransferState.DONE
-                    del response
         except grpc.RpcError as e:
             error = error_from_rpc(e, f"PushKV {self.request_id!r} to {address}")
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -367,7 +406,7 @@ class GrpcSendHandle(KVSendHandle):
         finally:
             self._finished.set()
 
-    def _requests(self, handshake: HandshakeResult):
+    def _requests(self):
         fp = self._sender.fingerprint
         yield pb.KVChunk(
             header=pb.KVHeader(
@@ -393,10 +432,11 @@ class GrpcSendHandle(KVSendHandle):
                     trailer.first_logprobs.CopyFrom(logprobs_to_proto(ft.logprobs))
                 yield pb.KVChunk(trailer=trailer).SerializeToString()
                 return
-            layer_idx, offset, data = item
-            total += len(data)
+            layer_idx, offset, parts = item
+            chunk = encode_data_chunk(layer_idx, offset, parts)
+            total += sum(len(p) for p in parts)
             self.bytes_sent = total
-            yield encode_data_chunk(layer_idx, offset, data)
+            yield chunk
         # Aborted or out of time: returning ends the stream without a trailer; the call fails.
 
     def _remaining(self) -> float:
@@ -425,12 +465,12 @@ class GrpcKVSender(KVSender):
         fingerprint: KVFingerprint,
         sender_id: str = "",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        max_inflight_chunks: int = 16,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
         handshake_timeout_s: float = 5.0,
     ):
         super().__init__(fingerprint, sender_id)
         self.chunk_bytes = chunk_bytes
-        self.max_inflight_chunks = max_inflight_chunks
+        self.window_bytes = window_bytes
         self.handshake_timeout_s = handshake_timeout_s
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
@@ -440,7 +480,7 @@ class GrpcKVSender(KVSender):
         with self._lock:
             ch = self._channels.get(address)
             if ch is None:
-                ch = grpc.insecure_channel(address, options=channel_options(self.chunk_bytes))
+                ch = grpc.insecure_channel(address, options=channel_options(self.chunk_bytes, self.window_bytes))
                 self._channels[address] = ch
             return ch
 
@@ -473,12 +513,6 @@ class GrpcKVSender(KVSender):
             with self._lock:
                 self._handshakes[address] = result
         return result
-
-    def chunk_bytes_for(self, kv: torch.Tensor) -> int:
-        """``chunk_bytes`` rounded down to whole block rows (one K or V block), so that the receiver
-        writes each chunk straight into its blocks; at least one row."""
-        row_bytes = kv[0, 0].numel() * kv.element_size() if kv.dim() == 5 and kv.shape[1] else 1
-        return max(row_bytes, self.chunk_bytes // row_bytes * row_bytes)
 
     def forget_handshake(self, address: str) -> None:
         with self._lock:

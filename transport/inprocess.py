@@ -20,6 +20,7 @@ from kvferry.transport.base import (
     TransferError,
     TransferErrorCode,
     TransferState,
+    gather_blocks,
 )
 from kvferry.transport.receiver import KVReceiver, ReceiveSession
 
@@ -32,10 +33,10 @@ class InProcessSendHandle(KVSendHandle):
         self._state = TransferState.FAILED if error else TransferState.PENDING
         self._opened = time.monotonic()
 
-    def send_layer(self, layer_idx: int, kv: torch.Tensor) -> None:
+    def send_layer(self, layer_idx: int, kv_cache_layer: torch.Tensor, block_ids: list[int]) -> None:
         if self._state is not TransferState.PENDING:
             return
-        data = kv.contiguous().view(torch.uint8).reshape(-1).numpy()
+        data = gather_blocks(kv_cache_layer, block_ids).cpu().view(torch.uint8).reshape(-1).numpy()
         self._run(lambda: self._session.write(layer_idx, 0, data))
         self.bytes_sent += data.nbytes if self._state is TransferState.PENDING else 0
 

@@ -6,8 +6,8 @@ layer arrive in order) and ends it with the first token (``finish``). A layer is
 blocks as soon as all of its bytes are in, so receiving overlaps the sender's compute.
 
 Invariants: a session writes only into the blocks of a reservation that is still PENDING, under that
-reservation's lock; ``cancel`` takes the same lock, so once it returns no write can touch the blocks
-and the caller may free them. Each reservation accepts one session (a second is refused).
+reservation's lock (checked again by each queued copy); ``cancel`` takes the same lock, so once it
+returns no write can touch the blocks and the caller may free them. Each reservation accepts one session (a second is refused).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import threading
 import time
 import uuid
 import warnings
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +64,7 @@ class KVReceiver:
         receiver_id: str = "",
         on_transfer_end: OnTransferEnd | None = None,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        max_pending_copies: int = 8,
     ):
         assert len(kv_caches) == fingerprint.num_layers, (len(kv_caches), fingerprint.num_layers)
         self.kv_caches = kv_caches
@@ -70,6 +73,10 @@ class KVReceiver:
         self.instance_id = uuid.uuid4().hex  # new on every start: stale pushes from before a restart fail
         self.on_transfer_end = on_transfer_end
         self.max_chunk_bytes = max_chunk_bytes
+        self.max_pending_copies = max_pending_copies
+        # One thread copies received chunks into the blocks (torch releases the GIL), overlapping the
+        # transports' receiving; FIFO, so one transfer's copies run in order.
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-copy")
         self._lock = threading.Lock()  # guards the dict; each reservation has its own lock for writes
         self._reservations: dict[str, _Reservation] = {}
         self.bytes_received_total = 0
@@ -102,6 +109,10 @@ class KVReceiver:
     def last_activity(self, request_id: str) -> float | None:
         res = self._reservations.get(request_id)
         return None if res is None else res.last_activity
+
+    def close(self) -> None:
+        """Stop the copy thread (pending copies finish first)."""
+        self._copier.shutdown(wait=True)
 
     @property
     def num_pending(self) -> int:
@@ -184,6 +195,7 @@ class ReceiveSession:
         self._num_cache_rows = 2 * cache.shape[1]
         ids = torch.tensor(res.block_ids, dtype=torch.int64, device=cache.device)
         self._target_rows = torch.cat([ids, ids + cache.shape[1]])  # payload row -> cache row
+        self._pending: deque[Future] = deque()  # copies submitted to the receiver's copy thread
 
     @property
     def request_id(self) -> str:
@@ -214,18 +226,34 @@ class ReceiveSession:
                     warnings.simplefilter("ignore", UserWarning)
                     rows = torch.frombuffer(data, dtype=torch.uint8, count=num_rows * self._row_bytes)
                 rows = rows.view(self._dtype).view(num_rows, -1)
-                cache_rows = self._receiver.kv_caches[layer_idx].view(self._num_cache_rows, -1)
                 target = self._target_rows[row_start : row_start + num_rows]
-                cache_rows.index_copy_(0, target, rows.to(cache_rows.device))
+                # Copied by the receiver's copy thread, so this (transport) thread goes on receiving.
+                self._pending.append(self._receiver._copier.submit(self._copy, layer_idx, target, rows))
             res.progress[layer_idx] = (offset + n, bytes(data[num_rows * self._row_bytes :]))
             res.bytes_received += n
             res.last_activity = time.monotonic()
             if offset + n == self.layer_nbytes:
                 res.progress.pop(layer_idx)
                 res.layers_done.add(layer_idx)
+        self._wait_copies(keep=self._receiver.max_pending_copies)
+
+    def _copy(self, layer_idx: int, target: torch.Tensor, rows: torch.Tensor) -> None:
+        res = self._res
+        with res.lock:  # cancel() takes this lock: after it, no copy touches the blocks
+            if res.state is not TransferState.PENDING:
+                return
+            cache_rows = self._receiver.kv_caches[layer_idx].view(self._num_cache_rows, -1)
+            with torch.inference_mode():  # the engine may have made its caches as inference tensors
+                cache_rows.index_copy_(0, target, rows.to(cache_rows.device))
+
+    def _wait_copies(self, keep: int) -> None:
+        """Wait until at most ``keep`` copies are queued (bounds the memory they pin); re-raise errors."""
+        while len(self._pending) > keep:
+            self._pending.popleft().result()
 
     def finish(self, first_token: FirstToken, total_bytes: int) -> None:
         res = self._res
+        self._wait_copies(keep=0)  # the acknowledgement means: the KV is in the blocks
         with res.lock:
             self._check_pending()
             missing = sorted(set(range(len(self._receiver.kv_caches))) - res.layers_done)

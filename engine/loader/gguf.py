@@ -30,7 +30,8 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 PERMUTED_ARCHITECTURES = ("llama",)  # convert_hf_to_gguf.py permutes q/k for these only
 
 # Scalar metadata value types -> struct format; 8 is a string, 9 an array.
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+           12: "<d"}
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 
@@ -64,7 +65,9 @@ class GGUFFile:
             raw = raw.reshape(*info.shape[:-1], info.shape[-1] // block * type_size)
             out = dequantize(raw, qtype).reshape(info.shape)
         except (ValueError, KeyError, NotImplementedError) as e:
-            raise ConfigError(f"{self.path}: cannot dequantize tensor {name} (ggml type {info.ggml_type}): {e}")
+            raise ConfigError(
+                f"{self.path}: cannot dequantize tensor {name} (ggml type {info.ggml_type}): {e}"
+            ) from e
         if qtype == GGMLQuantizationType.F32:  # a read-only view of the mapping: copy it out
             out = out.copy()
         return torch.from_numpy(out).float()
@@ -173,8 +176,8 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
     head_dim = get("attention.key_length", hidden // num_heads)
     eos = [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                             "tokenizer.ggml.eom_token_id") if k in md]
-    vocab = get("vocab_size", 0) or len(md.get("tokenizer.ggml.tokens", ())) or gf.tensors["token_embd.weight"].shape[0]
-    return ModelConfig(
+    vocab = get("vocab_size", 0) or len(md.get("tokenizer.ggml.tokens", ()))
+    fields = dict(
         architecture=architecture,
         vocab_size=vocab,
         hidden_size=hidden,
@@ -193,6 +196,10 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         eos_token_ids=tuple(dict.fromkeys(eos)),
         name=os.path.basename(path),
     )
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def _llama3_scaling(gf: GGUFFile, head_dim: int) -> RopeScaling | None:
@@ -205,11 +212,12 @@ def _llama3_scaling(gf: GGUFFile, head_dim: int) -> RopeScaling | None:
     factors = gf.read("rope_freqs.weight")
     theta = float(gf.metadata.get(f"{gf.metadata['general.architecture']}.rope.freq_base", 10000.0))
     base = rope_inv_freq(head_dim, theta, None)
-    for factor in (8.0, 16.0, 32.0, 4.0, 2.0):
-        for original in (8192, 4096, 2048):
-            scaling = RopeScaling(factor, 1.0, 4.0, original)
-            if torch.allclose(base / rope_inv_freq(head_dim, theta, scaling), factors, rtol=1e-3):
-                return scaling
+    # The low-frequency factor is the largest; Llama 3.x use low/high_freq_factor 1/4 and 8192.
+    factor = float(factors.max())
+    for original in (8192, *(2**k for k in range(20, 4, -1))):
+        scaling = RopeScaling(factor, 1.0, 4.0, original)
+        if torch.allclose(base / rope_inv_freq(head_dim, theta, scaling), factors, rtol=1e-4):
+            return scaling
     raise ConfigError(f"{gf.path}: rope_freqs.weight does not match any llama3 RoPE scaling")
 
 

@@ -35,10 +35,11 @@ def _eos_list(value: Any) -> list[int]:
 
 def config_from_hf(raw: dict[str, Any], path: str, eos_token_ids: list[int]) -> ModelConfig:
     """``raw``: config.json; ``path`` names it in errors. Refuses what the model code does not do."""
-    archs = raw.get("architectures") or [MODEL_TYPES.get(raw.get("model_type", ""), str(raw.get("model_type")))]
-    arch = archs[0]
+    model_type = str(raw.get("model_type"))
+    arch = (raw.get("architectures") or [MODEL_TYPES.get(model_type, model_type)])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ConfigError(f"{path}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise ConfigError(f"{path}: unsupported architecture {arch!r}; supported: {supported}")
     if raw.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
     if raw.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and raw.get("attention_bias")):
@@ -48,13 +49,16 @@ def config_from_hf(raw: dict[str, Any], path: str, eos_token_ids: list[int]) -> 
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     scaling = None
     if rope_type == "llama3":
-        scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
-                              float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if any(k not in rope for k in keys):
+            raise ConfigError(f"{path}: llama3 RoPE scaling needs {', '.join(keys)}")
+        scaling = RopeScaling(*(float(rope[k]) for k in keys[:3]), int(rope[keys[3]]))
     elif rope_type != "default":
         raise ConfigError(f"{path}: RoPE type {rope_type!r} is not supported (default and llama3 are)")
-    num_heads = raw["num_attention_heads"]
-    sliding = raw.get("sliding_window") if arch == "MistralForCausalLM" or raw.get("use_sliding_window") else None
+    uses_window = arch == "MistralForCausalLM" or raw.get("use_sliding_window")
+    sliding = raw.get("sliding_window") if uses_window else None
     try:
+        num_heads = raw["num_attention_heads"]
         return ModelConfig(
             architecture=arch,
             vocab_size=raw["vocab_size"],
@@ -107,7 +111,8 @@ def load_hf_weights(path: str, config: ModelConfig, dtype: torch.dtype) -> dict[
         try:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+                    tied_head = name == "lm_head.weight" and config.tie_word_embeddings
+                    if name.endswith(IGNORED_SUFFIXES) or tied_head:
                         continue
                     if name not in shapes:
                         raise ConfigError(
@@ -117,7 +122,8 @@ def load_hf_weights(path: str, config: ModelConfig, dtype: torch.dtype) -> dict[
                     shape = tuple(f.get_slice(name).get_shape())
                     if shape != shapes[name]:
                         raise ConfigError(
-                            f"{file}: tensor {name} has shape {list(shape)}, config.json implies {list(shapes[name])}"
+                            f"{file}: tensor {name} has shape {list(shape)}, "
+                            f"config.json implies {list(shapes[name])}"
                         )
                     tensors[name] = f.get_tensor(name).to(dtype)
         except ConfigError:

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from kvferry.engine.config import default_model_path
+from kvferry.engine.model import LlamaForCausalLM, allocate_kv_caches
+from kvferry.kernels.attention import AttentionMetadata, PrefillChunk, build_decode_metadata, context_slots
 
 # Tiny shapes; the vocabulary is the real one so the saved tokenizer fits the embedding.
 _COMMON = dict(
@@ -70,6 +72,124 @@ def make_hf_checkpoint(tmp_path_factory, gguf_hf_tokenizer) -> Callable[..., str
         model.save_pretrained(path, **kwargs)
         gguf_hf_tokenizer.save_pretrained(path)
         made[key] = path
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def paged_runner() -> type[PagedRunner]:
+    return PagedRunner
+
+
+class PagedRunner:
+    """One request through prefill + decode on scattered cache blocks, as the engine would run it."""
+
+    block_size = 4
+
+    def __init__(self, model: LlamaForCausalLM, max_len: int, seed: int = 0) -> None:
+        self.model = model
+        num_blocks = (max_len + self.block_size - 1) // self.block_size
+        dtype = model.embed_tokens.weight.dtype
+        self.kv_caches = allocate_kv_caches(model.config, 2 * num_blocks + 3, self.block_size, dtype, "cpu")
+        gen = torch.Generator().manual_seed(seed)
+        self.block_table = torch.randperm(2 * num_blocks + 3, generator=gen)[:num_blocks].tolist()
+        self.slots = context_slots(self.block_table, max_len, self.block_size)
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:  # [T, vocab]
+        n = len(ids)
+        attn = AttentionMetadata(self.slots[:n], [PrefillChunk(0, n, n, None)], n, None, None, None, None)
+        return self._run(ids, torch.arange(n), attn)
+
+    def decode(self, token: int, position: int) -> torch.Tensor:  # [1, vocab]
+        tables, lens, slots, mask = build_decode_metadata([self.block_table], [position + 1], self.block_size)
+        attn = AttentionMetadata(self.slots[position : position + 1], [], 0, tables, lens, slots, mask)
+        return self._run([token], torch.tensor([position]), attn)
+
+    def _run(self, ids: list[int], positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        with torch.inference_mode():
+            hidden = self.model(torch.tensor(ids), positions, self.kv_caches, attn)
+            return self.model.compute_logits(hidden)
+
+
+def _permute_for_gguf(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """llama.cpp convert_hf_to_gguf.py's ``LlamaModel.permute`` (the inverse of our un-permute)."""
+    return w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.fixture(scope="session")
+def make_gguf(tmp_path_factory, make_hf_checkpoint, default_model_file: str) -> Callable[[str], str]:
+    """``make_gguf(variant) -> .gguf path``: the variant's random checkpoint written as llama.cpp would
+    (F32 tensors, q/k permuted for ``llama``, llama3 RoPE as ``rope_freqs.weight``) with the default
+    model's tokenizer metadata."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    from kvferry.engine.loader.gguf import read_gguf
+    from kvferry.engine.model import rope_inv_freq
+    from kvferry.engine.config import RopeScaling
+
+    metadata = read_gguf(default_model_file).metadata
+    tokenizer_md = {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+
+    def make(variant: str) -> str:
+        src = make_hf_checkpoint(variant)
+        with open(os.path.join(src, "config.json")) as f:
+            cfg = json.load(f)
+        arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}[cfg["model_type"]]
+        path = str(tmp_path_factory.mktemp(f"gguf_{variant}") / f"{variant}.gguf")
+        w = gguf.GGUFWriter(path, arch)
+        w.add_name("mistral tiny" if variant == "mistral" else f"{variant} tiny")
+        w.add_block_count(cfg["num_hidden_layers"])
+        w.add_context_length(cfg["max_position_embeddings"])
+        w.add_embedding_length(cfg["hidden_size"])
+        w.add_feed_forward_length(cfg["intermediate_size"])
+        w.add_head_count(cfg["num_attention_heads"])
+        w.add_head_count_kv(cfg["num_key_value_heads"])
+        w.add_rope_freq_base(float((cfg.get("rope_parameters") or {}).get("rope_theta") or cfg["rope_theta"]))
+        w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+        for key, value in tokenizer_md.items():
+            if isinstance(value, list):
+                w.add_array(key, value)
+            elif isinstance(value, str):
+                w.add_string(key, value)
+            elif isinstance(value, bool):
+                w.add_bool(key, value)
+            else:
+                w.add_uint32(key, value)
+        heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        for name, t in load_file(os.path.join(src, "model.safetensors")).items():
+            if name == "model.embed_tokens.weight":
+                out = "token_embd.weight"
+            elif name == "model.norm.weight":
+                out = "output_norm.weight"
+            elif name == "lm_head.weight":
+                out = "output.weight"
+            else:
+                _, _, layer, rest = name.split(".", 3)
+                module, suffix = rest.rsplit(".", 1)
+                out = f"blk.{layer}.{names[module]}.{suffix}"
+                if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
+                    t = _permute_for_gguf(t, heads if "q_proj" in module else kv_heads)
+            w.add_tensor(out, t.float().numpy())
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_type") == "llama3":
+            head_dim = cfg["hidden_size"] // heads
+            theta = float(rope.get("rope_theta") or cfg.get("rope_theta"))
+            scaling = RopeScaling(rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
+                                  rope["original_max_position_embeddings"])
+            factors = rope_inv_freq(head_dim, theta, None) / rope_inv_freq(head_dim, theta, scaling)
+            w.add_tensor("rope_freqs.weight", factors.numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
         return path
 
     return make

@@ -37,15 +37,17 @@ def mutant(module, original: str, broken: str, tmp_path: Path):
 @pytest.mark.parametrize(
     "original,broken",
     [
-        ("n_mask = n < context_len", "n_mask = n < context_len - 1"),  # drops the newest token
-        ("range(0, context_len, BLOCK_N)", "range(0, context_len - BLOCK_N, BLOCK_N)"),  # skips the last tile
+        # drops the newest key
+        ("split_end = tl.minimum(context_len,", "split_end = tl.minimum(context_len - 1,"),
+        # skips the last tile of keys (one tile is one cache block here)
+        ("range(split_start, split_end, BLOCK_N)", "range(split_start, split_end - BLOCK_N, BLOCK_N)"),
     ],
     ids=["drops-last-key", "skips-last-block"],
 )
 def test_broken_decode_kernel_is_caught(original, broken, tmp_path, device):
     check_decode(kvferry.kernels.decode_attention.decode_attention, CASE, device, seed=3)
     broken_module = mutant(kvferry.kernels.decode_attention, original, broken, tmp_path)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="not close"):
         check_decode(broken_module.decode_attention, CASE, device, seed=3)
 
 
@@ -54,5 +56,5 @@ def test_off_by_one_causal_mask_is_caught(tmp_path, device):
     check_prefill(kvferry.kernels.prefill_attention.prefill_attention, CASE, device, seed=3)
     original = "visible = (n[None, :] <= q_pos[:, None])"
     broken_module = mutant(kvferry.kernels.prefill_attention, original, original.replace("<=", "<"), tmp_path)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="not close"):
         check_prefill(broken_module.prefill_attention, CASE, device, seed=3)

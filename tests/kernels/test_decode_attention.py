@@ -19,7 +19,14 @@ def ragged_lens(block_size: int, seed: int) -> list[int]:
     return [1, block_size, 2 * block_size + rng.randint(1, block_size - 1), rng.randint(2, 3 * block_size)]
 
 
-def check_decode(decode_fn, case: AttnCase, device: str, seed: int, block_n: int | None = None) -> None:
+def check_decode(
+    decode_fn,
+    case: AttnCase,
+    device: str,
+    seed: int,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+) -> None:
     lens = ragged_lens(case.block_size, seed)
     cache, tables = paged_cache(case, lens, device, seed)
     block_tables, context_lens, slots, mask = build_decode_metadata(tables, lens, case.block_size)
@@ -35,7 +42,7 @@ def check_decode(decode_fn, case: AttnCase, device: str, seed: int, block_n: int
     )
     query = randn(len(lens), case.num_heads, case.head_dim, dtype=case.dtype, device=device, seed=seed + 1)
     scale = case.head_dim**-0.5
-    out = decode_fn(query, cache, block_tables, context_lens, scale, block_n=block_n)
+    out = decode_fn(query, cache, block_tables, context_lens, scale, block_n=block_n, num_splits=num_splits)
     assert_close(out, decode_attention_ref(query, cache, attn, scale), case.dtype)
 
 
@@ -47,6 +54,21 @@ def test_decode_attention_matches_reference(case, device):
 @pytest.mark.parametrize("block_n", [16, 64], ids=["tile-smaller-than-block", "tile-spans-blocks"])
 def test_decode_attention_tile_sizes(block_n, device):
     check_decode(decode_attention, AttnCase(64, 3, 32, torch.float32), device, seed=7, block_n=block_n)
+
+
+@pytest.mark.parametrize(
+    "case,num_splits",
+    [
+        (AttnCase(64, 8, 16, torch.float32), 2),
+        (AttnCase(128, 3, 32, torch.bfloat16), 3),
+        (AttnCase(64, 1, 32, torch.float32), 8),
+    ],
+    ids=str,
+)
+def test_decode_attention_split_kv(case, num_splits, device):
+    # Splits cover the table width in whole tiles (the last case: 6 splits of 16 tokens over 96), so
+    # the 1-token and 1-block sequences leave trailing splits empty, which must weigh nothing.
+    check_decode(decode_attention, case, device, seed=num_splits, num_splits=num_splits, block_n=16)
 
 
 def test_decode_attention_writes_into_strided_out(device):

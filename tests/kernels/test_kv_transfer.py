@@ -7,7 +7,10 @@ from kernel_cases import AttnCase, paged_cache
 
 from kvferry.kernels.kv_transfer import gather_kv_blocks_ref, scatter_kv_blocks_ref
 
-CASES = [AttnCase(64, 1, 16, torch.float32, num_kv_heads=3), AttnCase(128, 1, 32, torch.bfloat16, num_kv_heads=2)]
+CASES = [
+    AttnCase(64, 1, 16, torch.float32, num_kv_heads=3),
+    AttnCase(128, 1, 32, torch.bfloat16, num_kv_heads=2),
+]
 
 
 def test_reference_round_trip_moves_only_the_named_blocks():
@@ -15,7 +18,8 @@ def test_reference_round_trip_moves_only_the_named_blocks():
     cache, _ = paged_cache(case, [64], "cpu", seed=0)
     block_ids = torch.tensor([5, 0, 3], dtype=torch.int64)
     buffer = gather_kv_blocks_ref(cache, block_ids)
-    assert buffer.shape == (2, 3, case.block_size, case.num_kv_heads, case.head_dim) and buffer.is_contiguous()
+    assert buffer.shape == (2, 3, case.block_size, case.num_kv_heads, case.head_dim)
+    assert buffer.is_contiguous()
     assert torch.equal(buffer[1, 0], cache[1, 5])
     target = torch.zeros_like(cache)
     scatter_kv_blocks_ref(buffer, target, torch.tensor([1, 2, 6], dtype=torch.int64))

@@ -27,32 +27,37 @@ def ragged_chunks(block_size: int, seed: int) -> list[tuple[int, int]]:
     ]
 
 
-def check_prefill(prefill_fn, case: AttnCase, device: str, seed: int, block_m: int = 16, block_n: int = 16):
-    shape = ragged_chunks(case.block_size, seed)
-    context_lens = [p + q for p, q in shape]
+def check_prefill(
+    prefill_fn, case: AttnCase, device: str, seed: int, block_m: int = 16, block_n: int = 16
+) -> None:
+    chunk_lens = ragged_chunks(case.block_size, seed)
+    context_lens = [p + q for p, q in chunk_lens]
+    query_lens = [q for _, q in chunk_lens]
     cache, tables = paged_cache(case, context_lens, device, seed)
-    num_tokens = sum(q for _, q in shape)
-    query = randn(num_tokens, case.num_heads, case.head_dim, dtype=case.dtype, device=device, seed=seed + 1)
-    key = randn(num_tokens, case.num_kv_heads, case.head_dim, dtype=case.dtype, device=device, seed=seed + 2)
-    value = randn(num_tokens, case.num_kv_heads, case.head_dim, dtype=case.dtype, device=device, seed=seed + 3)
+    num_tokens = sum(query_lens)
+    shape_q = (num_tokens, case.num_heads, case.head_dim)
+    shape_kv = (num_tokens, case.num_kv_heads, case.head_dim)
+    query = randn(*shape_q, dtype=case.dtype, device=device, seed=seed + 1)
+    key = randn(*shape_kv, dtype=case.dtype, device=device, seed=seed + 2)
+    value = randn(*shape_kv, dtype=case.dtype, device=device, seed=seed + 3)
     chunks, start = [], 0
-    for (prefix_len, query_len), table in zip(shape, tables):
+    for (prefix_len, query_len), table in zip(chunk_lens, tables):
         slots = context_slots(table, prefix_len + query_len, case.block_size).to(device)
-        store_kv_ref(key[start : start + query_len], value[start : start + query_len], cache, slots[prefix_len:])
+        new = slice(start, start + query_len)
+        store_kv_ref(key[new], value[new], cache, slots[prefix_len:])
         chunks.append(PrefillChunk(start, query_len, prefix_len + query_len, slots if prefix_len else None))
         start += query_len
-    block_tables, query_starts, lens = build_prefill_metadata(tables, [q for _, q in shape], context_lens)
+    block_tables, query_starts, lens = build_prefill_metadata(tables, query_lens, context_lens)
     scale = case.head_dim**-0.5
     out = prefill_fn(
         query, cache, block_tables.to(device), query_starts.to(device), lens.to(device),
-        max(q for _, q in shape), scale, block_m=block_m, block_n=block_n,
+        max(query_lens), scale, block_m=block_m, block_n=block_n,
     )
-    expected = torch.cat([
-        prefill_attention_ref(query[sl], key[sl], value[sl], cache, c, scale)
-        for c in chunks
-        for sl in [slice(c.query_start, c.query_start + c.query_len)]
-    ])
-    assert_close(out, expected, case.dtype)
+    expected = []
+    for c in chunks:
+        sl = slice(c.query_start, c.query_start + c.query_len)
+        expected.append(prefill_attention_ref(query[sl], key[sl], value[sl], cache, c, scale))
+    assert_close(out, torch.cat(expected), case.dtype)
 
 
 @pytest.mark.parametrize("case", SAMPLED_CASES, ids=str)

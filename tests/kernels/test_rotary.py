@@ -8,7 +8,11 @@ from kernel_cases import TOLERANCES, randn
 from kvferry.kernels.rotary import rotary_ref
 
 # (head_dim, num_heads, num_kv_heads, dtype, cos/sin width)
-CASES = [(64, 9, 3, torch.float32, "full"), (128, 8, 1, torch.bfloat16, "half"), (64, 6, 6, torch.bfloat16, "full")]
+CASES = [
+    (64, 9, 3, torch.float32, "full"),
+    (128, 8, 1, torch.bfloat16, "half"),
+    (64, 6, 6, torch.bfloat16, "full"),
+]
 
 
 def cos_sin(head_dim: int, num_tokens: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ class RunningRouter:
     def __init__(self, model, **overrides) -> None:
         config = RouterConfig(
             model=default_model_path(), port=0, grpc_port=0, shutdown_grace_s=2.0,
-            registry=RegistryConfig(heartbeat_interval_s=0.2, lease_s=1.0),
+            registry=RegistryConfig(heartbeat_interval_s=0.2, lease_s=2.0),
             admission=AdmissionConfig(max_waiting=64, timeout_s=5.0, poll_s=0.05),
         )
         config = replace(config, **overrides)

@@ -132,9 +132,10 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
 
 
 class ScriptedPrefill(worker_pb2_grpc.PrefillWorkerServicer):
-    def __init__(self, decoders: dict[str, ScriptedDecode], delay: float = 0.0) -> None:
+    def __init__(self, decoders: dict[str, ScriptedDecode], delay: float = 0.0, answer_delay: float = 0.0) -> None:
         self.decoders = decoders  # kv_address -> decode worker: "pushing KV" marks it arrived
         self.delay = delay
+        self.answer_delay = answer_delay  # after the KV "arrived": decode may finish before Prefill answers
         self.served: list[str] = []
         self.aborted: list[str] = []
 
@@ -146,6 +147,7 @@ class ScriptedPrefill(worker_pb2_grpc.PrefillWorkerServicer):
         if r is None:
             context.abort(grpc.StatusCode.NOT_FOUND, "no reservation")
         r.kv_arrived.set()
+        time.sleep(self.answer_delay)
         return worker_pb2.PrefillResponse(request_id=request.request_id, first_token_id=decode.script[0],
                                           first_logprobs=(decode._logprobs(r, 0) or [None])[0],
                                           num_prompt_tokens=len(request.prompt_token_ids), kv_bytes=4096,

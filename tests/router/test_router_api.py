@@ -27,7 +27,7 @@ DECODE, PREFILL = router_pb2.WORKER_ROLE_DECODE, router_pb2.WORKER_ROLE_PREFILL
 
 class Cluster:
     def __init__(self, router, served_model, num_decode=1, total_blocks=64, token_delay=0.0,
-                 repeat_first=False, num_prefill=1):
+                 repeat_first=False, num_prefill=1, prefill_answer_delay=0.0):
         self.router = router
         self.model = served_model
         self.script = served_model.tokenizer.encode(TEXT, add_special_tokens=False) + [2]
@@ -39,7 +39,7 @@ class Cluster:
             w = WorkerProcess(d, DECODE, router.grpc_address)
             self.decoders[w.address] = d
             self.workers.append(w)
-        self.prefills = [ScriptedPrefill(self.decoders) for _ in range(num_prefill)]
+        self.prefills = [ScriptedPrefill(self.decoders, answer_delay=prefill_answer_delay) for _ in range(num_prefill)]
         for p in self.prefills:
             self.workers.append(WorkerProcess(p, PREFILL, router.grpc_address))
         for w in self.workers:
@@ -96,6 +96,7 @@ def test_completion_text_usage_and_finish(cluster):
 
 def test_max_tokens_gives_length(cluster):
     body = post(cluster, "/v1/completions", {"prompt": "x", "max_tokens": 3}).json()
+    assert "choices" in body, body
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["choices"][0]["text"] == cluster.model.tokenizer.decode(cluster.script[:3])
     assert body["usage"]["completion_tokens"] == 3
@@ -105,6 +106,13 @@ def test_max_tokens_gives_length(cluster):
 def test_duplicate_first_token_from_decode_is_dropped(cluster):
     body = post(cluster, "/v1/completions", {"prompt": "x", "max_tokens": 50}).json()
     assert body["choices"][0]["text"] == TEXT
+
+
+@pytest.mark.parametrize("cluster", [{"prefill_answer_delay": 0.3}], indirect=True)
+def test_decode_finishing_before_prefill_answers_keeps_every_token(cluster):
+    # The decode stream ends (finish event) before the first token arrives from Prefill.
+    body = post(cluster, "/v1/completions", {"prompt": "x", "max_tokens": 3}).json()
+    assert body["choices"][0]["text"] == cluster.model.tokenizer.decode(cluster.script[:3])
 
 
 def test_stop_string_cuts_text_and_aborts_on_the_worker(cluster):

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from kvferry.engine.config import ModelConfig
+from kvferry.engine.sampling import TokenLogprobs
 from kvferry.transport.base import (
     FirstToken,
     KVFingerprint,
     KVTarget,
-    TokenLogprobs,
     TransferErrorCode,
     TransferState,
     gather_blocks,
@@ -76,8 +76,7 @@ def grpc_receiver():
 
 
 def send_all(sender, target, request_id, src, src_blocks, first_token):
-    layers = [gather_blocks(layer, src_blocks) for layer in src]
-    return sender.send(target, request_id, layers, first_token)
+    return sender.send(target, request_id, src, src_blocks, first_token)
 
 
 def assert_blocks_equal(src, src_blocks, dst, dst_blocks):
@@ -93,7 +92,7 @@ def test_in_process_round_trip_reproduces_kv_exactly():
     sender = InProcessKVSender({"decode-0": receiver}, fingerprint())
     src_blocks, dst_blocks = [5, 2, 9], [0, 7, 3]
     receiver.expect("r1", dst_blocks)
-    first = FirstToken(42, TokenLogprobs(-0.5, ((42, -0.5), (7, -1.25))))
+    first = FirstToken(42, TokenLogprobs(42, -0.5, {42: -0.5, 7: -1.25}))
     handle = send_all(sender, KVTarget("decode-0"), "r1", src, src_blocks, first)
     assert handle.poll() is TransferState.DONE, handle.error
     assert_blocks_equal(src, src_blocks, dst, dst_blocks)
@@ -107,17 +106,18 @@ def test_in_process_round_trip_reproduces_kv_exactly():
 def test_grpc_round_trip_reproduces_kv_exactly(grpc_receiver, chunk_bytes):
     receiver, address, ends = grpc_receiver
     src = kv_caches(seed=2)
-    src_blocks, dst_blocks = [1, 4, 6, 8, 15], [14, 2, 11, 0, 5]
+    src_blocks, dst_blocks = [1, 4, 5, 6, 15], [14, 2, 11, 0, 5]  # 4, 5, 6: one run of rows
     receiver.expect("r2", dst_blocks)
-    sender = GrpcKVSender(fingerprint(), sender_id="prefill-0", chunk_bytes=chunk_bytes, max_inflight_chunks=2)
+    sender = GrpcKVSender(fingerprint(), sender_id="prefill-0", chunk_bytes=chunk_bytes)
     try:
         target = KVTarget(address, receiver.instance_id, timeout_s=10.0)
-        handle = send_all(sender, target, "r2", src, src_blocks, FirstToken(7))
+        first = FirstToken(7, TokenLogprobs(7, -0.25, {7: -0.25, 3: -2.0}))
+        handle = send_all(sender, target, "r2", src, src_blocks, first)
         assert handle.wait(10.0) is TransferState.DONE, handle.error
     finally:
         sender.close()
     assert_blocks_equal(src, src_blocks, receiver.kv_caches, dst_blocks)
-    assert ends.events[0][:3] == ("r2", TransferState.DONE, FirstToken(7))
+    assert ends.events[0][:3] == ("r2", TransferState.DONE, first)
     assert handle.bytes_sent == NUM_LAYERS * fingerprint().layer_nbytes(len(src_blocks))
 
 
@@ -170,12 +170,12 @@ def test_transfer_to_dead_peer_fails_fast():
     sender = GrpcKVSender(fingerprint())
     t0 = time.monotonic()
     try:
-        h = sender.open(KVTarget(f"127.0.0.1:{port}", timeout_s=3.0), "r5", 1)
-        assert h.wait(5.0) is TransferState.FAILED
+        h = sender.open(KVTarget(f"127.0.0.1:{port}", timeout_s=20.0), "r5", 1)
+        assert h.wait(20.0) is TransferState.FAILED
     finally:
         sender.close()
     assert h.error.code is TransferErrorCode.UNAVAILABLE, h.error
-    assert time.monotonic() - t0 < 3.5
+    assert time.monotonic() - t0 < 5.0  # refused at connect, not at the deadline
 
 
 def test_transfer_to_silent_peer_errors_within_its_deadline():
@@ -188,30 +188,30 @@ def test_transfer_to_silent_peer_errors_within_its_deadline():
     t0 = time.monotonic()
     try:
         h = sender.open(KVTarget(address, timeout_s=1.5), "r6", 1)
-        h.send_layer(0, torch.zeros(2, 1, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=torch.bfloat16))
+        h.send_layer(0, kv_caches(fill=0.0)[0], [0])
         assert h.wait(5.0) is TransferState.FAILED
     finally:
         sender.close()
         listener.close()
     elapsed = time.monotonic() - t0
     assert h.error.code in (TransferErrorCode.DEADLINE, TransferErrorCode.UNAVAILABLE), h.error
-    assert elapsed < 2.5, elapsed
+    assert elapsed < 4.0, elapsed  # the 1.5 s deadline plus scheduling slack on a loaded machine
 
 
 def test_receiver_cancel_mid_transfer_fails_sender_and_stops_writes(grpc_receiver):
     receiver, address, ends = grpc_receiver
     receiver.expect("r7", [2, 3])
-    sender = GrpcKVSender(fingerprint(), chunk_bytes=256, max_inflight_chunks=1)
+    sender = GrpcKVSender(fingerprint(), chunk_bytes=256)
     src = kv_caches(seed=4)
     try:
         h = sender.open(KVTarget(address, timeout_s=5.0), "r7", 2)
-        h.send_layer(0, gather_blocks(src[0], [0, 1]))
+        h.send_layer(0, src[0], [0, 1])
         deadline = time.monotonic() + 5.0
         while 0 not in getattr(receiver._reservations.get("r7"), "layers_done", {0}) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert receiver.cancel("r7")
         snapshot = [layer.clone() for layer in receiver.kv_caches]
-        h.send_layer(1, gather_blocks(src[1], [0, 1]))
+        h.send_layer(1, src[1], [0, 1])
         h.finish(FirstToken(3))
         assert h.wait(5.0) is TransferState.FAILED
     finally:
@@ -227,7 +227,7 @@ def test_sender_abort_fails_the_reservation(grpc_receiver):
     sender = GrpcKVSender(fingerprint(), chunk_bytes=256)
     try:
         h = sender.open(KVTarget(address, timeout_s=5.0), "r8", 1)
-        h.send_layer(0, gather_blocks(kv_caches(seed=5)[0], [0]))
+        h.send_layer(0, kv_caches(seed=5)[0], [0])
         time.sleep(0.2)
         h.abort("client went away")
         assert h.wait(5.0) is TransferState.FAILED
@@ -262,7 +262,7 @@ def test_hand_encoded_chunks_are_standard_protobuf():
     from kvferry.transport.grpc_transport import KVDataView, decode_chunk, encode_data_chunk
 
     payload = bytes(range(256)) * 3
-    raw = encode_data_chunk(7, 300000, memoryview(payload))
+    raw = encode_data_chunk(7, 300000, [memoryview(payload)[:100], memoryview(payload)[100:]])
     msg = pb.KVChunk.FromString(raw)
     assert (msg.data.layer_idx, msg.data.offset, msg.data.data) == (7, 300000, payload)
     view = decode_chunk(pb.KVChunk(data=pb.KVData(layer_idx=0, offset=5, data=b"abc")).SerializeToString())

@@ -1,0 +1,185 @@
+"""The cost of disaggregation on one box: `kvferry serve` against the single-process engine, same prompts.
+
+    python bench/cluster_bench.py                      # 1 prefill + 1 decode worker vs LLM in-process
+    python bench/cluster_bench.py --colocated          # also: one colocated worker behind the router
+    python bench/cluster_bench.py --num-prompts 32 --max-tokens 64
+
+Measures, for each system, on the same token-id prompts (greedy, ``ignore_eos`` so every request makes
+exactly ``--max-tokens`` tokens):
+- single stream: TTFT (request sent -> first token received) and TPOT ((last - first token time) /
+  (tokens - 1)), medians over ``--single-requests`` requests, one at a time;
+- throughput: all ``--num-prompts`` requests at once, output tokens / wall time.
+The cluster is measured through its HTTP API with streaming (what a client sees); the engine through
+``LLM.stream`` / ``LLM.generate`` in this process. Single-stream requests alternate between the two so
+that other load on the machine hits both alike. Prints both, the ratios, and whether the greedy outputs
+agree. Target: single-stream TPOT through the cluster within 10% of the single-process engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import sys
+import time
+
+import httpx
+import torch
+
+from kvferry.engine.llm import LLM
+from kvferry.engine.sampling import SamplingParams
+from kvferry.router import launch_serve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_prompts(n: int, min_len: int, max_len: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1234)
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=g).tolist()
+    return [torch.randint(100, 40000, (length,), generator=g).tolist() for length in lengths]
+
+
+# --- single-process engine ---------------------------------------------------------------------------
+def engine_single(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[float, float, str]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    first = last = None
+    num_tokens, text = 0, ""
+    for out in llm.stream(prompt, params):
+        last = time.perf_counter()
+        first = first or last
+        num_tokens += len(out.new_token_ids)
+        text += out.new_text
+    return first - start, (last - first) / max(1, num_tokens - 1), text
+
+
+def engine_throughput(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    results = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    return sum(len(r.token_ids) for r in results) / elapsed
+
+
+# --- cluster over HTTP ---------------------------------------------------------------------------------
+def _body(prompt: list[int], max_tokens: int, stream: bool) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def cluster_single(url: str, prompt: list[int], max_tokens: int) -> tuple[float, float, str]:
+    """Times of the SSE chunks that carry text; the token count comes from the final usage chunk."""
+    start = time.perf_counter()
+    first = last = None
+    text, num_tokens = "", 0
+    with httpx.stream("POST", url + "/v1/completions", json=_body(prompt, max_tokens, True), timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                num_tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk["choices"]:
+                if choice["text"]:
+                    last = time.perf_counter()
+                    first = first or last
+                    text += choice["text"]
+    return first - start, (last - first) / max(1, num_tokens - 1), text
+
+
+async def _cluster_all(url: str, prompts: list[list[int]], max_tokens: int) -> int:
+    limits = httpx.Limits(max_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
+        async def one(prompt: list[int]) -> int:
+            r = await client.post(url + "/v1/completions", json=_body(prompt, max_tokens, False))
+            r.raise_for_status()
+            return r.json()["usage"]["completion_tokens"]
+
+        return sum(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def cluster_throughput(url: str, prompts: list[list[int]], max_tokens: int) -> float:
+    start = time.perf_counter()
+    tokens = asyncio.run(_cluster_all(url, prompts, max_tokens))
+    return tokens / (time.perf_counter() - start)
+
+
+def start_cluster(args: argparse.Namespace, colocated: bool) -> launch_serve.Cluster:
+    ns = argparse.Namespace(model=args.model, host="127.0.0.1", port=free_port(), grpc_port=free_port(),
+                            colocated=colocated, dtype=args.dtype, max_model_len=None, threads=args.threads,
+                            shutdown_grace=10.0, startup_timeout=300.0)
+    cluster = launch_serve.build_cluster(ns)
+    cluster.start(ns.startup_timeout)
+    return cluster
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--single-requests", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--min-prompt-len", type=int, default=64)
+    parser.add_argument("--max-prompt-len", type=int, default=512)
+    parser.add_argument("--colocated", action="store_true", help="also measure the colocated baseline")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    prompts = make_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len)
+    llm = LLM(model=args.model, dtype=args.dtype)
+    systems = {"disaggregated": start_cluster(args, colocated=False)}
+    if args.colocated:
+        systems["colocated"] = start_cluster(args, colocated=True)
+    try:
+        results: dict[str, dict[str, float]] = {name: {} for name in ["engine", *systems]}
+        single: dict[str, list[tuple[float, float]]] = {name: [] for name in results}
+        agree = {name: 0 for name in systems}
+        engine_single(llm, prompts[0][:16], 4)  # warm-up
+        for cluster in systems.values():
+            cluster_single(cluster.http_url, prompts[0][:16], 4)
+        for prompt in prompts[: args.single_requests]:
+            ttft, tpot, reference = engine_single(llm, prompt, args.max_tokens)
+            single["engine"].append((ttft, tpot))
+            for name, cluster in systems.items():
+                ttft, tpot, text = cluster_single(cluster.http_url, prompt, args.max_tokens)
+                single[name].append((ttft, tpot))
+                agree[name] += text == reference
+        for name, pairs in single.items():
+            results[name]["ttft_ms"] = 1000 * statistics.median(p[0] for p in pairs)
+            results[name]["tpot_ms"] = 1000 * statistics.median(p[1] for p in pairs)
+        results["engine"]["throughput"] = engine_throughput(llm, prompts, args.max_tokens)
+        for name, cluster in systems.items():
+            results[name]["throughput"] = cluster_throughput(cluster.http_url, prompts, args.max_tokens)
+    finally:
+        for cluster in systems.values():
+            cluster.stop()
+
+    lens = [len(p) for p in prompts]
+    print(f"\n{args.num_prompts} prompts of {min(lens)}-{max(lens)} tokens, {args.max_tokens} output tokens each, "
+          f"greedy; single stream = median of {args.single_requests}; torch threads here: {torch.get_num_threads()}")
+    print(f"{'':16}{'TTFT ms':>10}{'TPOT ms':>10}{'tok/s (all)':>13}")
+    for name, r in results.items():
+        print(f"{name:16}{r['ttft_ms']:10.1f}{r['tpot_ms']:10.2f}{r['throughput']:13.1f}")
+    e = results["engine"]
+    for name in systems:
+        r = results[name]
+        print(f"{name} / engine: TTFT x{r['ttft_ms'] / e['ttft_ms']:.2f}, TPOT x{r['tpot_ms'] / e['tpot_ms']:.3f} "
+              f"(target <= 1.10), throughput x{r['throughput'] / e['throughput']:.2f}; greedy outputs equal on "
+              f"{agree[name]}/{args.single_requests}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

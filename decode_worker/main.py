@@ -1,0 +1,34 @@
+"""`kvferry decode --router ADDR`: a decode worker process (see kvferry/worker_cli.py for its lifecycle).
+
+With ``--colocated`` it registers as a colocated worker: the router sends it whole requests
+(``Reserve(prefill_locally=true)``) and this engine does both phases: the baseline to compare against.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from kvferry.worker_cli import add_engine_arguments, engine_config_from_args, serve
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument("--lease", type=float, default=30.0,
+                        help="seconds a reservation waits for its KV (and a stream for its subscriber)")
+    parser.add_argument("--colocated", action="store_true", help="prefill locally too (register as colocated)")
+
+
+def run(args: argparse.Namespace) -> int:
+    def start():
+        from kvferry.decode_worker.service import create_decode_server
+        from kvferry.decode_worker.worker import DecodeWorker, DecodeWorkerConfig
+        from kvferry.engine.engine import LLMEngine
+
+        engine = LLMEngine(engine_config_from_args(args), role="decode")
+        worker = DecodeWorker(engine, DecodeWorkerConfig(lease_s=args.lease), worker_id=args.name or "decode")
+        server, health, port = create_decode_server(worker, args.host, args.port, args.advertise_host)
+        worker.start()
+        server.start()
+        return worker, server, health, port
+
+    return serve(args, "colocated" if args.colocated else "decode", start)

@@ -1,0 +1,39 @@
+"""Conversions between the wire messages and the engine's dataclasses, shared by workers and router."""
+
+from __future__ import annotations
+
+from kvferry.engine.sampling import SamplingParams, TokenLogprobs
+from kvferry.proto import generate_pb2, kv_transfer_pb2
+
+# Optional proto fields -> SamplingParams fields; unset fields keep the engine's defaults.
+_OPTIONAL_FIELDS = (
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "logprobs",
+)
+
+
+def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
+    """Raises ``SamplingParamsError`` (a ValueError naming the field) for invalid values.
+
+    ``stop`` strings and ``n`` are the router's: workers ignore them."""
+    kwargs: dict[str, object] = {name: getattr(msg, name) for name in _OPTIONAL_FIELDS if msg.HasField(name)}
+    if msg.HasField("seed"):  # uint64 on the wire; SamplingParams accepts [-2**63, 2**64 - 1]
+        kwargs["seed"] = msg.seed
+    if msg.stop_token_ids:
+        kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
+    if msg.ignore_eos:
+        kwargs["ignore_eos"] = True
+    return SamplingParams(**kwargs)
+
+
+def logprobs_to_proto(lp: TokenLogprobs) -> kv_transfer_pb2.TokenLogprobs:
+    return kv_transfer_pb2.TokenLogprobs(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top_token_ids=list(lp.top_logprobs),
+        top_logprobs=list(lp.top_logprobs.values()),
+    )
+
+
+def logprobs_from_proto(msg: kv_transfer_pb2.TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(msg.token_id, msg.logprob, dict(zip(msg.top_token_ids, msg.top_logprobs)))

@@ -1,0 +1,45 @@
+"""Fixtures for cluster tests: the single-process engine's greedy outputs as the reference, and one
+`kvferry serve` (router + prefill + decode processes on loopback, default model) per module."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cluster_helpers import CHAT, MAX_TOKENS, PROMPTS, Serve, alive
+from kvferry.engine.config import default_model_path
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    path = default_model_path()
+    if not os.path.isfile(path):
+        pytest.skip(f"default model not installed ({path})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference(model_path):
+    """Greedy outputs of the single-process engine, one request at a time: {prompt or 'chat': Completion}."""
+    from kvferry.engine.llm import LLM
+    from kvferry.engine.sampling import SamplingParams
+
+    llm = LLM(model=model_path)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    out = {p: llm.generate([p], params)[0] for p in PROMPTS}
+    out["chat"] = llm.chat([CHAT], params)[0]
+    out["tokenizer"] = llm.tokenizer
+    del llm
+    return out
+
+
+@pytest.fixture(scope="module")
+def serve(model_path):
+    s = Serve()
+    yield s
+    if s.process.poll() is None:
+        output = s.stop()
+        leftover = [pid for pid in s.pids if alive(pid)]
+        assert s.process.returncode == 0, output[-3000:]
+        assert not leftover, f"orphan processes after shutdown: {leftover}"
