@@ -126,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the engine and of each worker (default 1: with 2+ threads on a "
+                             "busy shared machine, OpenMP barriers make step times swing 10x; use 2+ on a "
+                             "dedicated box)")
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--single-requests", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -134,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompt-len", type=int, default=512)
     parser.add_argument("--colocated", action="store_true", help="also measure the colocated baseline")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     prompts = make_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len)
     llm = LLM(model=args.model, dtype=args.dtype)

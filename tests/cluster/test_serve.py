@@ -118,24 +118,19 @@ def test_64_concurrent_streams_complete(serve, reference):
     assert len(results) == n
     for i, (text, tokens, finish) in enumerate(results):
         ref = reference[PROMPTS[i % len(PROMPTS)]]
-        assert finish in ("length", "stop") and 1 <= tokens <= max_tokens
-        # Batched decode may differ from batch-1 decode in the last bits; the prefix rule catches real
-        # corruption (mixed-up streams, lost tokens) without depending on bitwise batch invariance.
-        assert ref.text.startswith(text) or text[:8] == ref.text[:8], (i, text, ref.text)
+        # Same greedy tokens as the engine alone: its first `max_tokens` of the reference output.
+        assert finish == "length" and tokens == max_tokens, (i, finish, tokens)
+        assert text and ref.text.startswith(text), (i, text, ref.text)
     assert_all_blocks_returned(serve)
 
 
 def assert_all_blocks_returned(serve) -> None:
+    """Every worker's own count: no KV block used (prefix-cached blocks nobody holds count as free)."""
     def idle() -> bool:
         stats = [worker_stats(w.address, w.role) for w in serve.workers()]
-        return all(s.used_kv_blocks == 0 or s.used_kv_blocks == cached(s) for s in stats) and stats
+        return len(stats) == 2 and all(s.used_kv_blocks == 0 for s in stats)
 
     wait_for(idle, 20, "every KV block back on every worker")
-
-
-def cached(stats) -> int:
-    """Blocks a worker keeps only as prefix cache (free to reuse) are not leaks."""
-    return getattr(stats, "cached_kv_blocks", 0)
 
 
 @pytest.mark.parametrize("when", ["mid_stream", "during_prefill"])
