@@ -226,10 +226,10 @@ class DecodeWorker:
             try:
                 busy = self._run_commands(wait_s=0.0)
                 self._expire_leases()
-                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                outputs = self.engine.step() if self.engine.has_schedulable_requests() else []
                 for output in outputs:
                     self._publish(output)
-                if not outputs and not busy:
+                if not busy and not self.engine.has_schedulable_requests():
                     self._run_commands(wait_s=self.config.idle_wait_s)
             except Exception:  # a bug here must not leave streams hanging: end them all, keep serving
                 logger.exception("decode loop iteration failed; aborting its requests")

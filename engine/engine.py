@@ -123,6 +123,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def has_schedulable_requests(self) -> bool:
+        """True if ``step`` has work now (not counting requests that only wait for KV or an ack)."""
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
     def get_request(self, request_id: str) -> Request | None:
         return self.scheduler.requests.get(request_id)
 

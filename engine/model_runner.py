@@ -32,6 +32,7 @@ class ModelRunner:
         device: str = "cpu",
     ):
         self.model = model
+        model.pack_weights()
         self.block_size = block_size
         self.device = device
         self.kv_caches = allocate_kv_caches(model.config, num_blocks, block_size, dtype, device)
@@ -43,8 +44,12 @@ class ModelRunner:
         positions: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
         prefills: list[PrefillChunk] = []
+        # Decodes as plain ints, made into tensors once for the batch (a tensor per request is ~3 us
+        # each, x3 per request: ~0.6 ms a step at 64 streams).
+        decode_ids: list[int] = []
+        decode_positions: list[int] = []
+        decode_slots: list[int] = []
         decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
         sample_rows: list[int] = []
         offset = 0
         for item in batch.scheduled:
@@ -52,11 +57,10 @@ class ModelRunner:
             start = req.num_computed_tokens
             end = start + n
             if n == 1:
-                ids.append(torch.tensor([req.token_id(start)]))
-                positions.append(torch.tensor([start]))
-                slots.append(torch.tensor([req.block_table[start // bs] * bs + start % bs]))
+                decode_ids.append(req.token_id(start))
+                decode_positions.append(start)
+                decode_slots.append(req.block_table[start // bs] * bs + start % bs)
                 decode_tables.append(req.block_table)
-                decode_lens.append(end)
             else:
                 prompt_len = req.num_prompt_tokens
                 chunk = req.prompt_token_ids[start:min(end, prompt_len)]
@@ -78,12 +82,17 @@ class ModelRunner:
             offset += n
             if item.samples:
                 sample_rows.append(offset - 1)
+        if decode_ids:  # the flat batch has every prefill chunk first: decodes are scheduled after them
+            ids.append(torch.tensor(decode_ids))
+            positions.append(torch.tensor(decode_positions))
+            slots.append(torch.tensor(decode_slots))
+        decode_lens = [p + 1 for p in decode_positions]
         num_prefill_tokens = sum(c.query_len for c in prefills)
         tables = lens = decode_slots = decode_mask = None
         if decode_tables:
             tables, lens, decode_slots, decode_mask = build_decode_metadata(decode_tables, decode_lens, bs)
         attn = AttentionMetadata(
-            slot_mapping=torch.cat(slots).to(self.device),
+            slot_mapping=_cat(slots).to(self.device),
             prefills=prefills,
             num_prefill_tokens=num_prefill_tokens,
             block_tables=tables,
@@ -91,7 +100,7 @@ class ModelRunner:
             decode_slots=decode_slots,
             decode_mask=decode_mask,
         )
-        return torch.cat(ids).to(self.device), torch.cat(positions).to(self.device), attn, sample_rows
+        return _cat(ids).to(self.device), _cat(positions).to(self.device), attn, sample_rows
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput, layer_hook: LayerHook | None = None) -> torch.Tensor:
@@ -103,3 +112,7 @@ class ModelRunner:
         if len(sample_rows) != hidden.shape[0]:
             hidden = hidden[torch.tensor(sample_rows, device=hidden.device)]
         return self.model.compute_logits(hidden)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -212,11 +212,11 @@ class PrefillWorker:
         while not self._stop.is_set():
             try:
                 busy = self._run_commands(wait_s=0.0)
-                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                outputs = self.engine.step() if self.engine.has_schedulable_requests() else []
                 for output in outputs:
                     self._on_first_token(output)
                 self._poll_transfers()
-                if not outputs and not busy:
+                if not busy and not self.engine.has_schedulable_requests():
                     sending = any(j.first is not None for j in self._jobs.values())
                     self._run_commands(wait_s=self.config.poll_s if sending else self.config.idle_wait_s)
             except Exception:  # a bug here must not strand callers or blocks: fail them all, keep serving

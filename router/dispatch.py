@@ -220,6 +220,10 @@ class Dispatcher:
             )
             try:
                 reservation = await self.decode_stub(decode).Reserve(request, timeout=self.config.rpc_timeout_s)
+            except asyncio.CancelledError:  # the client left mid-Reserve: it may have reserved anyway
+                self._use(decode)
+                self._spawn(self._abort(request_id, [decode], (decode, None)))
+                raise
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise APIError(exc.details() or "invalid request", code="invalid_value") from None

@@ -63,14 +63,18 @@ class Child:
         if self.alive:
             self.process.send_signal(signal.SIGTERM)
 
-    def wait(self, timeout: float) -> bool:
+    def wait(self, timeout: float, force: threading.Event | None = None) -> bool:
+        """Wait for the process to exit; False on timeout or when ``force`` is set (a second Ctrl-C)."""
         if self.process is None:
             return True
-        try:
-            self.process.wait(timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not (force is not None and force.is_set()):
+            try:
+                self.process.wait(POLL_S)
+                return True
+            except subprocess.TimeoutExpired:
+                continue
+        return self.process.poll() is not None
 
     def kill(self) -> None:
         if self.alive:
@@ -119,15 +123,16 @@ class Cluster:
     def first_dead(self) -> Child | None:
         return next((c for c in self.children if c.process is not None and not c.alive), None)
 
-    def stop(self) -> None:
-        """Router first (in-flight requests finish), then the workers; kill what outlives its grace."""
+    def stop(self, force: threading.Event | None = None) -> None:
+        """Router first (in-flight requests finish), then the workers; kill what outlives its grace
+        (or everything at once when ``force`` is set)."""
         self.router.terminate()
-        if not self.router.wait(self.shutdown_grace_s + 10):
+        if not self.router.wait(self.shutdown_grace_s + 10, force):
             self.router.kill()
         for w in self.workers:
             w.terminate()
         for w in self.workers:
-            if not w.wait(30):
+            if not w.wait(30, force):
                 w.kill()
 
 
@@ -158,9 +163,10 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
     if args.model:
         common += ["--model", args.model]
     router_argv = [*python, "router", "--host", args.host, "--port", str(args.port), "--grpc-port",
-                   str(args.grpc_port), "--shutdown-grace", str(args.shutdown_grace), *common]
+                   str(args.grpc_port), "--shutdown-grace", str(args.shutdown_grace)]
     if args.max_model_len:
-        router_argv += ["--max-model-len", str(args.max_model_len)]
+        common += ["--max-model-len", str(args.max_model_len)]
+    router_argv += common
     worker_common = [*common, "--router", router_addr, "--host", args.host, "--port", "0"]
     if args.dtype:
         worker_common += ["--dtype", args.dtype]
@@ -200,7 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--colocated", action="store_true",
                         help="one worker does prefill and decode (the baseline to compare against)")
     parser.add_argument("--dtype", default=None, help="model dtype for the workers (default: auto)")
-    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-model-len", type=int, default=None, help="context limit (router and workers)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (KVFERRY_NUM_THREADS)")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds in-flight requests get to finish on shutdown")
@@ -211,10 +217,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cluster = build_cluster(args)
     stop = threading.Event()
-    received: list[int] = []
+    force = threading.Event()  # a second SIGINT/SIGTERM while stopping: kill instead of waiting
 
     def on_signal(signum, _frame) -> None:
-        received.append(signum)
+        if stop.is_set():
+            force.set()
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -236,8 +243,9 @@ def run(args: argparse.Namespace) -> int:
             logger.error("%s", exc)
             code = 1
     finally:
-        logger.info("stopping: router first, then the workers")
-        cluster.stop()
+        logger.info("stopping: router first (in-flight requests finish), then the workers; "
+                    "Ctrl-C again to kill them now")
+        cluster.stop(force)
         for s, handler in previous.items():
             signal.signal(s, handler)
     return code

@@ -95,6 +95,9 @@ def create_app(service: RouterService) -> FastAPI:
         try:
             if gen.stream:
                 first = await race_disconnect(request, anext(deltas))
+                if first.finish_reason == "error":  # nothing sent yet: a real HTTP error still fits
+                    raise APIError(f"generation failed: {first.error}", code="worker_error", status=502,
+                                   type="server_error")
                 return StreamingResponse(
                     stream_events(gen, formatter, first, deltas, chat, api),
                     media_type="text/event-stream",

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import grpc
@@ -81,10 +82,12 @@ class Serve:
         self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_address = f"127.0.0.1:{self.grpc_port}"
+        # A file, not a pipe: a pipe nobody reads until the end would fill up and block the cluster.
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "kvferry.cli", "serve", "--port", str(self.port), "--grpc-port",
              str(self.grpc_port), "--shutdown-grace", "5", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=self.log, stderr=subprocess.STDOUT, text=True,
         )
         try:
             wait_for(lambda: http_ok(self.url) or self.process.poll() is not None, STARTUP_TIMEOUT_S, "kvferry serve")
@@ -92,21 +95,26 @@ class Serve:
             self.kill()
             raise
         if self.process.poll() is not None:
-            raise AssertionError(f"kvferry serve exited: {self.process.stdout.read()[-3000:]}")
+            raise AssertionError(f"kvferry serve exited: {self.output()[-3000:]}")
         self.pids = children_of(self.process.pid)
 
     def workers(self) -> list[router_pb2.WorkerInfo]:
         with grpc.insecure_channel(self.grpc_address) as ch:
             return list(router_pb2_grpc.RouterStub(ch).ListWorkers(router_pb2.ListWorkersRequest(), timeout=5).workers)
 
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
     def stop(self, sig: int = signal.SIGINT, timeout: float = 90) -> str:
+        """Signal `kvferry serve` as a terminal would; returns everything it printed."""
         self.process.send_signal(sig)
         try:
-            out, _ = self.process.communicate(timeout=timeout)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise AssertionError("kvferry serve did not stop in time")
-        return out
+        return self.output()
 
     def kill(self) -> None:
         for pid in children_of(self.process.pid):

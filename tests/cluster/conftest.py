@@ -29,6 +29,7 @@ def reference(model_path):
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     out = {p: llm.generate([p], params)[0] for p in PROMPTS}
     out["chat"] = llm.chat([CHAT], params)[0]
+    out["seeded"] = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, seed=1234))[0]
     out["tokenizer"] = llm.tokenizer
     del llm
     return out
@@ -42,4 +43,5 @@ def serve(model_path):
         output = s.stop()
         leftover = [pid for pid in s.pids if alive(pid)]
         assert s.process.returncode == 0, output[-3000:]
+        assert f"kvferry is serving at {s.url}/v1" in output and f"curl {s.url}/v1/chat/completions" in output
         assert not leftover, f"orphan processes after shutdown: {leftover}"

@@ -73,6 +73,13 @@ def test_greedy_outputs_equal_the_single_process_engine(serve, reference):
         assert stub.Generate(chat, timeout=120).choices[0].text == reference["chat"].text
 
 
+def test_seeded_sampling_equals_the_engine(serve, reference):
+    # Prefill samples token 0 and decode the rest, from one per-request random stream given the seed.
+    body = {"prompt": PROMPTS[2], "max_tokens": MAX_TOKENS, "temperature": 0.9, "seed": 1234}
+    texts = {completion(serve, body)["choices"][0]["text"] for _ in range(2)}
+    assert texts == {reference["seeded"].text}
+
+
 def test_openai_client_works_unchanged(serve, reference):
     client = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", timeout=120, max_retries=0)
     model = client.models.list().data[0].id

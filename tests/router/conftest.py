@@ -55,6 +55,8 @@ class RunningRouter:
         return self.handle.service
 
     def stop(self) -> None:
+        if not self.thread.is_alive():
+            return
         self.loop.call_soon_threadsafe(self.handle.stop.set)
         self.thread.join(15)
         assert not self.thread.is_alive(), "router did not stop"

@@ -138,9 +138,12 @@ class ScriptedPrefill(worker_pb2_grpc.PrefillWorkerServicer):
         self.answer_delay = answer_delay  # after the KV "arrived": decode may finish before Prefill answers
         self.served: list[str] = []
         self.aborted: list[str] = []
+        self.fail_with: str | None = None  # answer every Prefill with UNAVAILABLE and this message
 
     def Prefill(self, request, context):
         self.served.append(request.request_id)
+        if self.fail_with:
+            context.abort(grpc.StatusCode.UNAVAILABLE, self.fail_with)
         time.sleep(self.delay)
         decode = self.decoders[request.kv_address]
         r = decode.reservations.get(request.request_id)

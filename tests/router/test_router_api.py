@@ -241,6 +241,32 @@ def test_client_disconnect_mid_stream_aborts_and_frees_blocks(cluster):
     assert wait_until(lambda: cluster.router.service.num_running == 0)
 
 
+def test_failed_prefill_is_a_502_and_frees_the_reservation(cluster):
+    cluster.prefills[0].fail_with = "KV push to 127.0.0.1:1 failed: connection refused"
+    for stream in (False, True):
+        r = post(cluster, "/v1/completions", {"prompt": "x", "max_tokens": 5, "stream": stream})
+        assert r.status_code == 502, r.text
+        assert "connection refused" in r.json()["error"]["message"]
+    assert wait_until(lambda: cluster.decode.used_blocks == 0 and len(cluster.decode.aborted) == 2)
+
+
+@pytest.mark.parametrize("cluster", [{"token_delay": 0.05}], indirect=True)
+def test_shutdown_lets_in_flight_streams_finish(cluster):
+    body = {"prompt": "x", "max_tokens": 50, "stream": True}
+    with httpx.stream("POST", cluster.router.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        stopper = threading.Thread(target=cluster.router.stop)
+        stopper.start()  # SIGTERM's path: refuse new work, let this stream finish
+        rest = [line for line in lines if line.startswith("data: ")]
+    stopper.join(20)
+    assert rest[-1] == "data: [DONE]"
+    text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in [first, *rest[:-1]])
+    assert text == TEXT
+    assert not cluster.router.thread.is_alive()
+    assert not cluster.decode.aborted
+
+
 @pytest.mark.parametrize("cluster", [{"token_delay": 0.05}], indirect=True)
 def test_client_disconnect_while_non_streaming_aborts(cluster):
     with pytest.raises(httpx.ReadTimeout):
