@@ -179,8 +179,10 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
         ]
     cluster = Cluster(Child("router", router_argv), workers, f"http://{args.host}:{args.port}", router_addr,
                       args.shutdown_grace)
-    if args.threads:
-        cluster.env["KVFERRY_NUM_THREADS"] = str(args.threads)
+    # Workers on one box share its cores: split them, since OpenMP threads that outnumber the cores
+    # spin at barriers and make a decode step tens of times slower.
+    threads = args.threads or max(1, (os.cpu_count() or 1) // len(workers))
+    cluster.env["KVFERRY_NUM_THREADS"] = str(threads)
     return cluster
 
 
@@ -207,7 +209,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one worker does prefill and decode (the baseline to compare against)")
     parser.add_argument("--dtype", default=None, help="model dtype for the workers (default: auto)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context limit (router and workers)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (KVFERRY_NUM_THREADS)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (KVFERRY_NUM_THREADS; default: the cores split between the workers)")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds in-flight requests get to finish on shutdown")
     parser.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S)

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -25,8 +23,7 @@ from dataclasses import dataclass, field
 import uvicorn
 from grpc_health.v1 import health_pb2
 
-from kvferry.engine.config import ConfigError, ModelConfig, SchedulerConfig, default_model_path
-from kvferry.engine.tokenizer import Tokenizer
+from kvferry.engine.config import ConfigError, SchedulerConfig, default_model_path
 from kvferry.router.admission import AdmissionConfig, AdmissionQueue
 from kvferry.router.dispatch import DispatchConfig, Dispatcher
 from kvferry.router.grpc_api import create_grpc_server
@@ -61,30 +58,9 @@ class RouterConfig:
 
 def load_served_model(path: str, served_name: str | None, max_model_len: int) -> ServedModel:
     """Tokenizer and model config only (reads the GGUF header or config.json, never the weights)."""
-    from kvferry.engine.loader import gguf, hf
+    from kvferry.engine.loader import load_config_and_tokenizer
 
-    path = os.path.expanduser(path)
-    if not os.path.exists(path):
-        raise ConfigError(f"model path {path} does not exist")
-    config: ModelConfig
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        with open(os.path.join(path, "config.json")) as f:
-            raw = json.load(f)
-        gen_path = os.path.join(path, "generation_config.json")
-        gen = json.load(open(gen_path)) if os.path.isfile(gen_path) else {}
-        eos = hf._eos_list(gen.get("eos_token_id")) or hf._eos_list(raw.get("eos_token_id"))
-        config = hf.config_from_hf(raw, os.path.join(path, "config.json"), eos)
-        tokenizer = Tokenizer.from_dir(path, config.eos_token_ids)
-        default_name = os.path.basename(os.path.normpath(path))
-    else:
-        if os.path.isdir(path):
-            ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
-            if len(ggufs) != 1:
-                raise ConfigError(f"{path}: need config.json or exactly one .gguf file")
-            path = os.path.join(path, ggufs[0])
-        config = gguf.config_from_gguf(gguf.read_gguf(path))
-        tokenizer = Tokenizer.from_gguf(path, config.eos_token_ids)
-        default_name = os.path.basename(path).removesuffix(".gguf")
+    config, tokenizer, default_name = load_config_and_tokenizer(path)
     return ServedModel(
         name=served_name or default_name,
         tokenizer=tokenizer,

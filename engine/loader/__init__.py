@@ -28,19 +28,17 @@ class LoadedModel:
     generation_config: dict[str, Any]  # at least "eos_token_id": list[int]
 
 
-def load_model(path: str, dtype: torch.dtype, device: str = "cpu") -> LoadedModel:
-    """Load a Hugging Face directory (config.json + safetensors) or a ``.gguf`` file."""
-    from kvferry.engine.loader import gguf, hf
-
+def resolve_checkpoint(path: str) -> tuple[str, str]:
+    """``("hf", directory)`` or ``("gguf", file)`` for a model path, or a ConfigError saying what is wrong."""
     path = os.path.expanduser(str(path))
     if not os.path.exists(path):
         raise ConfigError(f"model path {path} does not exist")
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
-            return hf.load_hf(path, dtype, device)
+            return "hf", path
         ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
         if len(ggufs) == 1:
-            return gguf.load_gguf(os.path.join(path, ggufs[0]), dtype, device)
+            return "gguf", os.path.join(path, ggufs[0])
         raise ConfigError(
             f"{path}: a model directory needs config.json (Hugging Face format) or exactly one .gguf file"
             + (f"; found {len(ggufs)}: {', '.join(ggufs)}" if ggufs else "")
@@ -48,8 +46,28 @@ def load_model(path: str, dtype: torch.dtype, device: str = "cpu") -> LoadedMode
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF" or path.endswith(".gguf"):
-        return gguf.load_gguf(path, dtype, device)
+        return "gguf", path
     raise ConfigError(f"{path}: not a GGUF file and not a directory with config.json")
+
+
+def load_model(path: str, dtype: torch.dtype, device: str = "cpu") -> LoadedModel:
+    """Load a Hugging Face directory (config.json + safetensors) or a ``.gguf`` file."""
+    from kvferry.engine.loader import gguf, hf
+
+    kind, path = resolve_checkpoint(path)
+    return (hf.load_hf if kind == "hf" else gguf.load_gguf)(path, dtype, device)
+
+
+def load_config_and_tokenizer(path: str) -> tuple[ModelConfig, Tokenizer, str]:
+    """Config, tokenizer and a display name, without reading the weights (what a router needs)."""
+    from kvferry.engine.loader import gguf, hf
+
+    kind, path = resolve_checkpoint(path)
+    if kind == "hf":
+        config, _ = hf.read_hf_config(path)
+        return config, Tokenizer.from_dir(path, config.eos_token_ids), os.path.basename(os.path.normpath(path))
+    config = gguf.config_from_gguf(gguf.read_gguf(path))
+    return config, Tokenizer.from_gguf(path, config.eos_token_ids), os.path.basename(path).removesuffix(".gguf")
 
 
 def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -137,12 +137,17 @@ def load_hf_weights(path: str, config: ModelConfig, dtype: torch.dtype) -> dict[
     return tensors
 
 
-def load_hf(path: str, dtype: torch.dtype, device: str = "cpu") -> LoadedModel:
+def read_hf_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """The model config and generation_config.json (EOS ids from the latter win, as in transformers)."""
     gen_path = os.path.join(path, "generation_config.json")
     generation_config = _read_json(gen_path) if os.path.isfile(gen_path) else {}
     raw = _read_json(os.path.join(path, "config.json"))
     eos = _eos_list(generation_config.get("eos_token_id")) or _eos_list(raw.get("eos_token_id"))
-    config = config_from_hf(raw, os.path.join(path, "config.json"), eos)
+    return config_from_hf(raw, os.path.join(path, "config.json"), eos), generation_config
+
+
+def load_hf(path: str, dtype: torch.dtype, device: str = "cpu") -> LoadedModel:
+    config, generation_config = read_hf_config(path)
     model = build_model(config, load_hf_weights(path, config, dtype), dtype, device)
     tokenizer = Tokenizer.from_dir(path, config.eos_token_ids)
     generation_config["eos_token_id"] = list(tokenizer.eos_token_ids)

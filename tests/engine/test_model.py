@@ -15,7 +15,7 @@ import torch
 
 from kvferry.engine.config import ModelConfig
 from kvferry.engine.loader import load_model
-from kvferry.engine.model import LlamaForCausalLM, allocate_kv_caches, rope_inv_freq
+from kvferry.engine.model import allocate_kv_caches, rope_inv_freq
 from kvferry.kernels.attention import AttentionMetadata, PrefillChunk, build_decode_metadata, context_slots
 
 PROMPT = [{"role": "user", "content": "Name three colours of the rainbow, héllo 🌈 世界."}]
