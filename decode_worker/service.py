@@ -13,6 +13,7 @@ from kvferry.proto import worker_pb2, worker_pb2_grpc
 from kvferry.proto.convert import logprobs_to_proto, sampling_from_proto
 from kvferry.transport.grpc_transport import SERVICE_NAME as KV_TRANSFER_SERVICE
 from kvferry.transport.grpc_transport import add_kv_transfer_service, create_server
+from kvferry.worker_service import worker_errors
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
 MAX_STREAM_S = 24 * 3600.0  # a stream's hard bound; the router's own deadline is normally shorter
@@ -37,7 +38,7 @@ class DecodeWorkerServicer(worker_pb2_grpc.DecodeWorkerServicer):
         self.kv_address = kv_address
 
     def Reserve(self, request: worker_pb2.ReserveRequest, context: grpc.ServicerContext) -> worker_pb2.ReserveResponse:
-        try:
+        with worker_errors(context, NoRoom, "decode"):
             params = sampling_from_proto(request.sampling)
             reservation = self.worker.reserve(
                 request.request_id,
@@ -46,12 +47,6 @@ class DecodeWorkerServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 lease_s=request.lease_ms / 1000.0 if request.lease_ms else None,
                 prefill_locally=request.prefill_locally,
             )
-        except NoRoom as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except TimeoutError:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the decode loop did not answer in time")
         return worker_pb2.ReserveResponse(
             block_ids=reservation.block_ids,
             receiver_instance_id=reservation.receiver_instance_id,
@@ -81,10 +76,8 @@ class DecodeWorkerServicer(worker_pb2_grpc.DecodeWorkerServicer):
             self.worker.unsubscribed(request_id)
 
     def Abort(self, request: worker_pb2.AbortRequest, context: grpc.ServicerContext) -> worker_pb2.AbortResponse:
-        try:
+        with worker_errors(context, NoRoom, "decode"):
             found = self.worker.abort(request.request_id)
-        except TimeoutError:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the decode loop did not answer in time")
         return worker_pb2.AbortResponse(found=found)
 
     def GetStats(self, request: worker_pb2.StatsRequest, context: grpc.ServicerContext) -> worker_pb2.WorkerStats:

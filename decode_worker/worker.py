@@ -16,21 +16,22 @@ Request lifecycle:
    the last event says why. So a dead prefill worker or router cannot strand blocks.
 With ``prefill_locally`` (colocated mode) step 3-4 is an ordinary ``add_request``: this engine prefills.
 
-Threads: every engine call happens on the loop thread; ``reserve``/``abort`` hand it commands and wait
-(bounded). The receiver writes only into reserved blocks, which the engine does not touch before commit.
+Threads: every engine call happens on the loop thread (an ``EngineLoop`` running ``_turn``);
+``reserve``/``abort`` hand it commands and wait (bounded), the receiver's thread posts commits and
+failures to it. The receiver writes only into reserved blocks, which the engine does not touch before
+commit.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from kvferry.engine.engine import LLMEngine, RequestOutput
+from kvferry.engine.engine_loop import EngineLoop
 from kvferry.engine.sampling import SamplingParams, TokenLogprobs
 from kvferry.transport.base import FirstToken, KVFingerprint, TransferError, TransferState
 from kvferry.transport.receiver import KVReceiver
@@ -114,15 +115,12 @@ class DecodeWorker:
         self.max_num_seqs = engine.config.scheduler.max_num_seqs
         self.counters = WorkerCounters()
         self._tracked: dict[str, _Tracked] = {}  # touched by the loop thread only (reads elsewhere)
-        self._commands: queue.Queue[tuple[Callable[[], object], Future | None]] = queue.Queue()
-        self._stop = threading.Event()
         self._draining = False
-        self._thread: threading.Thread | None = None
+        self._loop = EngineLoop(self._turn, self._on_loop_error, f"{worker_id}-loop", self.config.command_timeout_s)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=f"{self.worker_id}-loop", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def drain(self) -> None:
         """Refuse new reservations; running requests continue."""
@@ -141,14 +139,7 @@ class DecodeWorker:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Abort everything still here (blocks return, streams end with "abort"), then end the loop."""
         self._draining = True
-        if self._thread is not None and self._thread.is_alive():
-            try:
-                self._call(self._abort_all, timeout_s)
-            except TimeoutError:
-                logger.warning("decode loop did not abort its requests within %.1fs", timeout_s)
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        self._loop.stop(timeout_s, last=self._abort_all)
         self.receiver.close()
 
     @property
@@ -170,7 +161,8 @@ class DecodeWorker:
         if lease_s is not None and lease_s <= 0:
             raise ValueError(f"lease must be positive, got {lease_s}")
         lease = lease_s or self.config.lease_s
-        return self._call(lambda: self._reserve(request_id, list(prompt_token_ids), params, lease, prefill_locally))
+        prompt = list(prompt_token_ids)
+        return self._loop.call(lambda: self._reserve(request_id, prompt, params, lease, prefill_locally))
 
     def subscribe(self, request_id: str) -> queue.Queue:
         """The request's event queue (TokenEvent, last one with finish_reason). KeyError if unknown."""
@@ -184,10 +176,10 @@ class DecodeWorker:
 
     def unsubscribed(self, request_id: str) -> None:
         """The subscriber is gone (it read the last event, or it disconnected: then abort)."""
-        self._commands.put((lambda: self._finish_subscription(request_id), None))
+        self._loop.post(lambda: self._finish_subscription(request_id))
 
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
-        return bool(self._call(lambda: self._abort(request_id, "abort", reason)))
+        return bool(self._loop.call(lambda: self._abort(request_id, "abort", reason)))
 
     def stats(self) -> dict[str, int | float | str]:
         bm = self.engine.block_manager
@@ -211,53 +203,20 @@ class DecodeWorker:
             leases_expired_total=self.counters.leases_expired_total,
         )
 
-    # ---- the loop ----------------------------------------------------------------------------------
-    def _call(self, fn: Callable[[], object], timeout_s: float | None = None):
-        future: Future = Future()
-        self._commands.put((fn, future))
-        try:
-            return future.result(timeout=timeout_s or self.config.command_timeout_s)
-        except TimeoutError:
-            future.cancel()
-            raise
+    # ---- the loop (its thread) -------------------------------------------------------------------
+    def _turn(self) -> float:
+        """After the queued commands: expire leases, step, stream the tokens. Returns the loop's wait."""
+        self._expire_leases()
+        outputs = self.engine.step() if self.engine.has_schedulable_requests() else []
+        for output in outputs:
+            self._publish(output)
+        return 0.0 if self.engine.has_schedulable_requests() else self.config.idle_wait_s
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                busy = self._run_commands(wait_s=0.0)
-                self._expire_leases()
-                outputs = self.engine.step() if self.engine.has_schedulable_requests() else []
-                for output in outputs:
-                    self._publish(output)
-                if not busy and not self.engine.has_schedulable_requests():
-                    self._run_commands(wait_s=self.config.idle_wait_s)
-            except Exception:  # a bug here must not leave streams hanging: end them all, keep serving
-                logger.exception("decode loop iteration failed; aborting its requests")
-                for request_id in list(self._tracked):
-                    self._abort(request_id, "error", "internal error in the decode loop")
-
-    def _run_commands(self, wait_s: float) -> bool:
-        """Run queued commands; with ``wait_s`` > 0 wait that long for the first. True if any ran."""
-        ran = False
-        for _ in range(1024):  # bounded: the step must not starve
-            try:
-                fn, future = self._commands.get(timeout=wait_s) if wait_s and not ran else self._commands.get_nowait()
-            except queue.Empty:
-                break
-            ran = True
-            if future is not None and not future.set_running_or_notify_cancel():
-                continue  # the caller gave up waiting; do not act on a stale command
-            try:
-                result = fn()
-            except Exception as exc:
-                if future is None:
-                    logger.exception("decode worker command failed")
-                else:
-                    future.set_exception(exc)
-            else:
-                if future is not None:
-                    future.set_result(result)
-        return ran
+    def _on_loop_error(self) -> None:
+        # a bug here must not leave streams hanging: end them all, keep serving
+        logger.exception("decode loop iteration failed; aborting its requests")
+        for request_id in list(self._tracked):
+            self._abort(request_id, "error", "internal error in the decode loop")
 
     # ---- commands (loop thread) ------------------------------------------------------------------
     def _reserve(
@@ -378,6 +337,6 @@ class DecodeWorker:
         self, request_id: str, state: TransferState, first_token: FirstToken | None, error: TransferError | None
     ) -> None:
         if state is TransferState.DONE:
-            self._commands.put((lambda: self._commit(request_id, first_token), None))
+            self._loop.post(lambda: self._commit(request_id, first_token))
         else:
-            self._commands.put((lambda: self._transfer_failed(request_id, error), None))
+            self._loop.post(lambda: self._transfer_failed(request_id, error))

@@ -14,6 +14,7 @@ Lifecycle of a worker process:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import socket
@@ -87,19 +88,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 def router_fingerprint(fp: KVFingerprint, vocab_size: int, max_model_len: int) -> router_pb2.ModelFingerprint:
-    return router_pb2.ModelFingerprint(
-        model_name=fp.model_name,
-        model_digest=fp.model_config_hash,
-        dtype=fp.dtype,
-        block_size=fp.block_size,
-        kv_layout=fp.kv_layout,
-        num_layers=fp.num_layers,
-        num_kv_heads=fp.num_kv_heads,
-        head_dim=fp.head_dim,
-        vocab_size=vocab_size,
-        max_model_len=max_model_len,
-        protocol_version=fp.protocol_version,
-    )
+    """The KV fingerprint's fields (the config hash as ``model_digest``) plus what the router serves by."""
+    fields = dataclasses.asdict(fp)
+    fields["model_digest"] = fields.pop("model_config_hash")
+    return router_pb2.ModelFingerprint(**fields, vocab_size=vocab_size, max_model_len=max_model_len)
 
 
 def capacity_from_stats(stats: dict) -> router_pb2.WorkerCapacity:

@@ -18,6 +18,7 @@ from kvferry.proto import worker_pb2, worker_pb2_grpc
 from kvferry.proto.convert import logprobs_to_proto, sampling_from_proto
 from kvferry.transport.base import KVTarget, TransferError
 from kvferry.transport.grpc_transport import create_server, status_for
+from kvferry.worker_service import worker_errors
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name
 MAX_PREFILL_S = 3600.0  # hard bound on one Prefill call; the router's deadline is normally shorter
@@ -33,7 +34,7 @@ class PrefillWorkerServicer(worker_pb2_grpc.PrefillWorkerServicer):
         remaining = context.time_remaining()
         timeout_s = self.transfer_timeout_s if remaining is None else min(self.transfer_timeout_s, remaining)
         target = KVTarget(request.kv_address, request.receiver_instance_id, timeout_s=max(timeout_s, 0.001))
-        try:
+        with worker_errors(context, NoRoom, "prefill"):
             params = sampling_from_proto(request.sampling)
             future = self.worker.prefill(
                 request.request_id,
@@ -42,12 +43,6 @@ class PrefillWorkerServicer(worker_pb2_grpc.PrefillWorkerServicer):
                 target,
                 num_reserved_blocks=len(request.block_ids) if request.block_ids else None,
             )
-        except NoRoom as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except TimeoutError:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill loop did not answer in time")
         end = time.monotonic() + MAX_PREFILL_S
         result = None
         while result is None:
@@ -75,10 +70,8 @@ class PrefillWorkerServicer(worker_pb2_grpc.PrefillWorkerServicer):
         return response
 
     def Abort(self, request: worker_pb2.AbortRequest, context: grpc.ServicerContext) -> worker_pb2.AbortResponse:
-        try:
+        with worker_errors(context, NoRoom, "prefill"):
             found = self.worker.abort(request.request_id)
-        except TimeoutError:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill loop did not answer in time")
         return worker_pb2.AbortResponse(found=found)
 
     def GetStats(self, request: worker_pb2.StatsRequest, context: grpc.ServicerContext) -> worker_pb2.WorkerStats:

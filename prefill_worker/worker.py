@@ -14,7 +14,8 @@ Request lifecycle:
    gone, deadline) or the request is aborted, the transfer is cancelled, the blocks are freed and the
    caller gets the error.
 
-Threads: every engine call happens on the loop thread; callers hand it commands. The sender reads a
+Threads: every engine call happens on the loop thread (an ``EngineLoop`` running ``_turn``); callers
+hand it commands. The sender reads a
 CPU cache's blocks in place while sending; that is safe because the blocks stay held (SENDING_KV) until
 the transfer ends, except when the request ends first (abort, or a first token that finishes it) — and
 then the decode side never reads that KV.
@@ -23,16 +24,14 @@ then the decode side never reads that KV.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
 from kvferry.engine.engine import LLMEngine, RequestOutput
+from kvferry.engine.engine_loop import EngineLoop
 from kvferry.engine.sampling import SamplingParams, TokenLogprobs
 from kvferry.transport.base import (
     FirstToken,
@@ -110,10 +109,8 @@ class PrefillWorker:
         )
         assert sender.fingerprint == self.fingerprint, "the sender must carry this engine's fingerprint"
         self._jobs: dict[str, _Job] = {}  # loop thread only (reads elsewhere)
-        self._commands: queue.Queue[tuple[Callable[[], object], Future | None]] = queue.Queue()
-        self._stop = threading.Event()
         self._draining = False
-        self._thread: threading.Thread | None = None
+        self._loop = EngineLoop(self._turn, self._on_loop_error, f"{worker_id}-loop", self.config.command_timeout_s)
         self.kv_bytes_sent_total = 0
         self.kv_transfers_total = 0
         self.kv_transfer_failures_total = 0
@@ -122,8 +119,7 @@ class PrefillWorker:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=f"{self.worker_id}-loop", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def drain_wait(self, timeout_s: float) -> bool:
         """Refuse new prompts, then wait up to ``timeout_s`` for the queued ones; True if all finished."""
@@ -138,14 +134,7 @@ class PrefillWorker:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Abort everything still here (blocks freed, callers get PrefillAborted), end the loop, and
         close the sender (the worker owns it)."""
-        if self._thread is not None and self._thread.is_alive():
-            try:
-                self._call(self._abort_all, timeout_s)
-            except TimeoutError:
-                logger.warning("prefill loop did not abort its requests within %.1fs", timeout_s)
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        self._loop.stop(timeout_s, last=self._abort_all)
         self.sender.close()
 
     # ---- API (any thread) ------------------------------------------------------------------------
@@ -171,11 +160,11 @@ class PrefillWorker:
             )
         future: Future = Future()
         job = _Job(request_id, len(prompt_token_ids), target, num_reserved_blocks, future, time.monotonic())
-        self._call(lambda: self._add(job, list(prompt_token_ids), params))
+        self._loop.call(lambda: self._add(job, list(prompt_token_ids), params))
         return future
 
     def abort(self, request_id: str) -> bool:
-        return bool(self._call(lambda: self._abort(request_id, "aborted by request")))
+        return bool(self._loop.call(lambda: self._abort(request_id, "aborted by request")))
 
     def stats(self) -> dict[str, int | float | str]:
         bm = self.engine.block_manager
@@ -198,52 +187,22 @@ class PrefillWorker:
             kv_transfer_failures_total=self.kv_transfer_failures_total,
         )
 
-    # ---- the loop ----------------------------------------------------------------------------------
-    def _call(self, fn: Callable[[], object], timeout_s: float | None = None):
-        future: Future = Future()
-        self._commands.put((fn, future))
-        try:
-            return future.result(timeout=timeout_s or self.config.command_timeout_s)
-        except TimeoutError:
-            future.cancel()
-            raise
+    # ---- the loop (its thread) -------------------------------------------------------------------
+    def _turn(self) -> float:
+        """After the queued commands: step, send first tokens, poll transfers. Returns the loop's wait."""
+        outputs = self.engine.step() if self.engine.has_schedulable_requests() else []
+        for output in outputs:
+            self._on_first_token(output)
+        self._poll_transfers()
+        if self.engine.has_schedulable_requests():
+            return 0.0
+        sending = any(j.first is not None for j in self._jobs.values())
+        return self.config.poll_s if sending else self.config.idle_wait_s
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                busy = self._run_commands(wait_s=0.0)
-                outputs = self.engine.step() if self.engine.has_schedulable_requests() else []
-                for output in outputs:
-                    self._on_first_token(output)
-                self._poll_transfers()
-                if not busy and not self.engine.has_schedulable_requests():
-                    sending = any(j.first is not None for j in self._jobs.values())
-                    self._run_commands(wait_s=self.config.poll_s if sending else self.config.idle_wait_s)
-            except Exception:  # a bug here must not strand callers or blocks: fail them all, keep serving
-                logger.exception("prefill loop iteration failed; aborting its requests")
-                self._abort_all(error="internal error in the prefill loop")
-
-    def _run_commands(self, wait_s: float) -> bool:
-        ran = False
-        for _ in range(1024):  # bounded: the step must not starve
-            try:
-                fn, future = self._commands.get(timeout=wait_s) if wait_s and not ran else self._commands.get_nowait()
-            except queue.Empty:
-                break
-            ran = True
-            if future is not None and not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn()
-            except Exception as exc:
-                if future is None:
-                    logger.exception("prefill worker command failed")
-                else:
-                    future.set_exception(exc)
-            else:
-                if future is not None:
-                    future.set_result(result)
-        return ran
+    def _on_loop_error(self) -> None:
+        # a bug here must not strand callers or blocks: fail them all, keep serving
+        logger.exception("prefill loop iteration failed; aborting its requests")
+        self._abort_all(error="internal error in the prefill loop")
 
     # ---- commands and engine events (loop thread) -------------------------------------------------
     def _add(self, job: _Job, prompt: list[int], params: SamplingParams) -> None:

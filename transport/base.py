@@ -114,6 +114,11 @@ class HandshakeResult:
     receiver_instance_id: str
     max_chunk_bytes: int
 
+    def mismatch_error(self, address: str) -> TransferError:
+        return TransferError(
+            TransferErrorCode.INCOMPATIBLE, f"KV fingerprint mismatch with {address}: " + "; ".join(self.mismatches)
+        )
+
 
 @dataclass(frozen=True)
 class KVTransferHeader:
@@ -180,6 +185,19 @@ class KVSender(abc.ABC):
     @abc.abstractmethod
     def open(self, target: KVTarget, request_id: str, num_blocks: int) -> KVSendHandle:
         """Start a transfer; never blocks on the network (the handshake happens in the background)."""
+
+    def header(self, target: KVTarget, request_id: str, num_blocks: int) -> KVTransferHeader:
+        """What a transfer opens with; the receiver checks it against its fingerprint and reservation."""
+        fp = self.fingerprint
+        return KVTransferHeader(
+            request_id=request_id,
+            num_layers=fp.num_layers,
+            num_blocks=num_blocks,
+            layer_nbytes=fp.layer_nbytes(num_blocks),
+            fingerprint_digest=fp.digest,
+            receiver_instance_id=target.receiver_instance_id,
+            sender_id=self.sender_id,
+        )
 
     def send(
         self,

@@ -16,6 +16,7 @@ kv_transfer.proto) whose messages name the problem.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -57,32 +58,18 @@ def channel_options(max_message_bytes: int, window_bytes: int = DEFAULT_WINDOW_B
 
 
 # ---- dataclass <-> proto ---------------------------------------------------------------------------
+# Fingerprint and KVHeader carry the fields of KVFingerprint and KVTransferHeader under the same names;
+# the dataclasses are the one list of them (a field missing from a message fails loudly).
+def _from_proto(cls, msg):
+    return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})
+
+
 def fingerprint_to_proto(fp: KVFingerprint) -> pb.Fingerprint:
-    return pb.Fingerprint(
-        model_name=fp.model_name,
-        model_config_hash=fp.model_config_hash,
-        dtype=fp.dtype,
-        block_size=fp.block_size,
-        kv_layout=fp.kv_layout,
-        num_layers=fp.num_layers,
-        num_kv_heads=fp.num_kv_heads,
-        head_dim=fp.head_dim,
-        protocol_version=fp.protocol_version,
-    )
+    return pb.Fingerprint(**dataclasses.asdict(fp))
 
 
 def fingerprint_from_proto(msg: pb.Fingerprint) -> KVFingerprint:
-    return KVFingerprint(
-        model_name=msg.model_name,
-        model_config_hash=msg.model_config_hash,
-        dtype=msg.dtype,
-        block_size=msg.block_size,
-        kv_layout=msg.kv_layout,
-        num_layers=msg.num_layers,
-        num_kv_heads=msg.num_kv_heads,
-        head_dim=msg.head_dim,
-        protocol_version=msg.protocol_version,
-    )
+    return _from_proto(KVFingerprint, msg)
 
 
 _STATUS_FOR = {
@@ -210,16 +197,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "header":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PushKV stream must start with a KVHeader")
-        h = first.header
-        header = KVTransferHeader(
-            request_id=h.request_id,
-            num_layers=h.num_layers,
-            num_blocks=h.num_blocks,
-            layer_nbytes=h.layer_nbytes,
-            fingerprint_digest=h.fingerprint_digest,
-            receiver_instance_id=h.receiver_instance_id,
-            sender_id=h.sender_id,
-        )
+        header = _from_proto(KVTransferHeader, first.header)
         try:
             session = self.receiver.open(header)
         except TransferError as e:
@@ -374,10 +352,7 @@ class GrpcSendHandle(KVSendHandle):
         try:
             handshake = self._sender.handshake(address, timeout=self._remaining())
             if not handshake.compatible:
-                raise TransferError(
-                    TransferErrorCode.INCOMPATIBLE,
-                    f"KV fingerprint mismatch with {address}: " + "; ".join(handshake.mismatches),
-                )
+                raise handshake.mismatch_error(address)
             with self._lock:
                 if self._state is not TransferState.PENDING:
                     return
@@ -407,18 +382,8 @@ class GrpcSendHandle(KVSendHandle):
             self._finished.set()
 
     def _requests(self):
-        fp = self._sender.fingerprint
-        yield pb.KVChunk(
-            header=pb.KVHeader(
-                request_id=self.request_id,
-                fingerprint_digest=fp.digest,
-                receiver_instance_id=self._target.receiver_instance_id,
-                num_layers=fp.num_layers,
-                num_blocks=self._num_blocks,
-                layer_nbytes=fp.layer_nbytes(self._num_blocks),
-                sender_id=self._sender.sender_id,
-            )
-        ).SerializeToString()
+        header = self._sender.header(self._target, self.request_id, self._num_blocks)
+        yield pb.KVChunk(header=pb.KVHeader(**dataclasses.asdict(header))).SerializeToString()
         total = 0
         while self._state is TransferState.PENDING and time.monotonic() < self._deadline:
             try:

@@ -16,7 +16,6 @@ from kvferry.transport.base import (
     KVSendHandle,
     KVSender,
     KVTarget,
-    KVTransferHeader,
     TransferError,
     TransferErrorCode,
     TransferState,
@@ -82,22 +81,9 @@ class InProcessKVSender(KVSender):
             return InProcessSendHandle(request_id, None, error)
         handshake = receiver.handshake(self.fingerprint)
         if not handshake.compatible:
-            error = TransferError(
-                TransferErrorCode.INCOMPATIBLE,
-                f"KV fingerprint mismatch with {target.address}: " + "; ".join(handshake.mismatches),
-            )
-            return InProcessSendHandle(request_id, None, error)
-        header = KVTransferHeader(
-            request_id=request_id,
-            num_layers=self.fingerprint.num_layers,
-            num_blocks=num_blocks,
-            layer_nbytes=self.fingerprint.layer_nbytes(num_blocks),
-            fingerprint_digest=self.fingerprint.digest,
-            receiver_instance_id=target.receiver_instance_id,
-            sender_id=self.sender_id,
-        )
+            return InProcessSendHandle(request_id, None, handshake.mismatch_error(target.address))
         try:
-            session = receiver.open(header)
+            session = receiver.open(self.header(target, request_id, num_blocks))
         except TransferError as e:
             return InProcessSendHandle(request_id, None, e)
         return InProcessSendHandle(request_id, session, None)

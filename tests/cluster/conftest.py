@@ -3,20 +3,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from cluster_helpers import CHAT, MAX_TOKENS, PROMPTS, Serve, alive
-from kvferry.engine.config import default_model_path
-
-
-@pytest.fixture(scope="session")
-def model_path() -> str:
-    path = default_model_path()
-    if not os.path.isfile(path):
-        pytest.skip(f"default model not installed ({path})")
-    return path
 
 
 @pytest.fixture(scope="session")

