@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import os
 import shutil
@@ -37,17 +38,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from engine_bench import measure_read_bandwidth, prompt_ids  # noqa: E402
-
-from kvferry.engine.config import default_model_path  # noqa: E402
-from kvferry.engine.llm import LLM  # noqa: E402
-from kvferry.engine.sampling import SamplingParams  # noqa: E402
+from engine_bench import measure_read_bandwidth, prompt_ids
+from kvferry.engine.config import default_model_path
+from kvferry.engine.llm import LLM
+from kvferry.engine.sampling import SamplingParams
 
 PROMPT_LEN = 128
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +84,7 @@ class StreamRun:
     start: float
 
     def tpot(self) -> float:
-        gaps = [b - a for ts in self.token_times for a, b in zip(ts, ts[1:])]
+        gaps = [b - a for ts in self.token_times for a, b in itertools.pairwise(ts)]
         return statistics.median(gaps)
 
     def aggregate_decode(self) -> float:
@@ -123,8 +122,8 @@ class VLLMServer:
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
         cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(self.port),
-               "--max-model-len", str(max_model_len), "--max-num-seqs", "64", "--disable-log-requests"]
-        self.log = open(log_path, "w")
+               "--max-model-len", str(max_model_len), "--max-num-seqs", "64"]
+        self.log = open(log_path, "w")  # noqa: SIM115 (open for the server's lifetime)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float) -> None:
@@ -221,10 +220,6 @@ def export_hf(llm: LLM, model_path: str, out_dir: str) -> None:
     tok.save_pretrained(out_dir)
 
 
-def best_of(repeats: int, fn: Callable[[], StreamRun]) -> list[StreamRun]:
-    return [fn() for _ in range(repeats)]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -275,7 +270,7 @@ def main() -> None:
             for n, prompts in ((1, prompts1), (64, prompts64)):
                 results.setdefault(("kvferry", n), []).append(kvferry_streams(llm, prompts, args.max_tokens))
                 results.setdefault(("vllm", n), []).append(server.streams(prompts, args.max_tokens))
-    except Exception as exc:  # report why, keep part 1's figures
+    except Exception as exc:  # noqa: BLE001 (report why, keep part 1's figures)
         print(f"\nvLLM: not compared: {exc} (server log: {log_path})")
         return
     finally:

@@ -182,3 +182,34 @@ def test_allocate_kv_caches_layout() -> None:
     assert len(caches) == 3
     assert all(c.shape == (2, 5, 8, 2, 4) and c.dtype == torch.bfloat16 for c in caches)
     assert caches[0].data_ptr() != caches[1].data_ptr()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_f_linear(bias: bool) -> None:
+    """The oneDNN-prepacked bf16 path is the same kernel as F.linear's, bit for bit, at any batch."""
+    import torch.nn.functional as F
+
+    from kvferry.engine.model import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(96, 160, bias=bias).to(torch.bfloat16)
+    layer.pack()
+    assert layer.packed is not None
+    for num_tokens in (1, 7, 64, 300):
+        x = torch.randn(num_tokens, 96, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    fp32 = Linear(96, 160, bias=bias)
+    fp32.pack()
+    assert fp32.packed is None  # float32 stays on F.linear (MKL), as transformers runs it
+
+
+@pytest.mark.parametrize("variant", ["llama3", "qwen2"])
+def test_pack_weights_keeps_bfloat16_logits(make_hf_checkpoint, paged_runner, variant: str) -> None:
+    loaded = load_model(make_hf_checkpoint(variant), torch.bfloat16)
+    ids = list(range(1000, 1030))
+    before = paged_runner(loaded.model, len(ids) + 1).prefill(ids)
+    loaded.model.pack_weights()
+    runner = paged_runner(loaded.model, len(ids) + 1)
+    assert torch.equal(runner.prefill(ids), before)
+    runner.decode(int(before[-1].argmax()), len(ids))  # the decode path runs on packed weights too
