@@ -110,14 +110,16 @@ class BlockManager:
             if block.ref_count == 0:
                 self._free[block_id] = None
         request.block_table = []
+        request.num_hashed_blocks = 0
 
     def mark_computed(self, request: Request) -> None:
-        """Register the request's full, computed blocks in the prefix cache."""
+        """Register the request's newly full, computed blocks in the prefix cache (each block once)."""
         if not self.enable_prefix_caching:
             return
         num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
-        prev_hash = None
-        for i in range(num_full):
+        start = request.num_hashed_blocks
+        prev_hash = self.blocks[request.block_table[start - 1]].hash if start else None
+        for i in range(start, num_full):
             block = self.blocks[request.block_table[i]]
             if block.hash is None:
                 tokens = self._block_tokens(request, i)
@@ -125,6 +127,7 @@ class BlockManager:
                 # First writer wins: an identical block computed twice stays a private copy.
                 self._cached.setdefault(block.hash, block.block_id)
             prev_hash = block.hash
+        request.num_hashed_blocks = max(start, num_full)
 
     # ---- integrity -----------------------------------------------------------------------------
     def check_integrity(self, requests: Iterable[Request] = ()) -> None:

@@ -56,6 +56,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last allocation
     block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0  # leading blocks of block_table already registered in the prefix cache
     num_preemptions: int = 0
 
     @property
