@@ -15,21 +15,10 @@ import torch
 
 from kvferry.kernels._triton import tl, triton
 from kvferry.kernels.attention import prefill_attention_ref
+from kvferry.kernels.attention_dot import LOG2E as _LOG2E
+from kvferry.kernels.attention_dot import attention_dot as _dot
 
 __all__ = ["prefill_attention", "prefill_attention_ref"]
-
-_LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # The interpreter multiplies bf16 operands as raw integers, so on CPU both are widened to fp32
-    # first: the same products a bf16 tensor-core dot with fp32 accumulation computes.
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION)
-
 
 @triton.jit
 def _prefill_attention_kernel(
