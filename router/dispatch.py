@@ -56,6 +56,7 @@ class Placement:
     decode: Worker
     prefill: Worker | None  # None: the decode worker prefills itself
     reservation: worker_pb2.ReserveResponse
+    ticket: int  # from registry.on_reserved, for on_released
 
 
 @dataclass(frozen=True)
@@ -232,8 +233,8 @@ class Dispatcher:
                 self.registry.on_refused(decode)
                 exclude.add(decode.worker_id)
                 continue
-            self.registry.on_reserved(decode, len(reservation.block_ids))
-            return Placement(decode, prefill, reservation)
+            ticket = self.registry.on_reserved(decode, len(reservation.block_ids))
+            return Placement(decode, prefill, reservation, ticket)
         return None
 
     async def _generate(
@@ -346,7 +347,7 @@ class Dispatcher:
                 self._spawn(self._abort(request_id, targets, (decode, prefill)))
             else:
                 self._unuse(decode, prefill)
-            self.registry.on_released(decode)
+            self.registry.on_released(decode, len(placement.reservation.block_ids), placement.ticket)
 
     async def _abort(self, request_id: str, targets: list[Worker], used: tuple[Worker, Worker | None]) -> None:
         """Abort on ``targets``, in a task of its own (the request's task is being cancelled), then let

@@ -116,6 +116,7 @@ class Worker:
     blocks_reserved_since_heartbeat: int = 0
     prefill_tokens_since_heartbeat: int = 0
     num_inflight: int = 0
+    heartbeats: int = 0  # how many heartbeats have been recorded: tells reservations before one from after
 
     @property
     def free_blocks_estimate(self) -> int:
@@ -205,6 +206,7 @@ class WorkerRegistry:
         worker.last_heartbeat = self.clock()
         worker.blocks_reserved_since_heartbeat = 0
         worker.prefill_tokens_since_heartbeat = 0
+        worker.heartbeats += 1
         self._changed()
         return True
 
@@ -279,10 +281,12 @@ class WorkerRegistry:
 
     # --- router-side accounting -------------------------------------------------------------------
 
-    def on_reserved(self, worker: Worker, num_blocks: int) -> None:
+    def on_reserved(self, worker: Worker, num_blocks: int) -> int:
+        """Count a reservation; returns the ticket to hand back to :meth:`on_released`."""
         worker.blocks_reserved_since_heartbeat += num_blocks
         worker.requests_routed_total += 1
         worker.num_inflight += 1
+        return worker.heartbeats
 
     def on_refused(self, worker: Worker) -> None:
         """The worker said no room (or could not be reached): treat it as full until its next heartbeat."""
@@ -296,9 +300,17 @@ class WorkerRegistry:
     def on_prefill_done(self, worker: Worker) -> None:
         worker.num_inflight = max(0, worker.num_inflight - 1)
 
-    def on_released(self, worker: Worker) -> None:
-        """A request on a decode worker finished or was aborted: its blocks are coming back."""
+    def on_released(self, worker: Worker, num_blocks: int = 0, ticket: int | None = None) -> None:
+        """A request on a decode worker finished or was aborted: its blocks are coming back.
+
+        A reservation made since the worker's last heartbeat is handed back to the estimate at once;
+        otherwise a worker whose short requests all ended before its heartbeat would look fuller than
+        an idle neighbour that just reported, and a run of short requests would stick to the neighbour.
+        An older reservation is in the worker's own figure, which its next heartbeat corrects.
+        """
         worker.num_inflight = max(0, worker.num_inflight - 1)
+        if ticket is not None and ticket == worker.heartbeats:
+            worker.blocks_reserved_since_heartbeat = max(0, worker.blocks_reserved_since_heartbeat - num_blocks)
         self._changed()
 
     def _changed(self) -> None:

@@ -104,6 +104,27 @@ def test_router_side_accounting_spreads_a_burst_between_heartbeats():
     assert a.free_blocks_estimate == 100
 
 
+def test_short_requests_alternate_though_one_worker_just_reported():
+    # Serial requests that end before the next heartbeat: a's heartbeat must not make b look fuller
+    # than it is, or every request would go to a.
+    reg, _ = make_registry()
+    a = reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap(free=8, total=8))
+    b = reg.register(WorkerRole.DECODE, "127.0.0.1:7002", FP, cap(free=8, total=8))
+    picks = []
+    for _ in range(6):
+        w = reg.pick_decode(1)
+        ticket = reg.on_reserved(w, 1)
+        picks.append(w.worker_id)
+        reg.on_released(w, 1, ticket)
+        reg.heartbeat(a.worker_id, cap(free=8, total=8))
+    assert picks.count(a.worker_id) == 3 and picks.count(b.worker_id) == 3
+    # A reservation from before a heartbeat is in the worker's own figure: released, it waits for the next.
+    ticket = reg.on_reserved(b, 2)
+    reg.heartbeat(b.worker_id, cap(free=6, total=8))
+    reg.on_released(b, 2, ticket)
+    assert b.free_blocks_estimate == 6
+
+
 def test_pick_prefill_by_queued_tokens():
     reg, _ = make_registry()
     p1 = reg.register(WorkerRole.PREFILL, "127.0.0.1:7001", FP, cap(queued=500))
