@@ -56,7 +56,8 @@ class Placement:
     decode: Worker
     prefill: Worker | None  # None: the decode worker prefills itself
     reservation: worker_pb2.ReserveResponse
-    ticket: int  # from registry.on_reserved, for on_released
+    num_blocks: int  # as counted by registry.on_reserved, handed back by on_released
+    ticket: int
 
 
 @dataclass(frozen=True)
@@ -219,13 +220,18 @@ class Dispatcher:
             request = worker_pb2.ReserveRequest(
                 request_id=request_id, prompt_token_ids=prompt, sampling=sampling, prefill_locally=local
             )
+            # Counted before the Reserve call, not after: requests placed while it is in flight must
+            # see this one, or a burst would all pick the same worker. Undone if the worker says no.
+            ticket = self.registry.on_reserved(decode, num_blocks)
             try:
                 reservation = await self.decode_stub(decode).Reserve(request, timeout=self.config.rpc_timeout_s)
             except asyncio.CancelledError:  # the client left mid-Reserve: it may have reserved anyway
                 self._use(decode)
                 self._spawn(self._abort(request_id, [decode], (decode, None)))
+                self.registry.on_released(decode, num_blocks, ticket)
                 raise
             except grpc.aio.AioRpcError as exc:
+                self.registry.on_released(decode, num_blocks, ticket)
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise APIError(exc.details() or "invalid request", code="invalid_value") from None
                 if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -233,8 +239,7 @@ class Dispatcher:
                 self.registry.on_refused(decode)
                 exclude.add(decode.worker_id)
                 continue
-            ticket = self.registry.on_reserved(decode, len(reservation.block_ids))
-            return Placement(decode, prefill, reservation, ticket)
+            return Placement(decode, prefill, reservation, num_blocks, ticket)
         return None
 
     async def _generate(
@@ -245,6 +250,11 @@ class Dispatcher:
         placement: Placement,
     ) -> AsyncIterator[WorkerEvent]:
         decode, prefill = placement.decode, placement.prefill
+        if prefill is not None:
+            # Picked again now and counted at once (no await between): the Reserve that came before
+            # let other requests pick meanwhile, and a burst must not all land on one prefill worker.
+            prefill = self.registry.pick_prefill() or prefill
+            self.registry.on_prefill_sent(prefill, len(prompt))
         self._use(decode, prefill)
         want_logprobs = sampling.HasField("logprobs")
         queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
@@ -274,7 +284,10 @@ class Dispatcher:
             # A prefill worker whose queue is full says RESOURCE_EXHAUSTED before doing anything: try
             # another (or the same, later) while the decode reservation's lease holds. Bounded.
             for attempt in range(PREFILL_ATTEMPTS):
-                self.registry.on_prefill_sent(worker, len(prompt))
+                if attempt:
+                    await asyncio.sleep(min(2.0, 0.05 * 2 ** (attempt - 1)))
+                    worker = self.registry.pick_prefill(frozenset({worker.worker_id})) or worker
+                    self.registry.on_prefill_sent(worker, len(prompt))
                 try:
                     response = await self.prefill_stub(worker).Prefill(request, timeout=self.config.prefill_timeout_s)
                     queue.put_nowait(("first", response))
@@ -285,8 +298,6 @@ class Dispatcher:
                         return
                 finally:
                     self.registry.on_prefill_done(worker)
-                await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
-                worker = self.registry.pick_prefill(frozenset({worker.worker_id})) or worker
 
         tasks = [asyncio.create_task(read_stream())]
         if prefill is not None:
@@ -347,7 +358,7 @@ class Dispatcher:
                 self._spawn(self._abort(request_id, targets, (decode, prefill)))
             else:
                 self._unuse(decode, prefill)
-            self.registry.on_released(decode, len(placement.reservation.block_ids), placement.ticket)
+            self.registry.on_released(decode, placement.num_blocks, placement.ticket)
 
     async def _abort(self, request_id: str, targets: list[Worker], used: tuple[Worker, Worker | None]) -> None:
         """Abort on ``targets``, in a task of its own (the request's task is being cancelled), then let

@@ -15,18 +15,8 @@ import sys
 
 import pytest
 import torch
+from kernel_modules import KERNEL_MODULES
 
-# Reload order: a module comes after the kernel modules it imports names from.
-KERNEL_MODULES = (
-    "kvferry.kernels._triton",
-    "kvferry.kernels.attention_dot",
-    "kvferry.kernels.store_kv",
-    "kvferry.kernels.kv_transfer",
-    "kvferry.kernels.decode_attention",
-    "kvferry.kernels.prefill_attention",
-    "kvferry.kernels.rms_norm",
-    "kvferry.kernels.rotary",
-)
 
 # Triton imported before this file ran, without the interpreter, cannot run kernels on CPU.
 _TRITON_IMPORTED_TOO_EARLY = not torch.cuda.is_available() and "triton" in sys.modules

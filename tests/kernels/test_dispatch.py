@@ -46,7 +46,7 @@ def test_every_triton_kernel_module_is_reloaded_for_the_interpreter():
     # an earlier test folder imported it, and its kernels fail only in a full run.
     import pathlib
 
-    from conftest import KERNEL_MODULES
+    from kernel_modules import KERNEL_MODULES
 
     folder = pathlib.Path(dispatch.__file__).parent
     using = {f"kvferry.kernels.{p.stem}" for p in folder.glob("*.py")

@@ -38,8 +38,9 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
     """Output token k of every request is ``script[k]``; one token per ``token_delay`` seconds."""
 
     def __init__(self, script: list[int], total_blocks: int = 64, token_delay: float = 0.0,
-                 eos: int = 2, repeat_first: bool = False) -> None:
+                 eos: int = 2, repeat_first: bool = False, reserve_delay: float = 0.0) -> None:
         self.script = script
+        self.reserve_delay = reserve_delay  # seconds each Reserve takes: makes a burst's Reserves overlap
         self.total_blocks = total_blocks
         self.token_delay = token_delay
         self.eos = eos
@@ -64,6 +65,7 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
 
     def Reserve(self, request, context):
         need = -(-(len(request.prompt_token_ids) + 1) // BLOCK_SIZE)
+        time.sleep(self.reserve_delay)
         with self.lock:
             if need > self.free_blocks:
                 self.refused += 1

@@ -27,7 +27,7 @@ DECODE, PREFILL = router_pb2.WORKER_ROLE_DECODE, router_pb2.WORKER_ROLE_PREFILL
 
 class Cluster:
     def __init__(self, router, served_model, num_decode=1, total_blocks=64, token_delay=0.0,
-                 repeat_first=False, num_prefill=1, prefill_answer_delay=0.0):
+                 repeat_first=False, num_prefill=1, prefill_answer_delay=0.0, reserve_delay=0.0):
         self.router = router
         self.model = served_model
         self.script = served_model.tokenizer.encode(TEXT, add_special_tokens=False) + [2]
@@ -35,7 +35,7 @@ class Cluster:
         self.workers = []
         for _ in range(num_decode):
             d = ScriptedDecode(self.script, total_blocks=total_blocks, token_delay=token_delay,
-                               repeat_first=repeat_first)
+                               repeat_first=repeat_first, reserve_delay=reserve_delay)
             w = WorkerProcess(d, DECODE, router.grpc_address)
             self.decoders[w.address] = d
             self.workers.append(w)
@@ -306,7 +306,9 @@ def test_queue_timeout_is_a_clear_503(cluster):
     assert "needs 1 KV blocks" in error["message"]
 
 
-@pytest.mark.parametrize("cluster", [{"num_decode": 2, "num_prefill": 2, "total_blocks": 8}], indirect=True)
+# Slow Reserves: a burst's placements overlap, so each must see those still waiting for their answer.
+@pytest.mark.parametrize("cluster", [{"num_decode": 2, "num_prefill": 2, "total_blocks": 8, "reserve_delay": 0.2}],
+                         indirect=True)
 def test_load_is_shared_across_workers(cluster):
     def one():
         post(cluster, "/v1/completions", {"prompt": "x", "max_tokens": 5})
