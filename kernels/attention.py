@@ -10,6 +10,7 @@ reads it; anything derivable once per step (gather indices, masks) is computed h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -156,6 +157,10 @@ def decode_attention_ref(
     return out.reshape(num_decodes, num_heads, head_dim)
 
 
+# (query [B, H, D], kv_cache, attn, scale) -> [B, H, D]: one query token per decoding request
+DecodeAttention = Callable[[torch.Tensor, torch.Tensor, "AttentionMetadata", float], torch.Tensor]
+
+
 def paged_attention_ref(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -163,15 +168,18 @@ def paged_attention_ref(
     kv_cache: torch.Tensor,
     attn: AttentionMetadata,
     scale: float,
+    decode: DecodeAttention | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Store the new K/V, then attend: each prefill chunk, then all decodes at once."""
+    """Store the new K/V, then attend: each prefill chunk, then all decodes at once (by ``decode``,
+    ``decode_attention_ref`` unless given: the dispatcher passes its CPU kernel)."""
+    decode = decode or decode_attention_ref
     store_kv_ref(key, value, kv_cache, attn.slot_mapping)
     if not attn.prefills:
-        return decode_attention_ref(query, kv_cache, attn, scale)
+        return decode(query, kv_cache, attn, scale)
     parts = []
     for chunk in attn.prefills:
         sl = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         parts.append(prefill_attention_ref(query[sl], key[sl], value[sl], kv_cache, chunk, scale))
     if attn.num_decodes:
-        parts.append(decode_attention_ref(query[attn.num_prefill_tokens :], kv_cache, attn, scale))
+        parts.append(decode(query[attn.num_prefill_tokens :], kv_cache, attn, scale))
     return torch.cat(parts) if len(parts) > 1 else parts[0]

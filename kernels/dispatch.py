@@ -1,14 +1,18 @@
-"""The one entry point the engine calls for kernels: Triton on CUDA, the torch reference elsewhere.
+"""The one entry point the engine calls for kernels: Triton on CUDA, the CPU kernels or the torch
+reference elsewhere.
 
-A call takes the Triton path when its tensors are on a CUDA device and triton is importable; CPU
-tensors always take the reference (the Triton interpreter is for tests only, far too slow to serve).
+A call takes the Triton path when its tensors are on a CUDA device and triton is importable (the
+Triton interpreter is for tests only, far too slow to serve). bf16 CPU tensors take kvferry's CPU
+kernels (``cpu_kernels.py``: decode attention, RMSNorm) where the CPU has AVX512-BF16; everything
+else takes the torch reference, which is also what fp32 (the exactness path) always runs.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from kvferry.kernels import _triton
+from kvferry.kernels import _triton, cpu_kernels
 from kvferry.kernels.attention import AttentionMetadata, paged_attention_ref
 from kvferry.kernels.decode_attention import decode_attention
 from kvferry.kernels.kv_transfer import gather_kv_blocks_ref, scatter_kv_blocks_ref
@@ -29,6 +33,45 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and _triton.HAS_TRITON
 
 
+def _use_cpu_kernels(t: torch.Tensor) -> bool:
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and cpu_kernels.available()
+
+
+def _decode_attention_cpu(
+    query: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    assert attn.block_tables is not None and attn.context_lens is not None
+    return cpu_kernels.decode_attention(query, kv_cache, attn.block_tables, attn.context_lens, scale)
+
+
+def fused_cpu_decode(qkv: torch.Tensor, attn: AttentionMetadata, head_dim: int) -> bool:
+    """Whether a layer's attention can run as ``decode_attention_cpu``: a decode-only bf16 CPU batch."""
+    return not attn.prefills and _use_cpu_kernels(qkv) and head_dim % 16 == 0
+
+
+def decode_attention_cpu(
+    qkv: torch.Tensor,  # [T, (H + 2 * KVH) * D]: the layer's q/k/v product, RoPE not yet applied
+    cos: torch.Tensor,  # [T, 1, D] (duplicated halves), bf16
+    sin: torch.Tensor,  # [T, 1, D] (duplicated halves, sign of rotate_half folded in), bf16
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    num_heads: int,
+    num_kv_heads: int,
+    scale: float,
+) -> torch.Tensor:  # [T, H, D]
+    """RoPE, the K/V store and decode attention in two kernel calls (see ``fused_cpu_decode``)."""
+    assert attn.block_tables is not None and attn.context_lens is not None
+    q = cpu_kernels.rope_store_kv(qkv, cos, sin, kv_cache, attn.slot_mapping, num_heads, num_kv_heads)
+    return cpu_kernels.decode_attention(q, kv_cache, attn.block_tables, attn.context_lens, scale)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] (gate first) -> [T, I]
+    if _use_cpu_kernels(gate_up) and gate_up.dim() == 2 and gate_up.is_contiguous():
+        return cpu_kernels.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def paged_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -40,6 +83,8 @@ def paged_attention(
     """Store the new K/V at ``attn.slot_mapping``, then attend (prefill chunks first, then decodes)."""
     if _use_triton(query):
         return paged_attention_triton(query, key, value, kv_cache, attn, scale)
+    if _use_cpu_kernels(query) and query.shape[-1] % 16 == 0:
+        return paged_attention_ref(query, key, value, kv_cache, attn, scale, decode=_decode_attention_cpu)
     return paged_attention_ref(query, key, value, kv_cache, attn, scale)
 
 
@@ -122,7 +167,11 @@ def rms_norm(
     eps: float,
     residual: torch.Tensor | None = None,  # [num_tokens, hidden]
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, new residual = x + residual, or x itself)
-    return (_rms_norm_triton if _use_triton(x) else rms_norm_ref)(x, weight, eps, residual)
+    if _use_triton(x):
+        return _rms_norm_triton(x, weight, eps, residual)
+    if _use_cpu_kernels(x) and weight.dtype == torch.bfloat16 and x.dim() == 2:
+        return cpu_kernels.rms_norm(x, weight, eps, residual)
+    return rms_norm_ref(x, weight, eps, residual)
 
 
 def rotary(

@@ -186,7 +186,8 @@ def test_allocate_kv_caches_layout() -> None:
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_equals_f_linear(bias: bool) -> None:
-    """The oneDNN-prepacked bf16 path is the same kernel as F.linear's, bit for bit, at any batch."""
+    """The oneDNN-prepacked bf16 path is the same kernel as F.linear's, bit for bit, above the few
+    tokens that go to the skinny CPU kernel (tests/kernels/test_cpu_kernels.py)."""
     import torch.nn.functional as F
 
     from kvferry.engine.model import Linear
@@ -195,7 +196,7 @@ def test_packed_linear_equals_f_linear(bias: bool) -> None:
     layer = Linear(96, 160, bias=bias).to(torch.bfloat16)
     layer.pack()
     assert layer.packed is not None
-    for num_tokens in (1, 7, 64, 300):
+    for num_tokens in (9, 64, 300):
         x = torch.randn(num_tokens, 96, dtype=torch.bfloat16)
         with torch.inference_mode():
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))

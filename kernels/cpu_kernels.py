@@ -1,0 +1,131 @@
+"""kvferry's CPU kernels (``csrc/``) for x86 with AVX512-BF16: the bf16 decode path's hot spots.
+
+- ``skinny_linear``: a linear over 1-8 tokens. At decode a linear reads its whole weight for a few
+  tokens, so its speed is the speed at which it streams the weight; oneDNN's bf16 path reads it at
+  about half this machine's bandwidth at batch 1, this kernel at close to it (docs/PERFORMANCE.md).
+  Every (token, output) is summed in the same order whatever the token count, so a token's result
+  does not depend on its batch.
+- ``decode_attention``: one query token per request, straight from the paged cache (the torch
+  reference gathers the blocks into a copy, then SDPA's set-up costs more than the attention).
+- ``rope_store_kv``: RoPE on q and k and the store of k and v into the cache, in one pass.
+- ``rms_norm``: the residual add and RMSNorm in one pass, with the reference's roundings.
+- ``silu_mul``: the gated MLP's ``silu(gate) * up`` in one pass.
+
+They are compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja, ~1 minute once;
+cached in torch's extension folder, so later processes load them in milliseconds). Where they cannot
+run — a CPU without AVX512-BF16, no compiler, or ``KVFERRY_CPU_KERNELS=0`` — ``load()`` returns
+None, logs why once, and callers keep the torch paths (oneDNN, the references). fp32 models never
+use them: fp32 stays on the exact-reference path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import threading
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MAX_TOKENS = 8  # beyond this a linear is no longer a weight read; oneDNN's GEMM takes it
+SOURCES = [
+    pathlib.Path(__file__).parent / "csrc" / name
+    for name in ("bindings.cpp", "skinny_linear.cpp", "decode_attention.cpp", "rope_store_kv.cpp", "rms_norm.cpp",
+                 "silu_mul.cpp")
+]
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+
+_lock = threading.Lock()
+_module = None
+_tried = False
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def load():
+    """The compiled extension, or None where it cannot run (the reason is logged once)."""
+    global _module, _tried
+    with _lock:
+        if _tried:
+            return _module
+        _tried = True
+        if os.environ.get("KVFERRY_CPU_KERNELS", "1") == "0":
+            logger.info("CPU kernels off (KVFERRY_CPU_KERNELS=0): the bf16 path uses oneDNN and the references")
+        elif not cpu_has_avx512_bf16():
+            logger.info("CPU has no AVX512-BF16: the bf16 path uses oneDNN and the references")
+        else:
+            try:
+                from torch.utils.cpp_extension import load as load_extension
+
+                _module = load_extension(
+                    name="kvferry_cpu_kernels",
+                    sources=[str(s) for s in SOURCES],
+                    extra_cflags=FLAGS,
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as e:  # no compiler or ninja, or a build error: the torch paths still work
+                logger.warning("CPU kernels unavailable (%s: %s): the bf16 path uses oneDNN and the references",
+                               type(e).__name__, e)
+        return _module
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias_fp32: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for 1 to ``MAX_TOKENS`` bf16 rows (any leading shape); needs ``load()``."""
+    rows = x.reshape(-1, x.shape[-1])
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    out = _module.skinny_linear(rows, weight, _EMPTY if bias_fp32 is None else bias_fp32)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def decode_attention(
+    query: torch.Tensor,  # [B, H, D] bf16 (rows contiguous; may be a view into a larger tensor)
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KVH, D] bf16
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    context_lens: torch.Tensor,  # [B] int32
+    scale: float,
+) -> torch.Tensor:  # [B, H, D]
+    return _module.decode_attention(query, kv_cache, block_tables, context_lens, scale)
+
+
+def rope_store_kv(
+    qkv: torch.Tensor,  # [T, (H + 2 * KVH) * D] bf16
+    cos: torch.Tensor,  # [T, D] (any shape of T * D elements) bf16
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KVH, D] bf16
+    slot_mapping: torch.Tensor,  # [T] int64
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:  # q [T, H, D], rotated
+    return _module.rope_store_kv(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(_module.rms_norm(x, weight, eps, residual))
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] bf16 -> [T, I]
+    return _module.silu_mul(gate_up)
+
+
+_EMPTY = torch.empty(0)
+
+
+if __name__ == "__main__":  # `python -m kvferry.kernels.cpu_kernels`: build now, say what happened
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print("kvferry CPU kernels:", "built" if load() is not None else "not available (the torch paths will run)")
