@@ -28,6 +28,7 @@ import torch
 
 from kvferry.engine.config import DTYPES, ModelConfig
 from kvferry.transport.base import FirstToken, KVFingerprint, KVTarget, TransferState, gather_blocks
+from kvferry.transport.grpc_transport import DEFAULT_CHUNK_BYTES, DEFAULT_WINDOW_BYTES
 
 SINK_SERVICE = "kvferry.bench.Sink"  # raw bytes messages, no protobuf, no KV writes
 
@@ -190,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-layers", type=int, default=DEFAULT_SHAPE["num_layers"])
     parser.add_argument("--num-kv-heads", type=int, default=DEFAULT_SHAPE["num_kv_heads"])
     parser.add_argument("--head-dim", type=int, default=DEFAULT_SHAPE["head_dim"])
-    parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
-    parser.add_argument("--window-bytes", type=int, default=16 << 20, help="HTTP/2 flow-control window")
+    parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
+    parser.add_argument("--window-bytes", type=int, default=DEFAULT_WINDOW_BYTES, help="HTTP/2 flow-control window")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -44,16 +44,25 @@ from kvferry.transport.base import (
 )
 from kvferry.transport.receiver import KVReceiver
 
-DEFAULT_CHUNK_BYTES = 1024 * 1024
+DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024  # a whole layer of a 2k-token SmolLM2 request in one message
 DEFAULT_WINDOW_BYTES = 16 * 1024 * 1024  # HTTP/2 flow-control window per stream
 MESSAGE_OVERHEAD = 64 * 1024  # header fields around a chunk's bytes
 
 
 def channel_options(max_message_bytes: int, window_bytes: int = DEFAULT_WINDOW_BYTES) -> list[tuple[str, int]]:
+    """Options for channels and servers that carry KV: room for a chunk, a large HTTP/2 window, and
+    bulk-sized frames and socket reads. gRPC's defaults (16 KB frames, reads that start at 8 KB) suit
+    small RPCs; with these, a stream of 1 MB messages moved at 0.8-0.9 of a raw loopback socket here
+    instead of 0.6 (a sink that only counts bytes, same run; see docs/KV_TRANSFER.md)."""
     return [
         ("grpc.max_send_message_length", max_message_bytes + MESSAGE_OVERHEAD),
         ("grpc.max_receive_message_length", max_message_bytes + MESSAGE_OVERHEAD),
         ("grpc.http2.lookahead_bytes", window_bytes),
+        ("grpc.http2.max_frame_size", 16 * 1024 * 1024 - 1),  # the largest HTTP/2 allows
+        ("grpc.http2.write_buffer_size", window_bytes),
+        ("grpc.experimental.tcp_read_chunk_size", 4 * 1024 * 1024),
+        ("grpc.experimental.tcp_min_read_chunk_size", 1024 * 1024),
+        ("grpc.experimental.tcp_max_read_chunk_size", window_bytes),
     ]
 
 

@@ -190,12 +190,19 @@ class ReceiveSession:
         self.layer_nbytes = layer_nbytes
         cache = receiver.kv_caches[0]  # [2, num_blocks, block_size, num_kv_heads, head_dim], contiguous
         assert all(c.is_contiguous() for c in receiver.kv_caches)
-        self._dtype = cache.dtype
         self._row_bytes = cache[0, 0].numel() * cache.element_size()  # one K or V block
+        # Rows are moved as opaque 8-byte words where they divide evenly: torch's CPU row scatter
+        # runs ~3x faster on float64 than on bf16 elements (11 vs 3.4 GB/s here), and a same-dtype
+        # copy moves bits without arithmetic, so the bf16 values arrive unchanged.
+        self._dtype = torch.float64 if self._row_bytes % 8 == 0 and cache.device.type == "cpu" else cache.dtype
         self._num_cache_rows = 2 * cache.shape[1]
         ids = torch.tensor(res.block_ids, dtype=torch.int64, device=cache.device)
         self._target_rows = torch.cat([ids, ids + cache.shape[1]])  # payload row -> cache row
         self._pending: deque[Future] = deque()  # copies submitted to the receiver's copy thread
+        # Into a CPU cache the copy is a memcpy that releases the GIL, cheaper done here than handed
+        # to a thread (the transport keeps receiving into its flow-control window meanwhile); a GPU
+        # cache's host-to-device copy goes to the copy thread.
+        self._copy_inline = cache.device.type == "cpu"
 
     @property
     def request_id(self) -> str:
@@ -208,6 +215,7 @@ class ReceiveSession:
         copied straight into their blocks, a partial row waits for the next chunk (senders that cut
         chunks on row boundaries, as ours do, never leave one)."""
         res, n = self._res, len(data)
+        copy = None
         with res.lock:
             self._check_pending()
             if not 0 <= layer_idx < len(self._receiver.kv_caches) or layer_idx in res.layers_done:
@@ -227,14 +235,18 @@ class ReceiveSession:
                     rows = torch.frombuffer(data, dtype=torch.uint8, count=num_rows * self._row_bytes)
                 rows = rows.view(self._dtype).view(num_rows, -1)
                 target = self._target_rows[row_start : row_start + num_rows]
-                # Copied by the receiver's copy thread, so this (transport) thread goes on receiving.
-                self._pending.append(self._receiver._copier.submit(self._copy, layer_idx, target, rows))
+                if self._copy_inline:
+                    copy = (layer_idx, target, rows)
+                else:  # by the copy thread, so this (transport) thread goes on receiving meanwhile
+                    self._pending.append(self._receiver._copier.submit(self._copy, layer_idx, target, rows))
             res.progress[layer_idx] = (offset + n, bytes(data[num_rows * self._row_bytes :]))
             res.bytes_received += n
             res.last_activity = time.monotonic()
             if offset + n == self.layer_nbytes:
                 res.progress.pop(layer_idx)
                 res.layers_done.add(layer_idx)
+        if copy is not None:
+            self._copy(*copy)
         self._wait_copies(keep=self._receiver.max_pending_copies)
 
     def _copy(self, layer_idx: int, target: torch.Tensor, rows: torch.Tensor) -> None:
@@ -242,9 +254,9 @@ class ReceiveSession:
         with res.lock:  # cancel() takes this lock: after it, no copy touches the blocks
             if res.state is not TransferState.PENDING:
                 return
-            cache_rows = self._receiver.kv_caches[layer_idx].view(self._num_cache_rows, -1)
+            cache_rows = self._receiver.kv_caches[layer_idx].view(self._dtype).view(self._num_cache_rows, -1)
             with torch.inference_mode():  # the engine may have made its caches as inference tensors
-                cache_rows.index_copy_(0, target, rows.to(cache_rows.device))
+                cache_rows.index_put_((target,), rows.to(cache_rows.device))
 
     def _wait_copies(self, keep: int) -> None:
         """Wait until at most ``keep`` copies are queued (bounds the memory they pin); re-raise errors."""

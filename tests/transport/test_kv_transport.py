@@ -121,6 +121,27 @@ def test_grpc_round_trip_reproduces_kv_exactly(grpc_receiver, chunk_bytes):
     assert handle.bytes_sent == NUM_LAYERS * fingerprint().layer_nbytes(len(src_blocks))
 
 
+def test_grpc_round_trip_keeps_every_bit_pattern(grpc_receiver):
+    # The receiver moves rows as 8-byte words: NaN payloads, infinities, -0 and subnormals in bf16
+    # (and words that read as float64 NaNs) must arrive bit for bit.
+    receiver, address, _ = grpc_receiver
+    g = torch.Generator().manual_seed(5)
+    shape = (2, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    src = [torch.randint(-(2**15), 2**15, shape, generator=g, dtype=torch.int16).view(torch.bfloat16)
+           for _ in range(NUM_LAYERS)]
+    src[0].view(torch.int16)[0, 0, 0, 0, :4] = torch.tensor([0x7FC1, 0xFF81 - 0x10000, 0x7FF8, 0x7FF0], dtype=torch.int16)
+    receiver.expect("bits", [3, 8])
+    sender = GrpcKVSender(fingerprint(), chunk_bytes=1 << 20)
+    try:
+        handle = send_all(sender, KVTarget(address, receiver.instance_id, timeout_s=10.0), "bits", src, [0, 9],
+                          FirstToken(1))
+        assert handle.wait(10.0) is TransferState.DONE, handle.error
+    finally:
+        sender.close()
+    for s, d in zip(src, receiver.kv_caches):
+        assert torch.equal(s[:, [0, 9]].view(torch.int16), d[:, [3, 8]].view(torch.int16))
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [
