@@ -66,8 +66,9 @@ def decode_attention_cpu(
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] (gate first) -> [T, I]
-    if _use_cpu_kernels(gate_up) and gate_up.dim() == 2 and gate_up.is_contiguous():
-        return cpu_kernels.silu_mul(gate_up)
+    # The kernel's exp is scalar: it wins over torch's two vectorized ops only for a few tokens.
+    if gate_up.dim() == 2 and gate_up.shape[0] <= cpu_kernels.MAX_TOKENS and _use_cpu_kernels(gate_up):
+        return cpu_kernels.silu_mul(gate_up.contiguous())
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -169,7 +170,8 @@ def rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, new residual = x + residual, or x itself)
     if _use_triton(x):
         return _rms_norm_triton(x, weight, eps, residual)
-    if _use_cpu_kernels(x) and weight.dtype == torch.bfloat16 and x.dim() == 2:
+    # One pass per row, not vectorized across rows: for decode batches, not prefill chunks.
+    if x.dim() == 2 and x.shape[0] <= 64 and weight.dtype == torch.bfloat16 and _use_cpu_kernels(x):
         return cpu_kernels.rms_norm(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
 
