@@ -3,8 +3,9 @@ reference elsewhere.
 
 A call takes the Triton path when its tensors are on a CUDA device and triton is importable (the
 Triton interpreter is for tests only, far too slow to serve). bf16 CPU tensors take kvferry's CPU
-kernels (``cpu_kernels.py``: decode attention, RMSNorm) where the CPU has AVX512-BF16; everything
-else takes the torch reference, which is also what fp32 (the exactness path) always runs.
+kernels (``cpu_kernels.py``: decode attention, RoPE + KV store, and for decode-sized batches RMSNorm
+and silu*mul) where the CPU has AVX512-BF16; everything else takes the torch reference, which is
+also what fp32 (the exactness path) always runs.
 """
 
 from __future__ import annotations
