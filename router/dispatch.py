@@ -272,7 +272,11 @@ class Dispatcher:
             except grpc.aio.AioRpcError as exc:
                 queue.put_nowait(("error", _rpc_error(decode, exc)))
 
+        prefill_started = False  # run_prefill took over the accounting of the send counted above
+
         async def run_prefill(worker: Worker) -> None:
+            nonlocal prefill_started
+            prefill_started = True
             request = worker_pb2.PrefillRequest(
                 request_id=request_id,
                 prompt_token_ids=prompt,
@@ -352,6 +356,8 @@ class Dispatcher:
             for task in tasks:
                 task.cancel()
             stream.cancel()
+            if prefill is not None and not prefill_started:  # cancelled before its first step
+                self.registry.on_prefill_done(prefill)
             # Abort is idempotent on the workers; skip only what is known to be over.
             targets = ([decode] if not finished else []) + ([prefill] if prefill and not prefill_done else [])
             if targets:
