@@ -58,6 +58,7 @@ class Linear(nn.Linear):
         self.register_buffer("packed", None, persistent=False)
         self.skinny = False
         self.bias_fp32: Tensor | None = None
+        self.next_weight: Tensor | None = None  # the weight read after this one (see pack_weights)
 
     def pack(self) -> None:
         self.packed = pack_weight(self.weight) if _can_pack(self.weight) else None
@@ -67,7 +68,7 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is not None:
             if self.skinny and x.numel() <= cpu_kernels.MAX_TOKENS * x.shape[-1]:
-                return cpu_kernels.skinny_linear(x, self.weight, self.bias_fp32)
+                return cpu_kernels.skinny_linear(x, self.weight, self.bias_fp32, self.next_weight)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -248,6 +249,12 @@ class LlamaForCausalLM(nn.Module):
         head = self.embed_tokens.weight
         self.packed_lm_head = pack_weight(head) if self.lm_head is None and _can_pack(head) else None
         self.skinny_lm_head = self.packed_lm_head is not None and cpu_kernels.load() is not None
+        # Each skinny linear prefetches the start of the weight read after it, in decode order.
+        order = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                      layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        weights = [m.weight for m in order[1:]] + [self.lm_head.weight if self.lm_head is not None else head]
+        for module, following in zip(order, weights, strict=True):
+            module.next_weight = following.detach() if module.skinny else None
 
 
 def allocate_kv_caches(

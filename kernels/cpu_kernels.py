@@ -82,12 +82,17 @@ def available() -> bool:
     return load() is not None
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias_fp32: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for 1 to ``MAX_TOKENS`` bf16 rows (any leading shape); needs ``load()``."""
+def skinny_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias_fp32: torch.Tensor | None, next_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` for 1 to ``MAX_TOKENS`` bf16 rows (any leading shape); needs ``load()``.
+    ``next_weight``: the weight the caller reads next, whose start is prefetched as this call ends."""
     rows = x.reshape(-1, x.shape[-1])
     if not rows.is_contiguous():
         rows = rows.contiguous()
-    out = _module.skinny_linear(rows, weight, _EMPTY if bias_fp32 is None else bias_fp32)
+    out = _module.skinny_linear(
+        rows, weight, _EMPTY if bias_fp32 is None else bias_fp32, _EMPTY if next_weight is None else next_weight
+    )
     return out.view(*x.shape[:-1], weight.shape[0])
 
 

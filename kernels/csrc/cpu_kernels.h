@@ -4,8 +4,9 @@
 
 #include <ATen/ATen.h>
 
-// y = x @ w.T (+ bias) for 1-8 bf16 rows of x; w [N, K] bf16, bias fp32 [N] or empty.
-at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias);
+// y = x @ w.T (+ bias) for 1-8 bf16 rows of x; w [N, K] bf16, bias fp32 [N] or empty; next: the
+// weight read next (prefetched as this call ends), or empty.
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& next);
 
 // One query token per request over its paged K/V. query [B, H, D] bf16; kv_cache [2, num_blocks,
 // block_size, KVH, D] bf16; block_tables [B, max_blocks] int32; context_lens [B] int32.

@@ -75,22 +75,41 @@ void gemv_rows(const uint16_t* x, const uint16_t* w, const float* bias, uint16_t
   if (n < n1) gemv_rows<M, 1>(x, w, bias, y, K, N, n, n1);
 }
 
+// The start of each thread's share of the weight the next call will read, asked for into L2 as this
+// call ends: it arrives while Python runs the ops between the two linears, instead of the next call
+// starting on a cold stream.
+void prefetch_next(const char* next, int64_t next_bytes, bool whole_range) {
+  if (next == nullptr || next_bytes == 0) return;
+  const int64_t threads = at::get_num_threads(), share = next_bytes / threads;
+  for (int64_t t = 0; t < threads; ++t) {
+    if (!whole_range && t != at::get_thread_num()) continue;
+    const char* start = next + t * share;
+    for (int64_t i = 0; i < std::min(share, kPrefetchFar); i += 64) _mm_prefetch(start + i, _MM_HINT_T1);
+  }
+}
+
 template <int M>
-void gemv(const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* y, int64_t K, int64_t N) {
+void gemv(const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* y, int64_t K, int64_t N,
+          const char* next, int64_t next_bytes) {
   constexpr int ROWS = M == 1 ? 4 : (M == 2 ? 2 : 1);
   // Grain: about 64 KB of weights per task, so small matrices stay on one thread.
   const int64_t grain = std::max<int64_t>(ROWS, (65536 / (2 * K)) / ROWS * ROWS);
-  if (N < ROWS) return gemv_rows<M, ROWS>(x, w, bias, y, K, N, 0, N);
+  if (N < ROWS) {
+    gemv_rows<M, ROWS>(x, w, bias, y, K, N, 0, N);
+    return prefetch_next(next, next_bytes, true);
+  }
   at::parallel_for(0, N / ROWS, grain / ROWS, [&](int64_t begin, int64_t end) {
     const int64_t n1 = end * ROWS == N / ROWS * ROWS ? N : end * ROWS;
     gemv_rows<M, ROWS>(x, w, bias, y, K, N, begin * ROWS, n1);
+    prefetch_next(next, next_bytes, begin == 0 && end == N / ROWS);
   });
 }
 
 }  // namespace
 
-// x [M, K] bf16, w [N, K] bf16, bias [N] fp32 or empty; returns [M, N] bf16. 1 <= M <= 8.
-at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+// x [M, K] bf16, w [N, K] bf16, bias [N] fp32 or empty; returns [M, N] bf16. 1 <= M <= 8. next: the
+// weight the caller's next linear reads (any dtype), or empty.
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& next) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "skinny_linear: shapes ", x.sizes(), " ", w.sizes());
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "skinny_linear: bf16 only");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "skinny_linear: contiguous tensors only");
@@ -103,15 +122,18 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const float* bp = bias.defined() && bias.numel() ? bias.data_ptr<float>() : nullptr;
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const bool has_next = next.defined() && next.numel() > 0 && next.is_contiguous();
+  const char* np = has_next ? static_cast<const char*>(next.data_ptr()) : nullptr;
+  const int64_t nb = has_next ? next.numel() * next.element_size() : 0;
   switch (M) {
-    case 1: gemv<1>(xp, wp, bp, yp, K, N); break;
-    case 2: gemv<2>(xp, wp, bp, yp, K, N); break;
-    case 3: gemv<3>(xp, wp, bp, yp, K, N); break;
-    case 4: gemv<4>(xp, wp, bp, yp, K, N); break;
-    case 5: gemv<5>(xp, wp, bp, yp, K, N); break;
-    case 6: gemv<6>(xp, wp, bp, yp, K, N); break;
-    case 7: gemv<7>(xp, wp, bp, yp, K, N); break;
-    default: gemv<8>(xp, wp, bp, yp, K, N); break;
+    case 1: gemv<1>(xp, wp, bp, yp, K, N, np, nb); break;
+    case 2: gemv<2>(xp, wp, bp, yp, K, N, np, nb); break;
+    case 3: gemv<3>(xp, wp, bp, yp, K, N, np, nb); break;
+    case 4: gemv<4>(xp, wp, bp, yp, K, N, np, nb); break;
+    case 5: gemv<5>(xp, wp, bp, yp, K, N, np, nb); break;
+    case 6: gemv<6>(xp, wp, bp, yp, K, N, np, nb); break;
+    case 7: gemv<7>(xp, wp, bp, yp, K, N, np, nb); break;
+    default: gemv<8>(xp, wp, bp, yp, K, N, np, nb); break;
   }
   return y;
 }

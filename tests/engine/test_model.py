@@ -214,3 +214,13 @@ def test_pack_weights_keeps_bfloat16_logits(make_hf_checkpoint, paged_runner, va
     runner = paged_runner(loaded.model, len(ids) + 1)
     assert torch.equal(runner.prefill(ids), before)
     runner.decode(int(before[-1].argmax()), len(ids))  # the decode path runs on packed weights too
+    model = loaded.model
+    if model.layers[0].mlp.down_proj.skinny:  # each skinny linear prefetches the weight read after it
+        first, second = model.layers[0], model.layers[1]
+        def same(a, b):
+            return a.data_ptr() == b.data_ptr() and a.shape == b.shape
+
+        assert same(first.self_attn.qkv_proj.next_weight, first.self_attn.o_proj.weight)
+        assert same(first.mlp.down_proj.next_weight, second.self_attn.qkv_proj.weight)
+        head = model.lm_head.weight if model.lm_head is not None else model.embed_tokens.weight
+        assert same(model.layers[-1].mlp.down_proj.next_weight, head)

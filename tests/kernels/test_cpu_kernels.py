@@ -42,6 +42,8 @@ def test_matches_an_fp32_product(out_features, in_features, tokens, with_bias):
     expected = x.float() @ w.float().T + (0 if bias is None else bias)
     # fp32 accumulation, then one rounding to bf16 (relative step 2^-8)
     torch.testing.assert_close(out.float(), expected, rtol=2**-8, atol=1e-3 * in_features**0.5)
+    # Prefetching the next weight changes nothing in the result.
+    assert torch.equal(out, cpu_kernels.skinny_linear(x, w, bias, next_weight=torch.randn(300, 70).bfloat16()))
     # A token's result does not depend on the others in its batch.
     for i in range(tokens):
         assert torch.equal(out[i : i + 1], cpu_kernels.skinny_linear(x[i : i + 1], w, bias))
@@ -63,11 +65,11 @@ def test_linear_takes_it_for_few_tokens_and_onednn_for_many():
 def test_bad_input_is_refused_with_the_reason():
     w = torch.randn(8, 64).bfloat16()
     with pytest.raises(RuntimeError, match="bf16 only"):
-        cpu_kernels.load().skinny_linear(torch.randn(1, 64), w, torch.empty(0))
+        cpu_kernels.load().skinny_linear(torch.randn(1, 64), w, torch.empty(0), torch.empty(0))
     with pytest.raises(RuntimeError, match="M <= 8"):
-        cpu_kernels.load().skinny_linear(torch.randn(9, 64).bfloat16(), w, torch.empty(0))
+        cpu_kernels.load().skinny_linear(torch.randn(9, 64).bfloat16(), w, torch.empty(0), torch.empty(0))
     with pytest.raises(RuntimeError, match="shapes"):
-        cpu_kernels.load().skinny_linear(torch.randn(1, 32).bfloat16(), w, torch.empty(0))
+        cpu_kernels.load().skinny_linear(torch.randn(1, 32).bfloat16(), w, torch.empty(0), torch.empty(0))
 
 
 BF16_CASES = [c for c in FULL_GRID if c.dtype == torch.bfloat16]
