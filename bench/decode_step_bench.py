@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from engine_bench import measure_read_bandwidth, prompt_ids
+from engine_bench import kvferry_decode, measure_read_bandwidth, prompt_ids
 from kvferry.engine.config import default_model_path
 from kvferry.engine.llm import LLM
 from kvferry.engine.sampling import SamplingParams
@@ -55,20 +55,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ---- part 1: kvferry's decode step against the floor ---------------------------------------------
 def decode_step(llm: LLM, batch: int, steps: int, salt: int) -> tuple[float, int]:
     """Median seconds per decode step with ``batch`` streams, and the mean context length meanwhile."""
-    engine = llm.engine
-    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"s{batch}-{salt}-{i}", prompt_ids(PROMPT_LEN, salt * 1000 + i), params)
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests.values()):
-        engine.step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
-    while engine.has_unfinished_requests():
-        engine.step()
-    return statistics.median(times), PROMPT_LEN + steps // 2
+    return kvferry_decode(llm, batch, steps, salt, PROMPT_LEN), PROMPT_LEN + steps // 2
 
 
 def kv_bytes_per_step(llm: LLM, batch: int, context_len: int) -> int:

@@ -57,12 +57,13 @@ def kvferry_prefill(llm: LLM, length: int, salt: int) -> float:
     return elapsed
 
 
-def kvferry_decode(llm: LLM, batch: int, steps: int, salt: int) -> float:
-    """Seconds per decode step with ``batch`` streams, all prompts already prefilled."""
+def kvferry_decode(llm: LLM, batch: int, steps: int, salt: int, prompt_len: int = DECODE_CONTEXT) -> float:
+    """Median seconds per decode step with ``batch`` streams of ``prompt_len``-token prompts, all
+    prompts already prefilled."""
     engine = llm.engine
     params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"d{batch}-{salt}-{i}", prompt_ids(DECODE_CONTEXT, salt * 1000 + i), params)
+        engine.add_request(f"d{batch}-{salt}-{i}", prompt_ids(prompt_len, salt * 1000 + i), params)
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests.values()):
         engine.step()
     times = [_timed(engine.step) for _ in range(steps)]

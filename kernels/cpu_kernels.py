@@ -53,6 +53,8 @@ def cpu_has_avx512_bf16() -> bool:
 def load():
     """The compiled extension, or None where it cannot run (the reason is logged once)."""
     global _module, _tried
+    if _tried:  # the decode step asks several times per layer: no lock once settled
+        return _module
     with _lock:
         if _tried:
             return _module
