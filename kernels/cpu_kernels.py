@@ -58,7 +58,6 @@ def load():
     with _lock:
         if _tried:
             return _module
-        _tried = True
         if os.environ.get("KVFERRY_CPU_KERNELS", "1") == "0":
             logger.info("CPU kernels off (KVFERRY_CPU_KERNELS=0): the bf16 path uses oneDNN and the references")
         elif not cpu_has_avx512_bf16():
@@ -77,6 +76,7 @@ def load():
             except Exception as e:  # no compiler or ninja, or a build error: the torch paths still work
                 logger.warning("CPU kernels unavailable (%s: %s): the bf16 path uses oneDNN and the references",
                                type(e).__name__, e)
+        _tried = True  # only now: the lock-free check above must not see "settled" before _module is
         return _module
 
 
