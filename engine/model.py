@@ -46,8 +46,10 @@ class Linear(nn.Linear):
     oneDNN's layout (same kernel, bit-identical results, about 2x faster at one token, never slower at
     many) for prefill and large batches, and, where the CPU has AVX512-BF16, sends 1-8 tokens to our
     skinny kernel (``kernels/cpu_kernels.py``), which streams ``weight`` itself at close to memory
-    bandwidth. ``weight`` stays the parameter (state dicts, loaders, tests read it); the packed copy is
-    a derived, non-persistent buffer. fp32 stays on ``F.linear`` (MKL), which is fast already and is
+    bandwidth. Only decode steps take it (``decode_only``): the two kernels round differently, and a
+    prompt's numerics must not depend on how many of its tokens one step computes (a prefix-cache hit or
+    a chunk boundary can leave a few). ``weight`` stays the parameter (state dicts, loaders, tests read
+    it); the packed copy is a derived, non-persistent buffer. fp32 stays on ``F.linear`` (MKL), which is fast already and is
     what transformers runs, so fp32 outputs stay bit-comparable with it.
     """
 
@@ -65,9 +67,9 @@ class Linear(nn.Linear):
         self.skinny = self.packed is not None and cpu_kernels.load() is not None
         self.bias_fp32 = self.bias.detach().float() if self.skinny and self.bias is not None else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, decode_only: bool = True) -> Tensor:  # decode_only: no prompt tokens in x
         if self.packed is not None:
-            if self.skinny and x.numel() <= cpu_kernels.MAX_TOKENS * x.shape[-1]:
+            if self.skinny and decode_only and x.numel() <= cpu_kernels.MAX_TOKENS * x.shape[-1]:
                 return cpu_kernels.skinny_linear(x, self.weight, self.bias_fp32, self.next_weight)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -134,12 +136,13 @@ class Attention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: Tensor, attn: AttentionMetadata
     ) -> Tensor:  # x: [T, hidden]; cos, sin: [T, 1, D]
         num_tokens, num_heads, head_dim = x.shape[0], self.num_heads, self.head_dim
-        qkv = self.qkv_proj(x)  # [T, (H + 2 * KVH) * D]
+        decode_only = attn.num_prefill_tokens == 0
+        qkv = self.qkv_proj(x, decode_only)  # [T, (H + 2 * KVH) * D]
         if dispatch.fused_cpu_decode(qkv, attn, head_dim):  # bf16 decode on the CPU: two kernel calls
             out = dispatch.decode_attention_cpu(
                 qkv, cos, sin, kv_cache, attn, num_heads, self.num_kv_heads, self.scale
             )
-            return self.o_proj(out.view(num_tokens, -1))
+            return self.o_proj(out.view(num_tokens, -1), decode_only)
         if rotary_in_place(qkv):  # cos, sin: [T, D / 2]
             q = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
             k = qkv[:, num_heads * head_dim : self.qk_size].view(num_tokens, self.num_kv_heads, head_dim)
@@ -150,7 +153,7 @@ class Attention(nn.Module):
             q, k = qk[:, :num_heads], qk[:, num_heads:]
         v = qkv[:, self.qk_size :].view(num_tokens, self.num_kv_heads, head_dim)
         out = dispatch.paged_attention(q, k, v, kv_cache, attn, self.scale)  # [T, H, D]
-        return self.o_proj(out.reshape(num_tokens, -1))
+        return self.o_proj(out.reshape(num_tokens, -1), decode_only)
 
 
 class MLP(nn.Module):
@@ -159,8 +162,8 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(dispatch.silu_mul(self.gate_up_proj(x)))
+    def forward(self, x: Tensor, decode_only: bool = True) -> Tensor:
+        return self.down_proj(dispatch.silu_mul(self.gate_up_proj(x, decode_only)), decode_only)
 
 
 class DecoderLayer(nn.Module):
@@ -183,7 +186,7 @@ class DecoderLayer(nn.Module):
         h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, cos, sin, kv_cache, attn)
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        return self.mlp(h, attn.num_prefill_tokens == 0), residual
 
 
 class LlamaForCausalLM(nn.Module):

@@ -70,6 +70,24 @@ def test_prefix_cache_reuses_blocks_and_keeps_output(default_model_file, llm):
     assert_clean(cached)
 
 
+def test_bf16_prompt_numerics_do_not_depend_on_cache_hits_or_chunks(default_model_file):
+    # bf16 on the CPU: a step of a few tokens could take the skinny decode kernel, which rounds unlike
+    # oneDNN, so the tail of a cached or chunked prompt came out with different logits (and, through
+    # the cluster, a different greedy text the second time a chat prompt was sent).
+    rng = random.Random(3)
+    prompt = [rng.randrange(100, 40000) for _ in range(35)]  # 2 blocks of 16 cached, 3 tokens computed
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=0)
+    cached = LLM(model=default_model_file, dtype="bfloat16")
+    first = cached.generate([prompt], params)[0]
+    again = cached.generate([prompt], params)[0]
+    assert again.num_cached_tokens == 32
+    chunked = LLM(model=default_model_file, dtype="bfloat16", max_num_batched_tokens=32,
+                  enable_prefix_caching=False).generate([prompt], params)[0]  # chunks of 32 + 3 tokens
+    for other in (again, chunked):
+        assert other.token_ids == first.token_ids
+        assert [lp.logprob for lp in other.logprobs] == [lp.logprob for lp in first.logprobs]
+
+
 def test_same_seed_same_output_whatever_the_batch(llm):
     params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
     prompt = "Tell me a story about a dragon"
