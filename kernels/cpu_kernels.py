@@ -11,35 +11,22 @@
 - ``rms_norm``: the residual add and RMSNorm in one pass, with the reference's roundings.
 - ``silu_mul``: the gated MLP's ``silu(gate) * up`` in one pass.
 
-They are compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja, ~1 minute once;
-cached in torch's extension folder, so later processes load them in milliseconds). Where they cannot
-run — a CPU without AVX512-BF16, no compiler, or ``KVFERRY_CPU_KERNELS=0`` — ``load()`` returns
-None, logs why once, and callers keep the torch paths (oneDNN, the references). fp32 models never
+They are compiled on first use (``cpu_extension.py``; ~1 minute once). Where they cannot run — a
+CPU without AVX512-BF16, no compiler, or ``KVFERRY_CPU_KERNELS=0`` — ``load()`` returns None, logs
+why once, and callers keep the torch paths (oneDNN, the references). fp32 models never
 use them: fp32 stays on the exact-reference path.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import pathlib
-import threading
 
 import torch
 
-logger = logging.getLogger(__name__)
+from kvferry.kernels.cpu_extension import LazyExtension
 
 MAX_TOKENS = 8  # beyond this a linear is no longer a weight read; oneDNN's GEMM takes it
-SOURCES = [
-    pathlib.Path(__file__).parent / "csrc" / name
-    for name in ("bindings.cpp", "skinny_linear.cpp", "decode_attention.cpp", "rope_store_kv.cpp", "rms_norm.cpp",
-                 "silu_mul.cpp")
-]
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
-
-_lock = threading.Lock()
-_module = None
-_tried = False
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -50,34 +37,19 @@ def cpu_has_avx512_bf16() -> bool:
         return False
 
 
+EXTENSION = LazyExtension(
+    "kvferry_cpu_kernels",
+    ["bindings.cpp", "skinny_linear.cpp", "decode_attention.cpp", "rope_store_kv.cpp", "rms_norm.cpp", "silu_mul.cpp"],
+    FLAGS,
+    ["-fopenmp"],
+    unavailable_reason=lambda: None if cpu_has_avx512_bf16() else "CPU has no AVX512-BF16",
+    fallback="oneDNN and the references",
+)
+
+
 def load():
     """The compiled extension, or None where it cannot run (the reason is logged once)."""
-    global _module, _tried
-    if _tried:  # the decode step asks several times per layer: no lock once settled
-        return _module
-    with _lock:
-        if _tried:
-            return _module
-        if os.environ.get("KVFERRY_CPU_KERNELS", "1") == "0":
-            logger.info("CPU kernels off (KVFERRY_CPU_KERNELS=0): the bf16 path uses oneDNN and the references")
-        elif not cpu_has_avx512_bf16():
-            logger.info("CPU has no AVX512-BF16: the bf16 path uses oneDNN and the references")
-        else:
-            try:
-                from torch.utils.cpp_extension import load as load_extension
-
-                _module = load_extension(
-                    name="kvferry_cpu_kernels",
-                    sources=[str(s) for s in SOURCES],
-                    extra_cflags=FLAGS,
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
-            except Exception as e:  # no compiler or ninja, or a build error: the torch paths still work
-                logger.warning("CPU kernels unavailable (%s: %s): the bf16 path uses oneDNN and the references",
-                               type(e).__name__, e)
-        _tried = True  # only now: the lock-free check above must not see "settled" before _module is
-        return _module
+    return EXTENSION.load()  # lock-free once settled: the decode step asks several times per layer
 
 
 def available() -> bool:
@@ -92,7 +64,7 @@ def skinny_linear(
     rows = x.reshape(-1, x.shape[-1])
     if not rows.is_contiguous():
         rows = rows.contiguous()
-    out = _module.skinny_linear(
+    out = EXTENSION.load().skinny_linear(
         rows, weight, _EMPTY if bias_fp32 is None else bias_fp32, _EMPTY if next_weight is None else next_weight
     )
     return out.view(*x.shape[:-1], weight.shape[0])
@@ -105,7 +77,7 @@ def decode_attention(
     context_lens: torch.Tensor,  # [B] int32
     scale: float,
 ) -> torch.Tensor:  # [B, H, D]
-    return _module.decode_attention(query, kv_cache, block_tables, context_lens, scale)
+    return EXTENSION.load().decode_attention(query, kv_cache, block_tables, context_lens, scale)
 
 
 def rope_store_kv(
@@ -117,22 +89,25 @@ def rope_store_kv(
     num_heads: int,
     num_kv_heads: int,
 ) -> torch.Tensor:  # q [T, H, D], rotated
-    return _module.rope_store_kv(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads)
+    return EXTENSION.load().rope_store_kv(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads)
 
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(_module.rms_norm(x, weight, eps, residual))
+    return tuple(EXTENSION.load().rms_norm(x, weight, eps, residual))
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] bf16 -> [T, I]
-    return _module.silu_mul(gate_up)
+    return EXTENSION.load().silu_mul(gate_up)
 
 
 _EMPTY = torch.empty(0)
 
 
-if __name__ == "__main__":  # `python -m kvferry.kernels.cpu_kernels`: build now, say what happened
+if __name__ == "__main__":  # `python -m kvferry.kernels.cpu_kernels`: build every CPU extension now
+    from kvferry.kernels import cpu_kv_copy
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print("kvferry CPU kernels:", "built" if load() is not None else "not available (the torch paths will run)")
+    print("kvferry KV copy kernels:", "built" if cpu_kv_copy.load() is not None else "not available (torch copies)")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from kvferry.kernels import cpu_kv_copy
 from kvferry.proto import kv_transfer_pb2 as pb
 from kvferry.proto.convert import logprobs_from_proto, logprobs_to_proto
 from kvferry.proto import kv_transfer_pb2_grpc as pb_grpc
@@ -104,8 +105,8 @@ def error_from_rpc(e: grpc.RpcError, what: str) -> TransferError:
 
 # ---- KVData on the wire, without copying the payload through protobuf --------------------------------
 # KVChunk{data: KVData{layer_idx, offset, data}} is encoded and decoded by hand (it is standard protobuf
-# wire format: grpcurl and other clients interoperate): the sender joins a few header bytes with the
-# tensor's bytes in one copy, the receiver gets a memoryview into the message instead of a copy.
+# wire format: grpcurl and other clients interoperate): the sender writes a few header bytes and the
+# cache rows into the message in one copy, the receiver gets a memoryview into the message instead of a copy.
 # Headers and trailers go through protobuf as usual.
 def _varint(n: int) -> bytes:
     out = bytearray()
@@ -132,22 +133,12 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def encode_data_chunk(layer_idx: int, offset: int, parts: list[memoryview]) -> bytes:
-    """One KVChunk{data} message whose payload is ``parts`` joined: one copy, straight from the cache."""
-    size = sum(len(p) for p in parts)
+def encode_data_chunk(layer_idx: int, offset: int, cache_rows: torch.Tensor, row_ids: list[int]) -> bytes:
+    """One KVChunk{data} message whose payload is ``cache_rows[row_ids]`` (``[num_rows, row_bytes]`` uint8):
+    one copy, straight from the cache, with the GIL released where the C++ copy is built."""
+    size = len(row_ids) * cache_rows.shape[1]
     inner = b"\x08" + _varint(layer_idx) + b"\x10" + _varint(offset) + b"\x1a" + _varint(size)
-    return b"".join((b"\x12", _varint(len(inner) + size), inner, *parts))
-
-
-def _row_runs(row_ids: list[int]) -> list[tuple[int, int]]:
-    """[(first_row, num_rows)] for runs of consecutive row ids, so adjacent blocks are one slice."""
-    runs: list[tuple[int, int]] = []
-    for r in row_ids:
-        if runs and runs[-1][0] + runs[-1][1] == r:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((r, 1))
-    return runs
+    return cpu_kv_copy.pack_rows(b"\x12" + _varint(len(inner) + size) + inner, cache_rows, row_ids)
 
 
 @dataclass(frozen=True)
@@ -326,12 +317,11 @@ class GrpcSendHandle(KVSendHandle):
             num_cache_blocks = kv_cache_layer.shape[1]
             row_ids = list(block_ids) + [num_cache_blocks + b for b in block_ids]
         assert source.is_contiguous()
-        data = memoryview(source.view(torch.uint8).reshape(-1).numpy())
-        row_bytes = source[0, 0].numel() * source.element_size()
+        rows = source.view(torch.uint8).view(source.shape[0] * source.shape[1], -1)  # [2 * blocks, row_bytes]
+        row_bytes = rows.shape[1]
         rows_per_chunk = max(1, self._sender.chunk_bytes // row_bytes)
         for i in range(0, len(row_ids), rows_per_chunk):
-            parts = [data[r * row_bytes : (r + k) * row_bytes] for r, k in _row_runs(row_ids[i : i + rows_per_chunk])]
-            if not self._put((layer_idx, i * row_bytes, parts)):
+            if not self._put((layer_idx, i * row_bytes, rows, row_ids[i : i + rows_per_chunk])):
                 return
 
     def finish(self, first_token: FirstToken) -> None:
@@ -406,9 +396,9 @@ class GrpcSendHandle(KVSendHandle):
                     trailer.first_logprobs.CopyFrom(logprobs_to_proto(ft.logprobs))
                 yield pb.KVChunk(trailer=trailer).SerializeToString()
                 return
-            layer_idx, offset, parts = item
-            chunk = encode_data_chunk(layer_idx, offset, parts)
-            total += sum(len(p) for p in parts)
+            layer_idx, offset, rows, row_ids = item
+            chunk = encode_data_chunk(layer_idx, offset, rows, row_ids)
+            total += len(row_ids) * rows.shape[1]
             self.bytes_sent = total
             yield chunk
         # Aborted or out of time: returning ends the stream without a trailer; the call fails.

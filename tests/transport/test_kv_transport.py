@@ -282,9 +282,11 @@ def test_hand_encoded_chunks_are_standard_protobuf():
     from kvferry.proto import kv_transfer_pb2 as pb
     from kvferry.transport.grpc_transport import KVDataView, decode_chunk, encode_data_chunk
 
-    payload = bytes(range(256)) * 3
-    raw = encode_data_chunk(7, 300000, [memoryview(payload)[:100], memoryview(payload)[100:]])
+    rows = torch.arange(256, dtype=torch.uint8).repeat(4).view(4, 256)  # 4 rows of bytes 0..255
+    rows[2] = 7
+    raw = encode_data_chunk(7, 300000, rows, [3, 2, 0])
     msg = pb.KVChunk.FromString(raw)
+    payload = bytes(range(256)) + bytes([7] * 256) + bytes(range(256))
     assert (msg.data.layer_idx, msg.data.offset, msg.data.data) == (7, 300000, payload)
     view = decode_chunk(pb.KVChunk(data=pb.KVData(layer_idx=0, offset=5, data=b"abc")).SerializeToString())
     assert isinstance(view, KVDataView) and (view.layer_idx, view.offset, bytes(view.data)) == (0, 5, b"abc")
