@@ -57,10 +57,12 @@ def pack_rows(prefix: bytes, cache_rows: torch.Tensor, row_ids: list[int]) -> by
 
 
 def scatter_rows_ref(cache_rows: torch.Tensor, data: memoryview | bytes, row_ids: torch.Tensor) -> None:
+    """Also the host-to-device path: ``cache_rows`` may live on a GPU."""
     row_bytes = cache_rows.shape[1]
     with warnings.catch_warnings():  # a read-only buffer is fine: we only copy out of it
         warnings.simplefilter("ignore", UserWarning)
-        rows = torch.frombuffer(data, dtype=torch.uint8).view(-1, row_bytes)
+        rows = torch.frombuffer(data, dtype=torch.uint8).view(-1, row_bytes).to(cache_rows.device)
+    row_ids = row_ids.to(cache_rows.device)
     if row_bytes % 8 == 0:  # torch's row scatter runs ~3x faster on 8-byte elements than on bytes
         cache_rows, rows = cache_rows.view(torch.float64), rows.view(torch.float64)
     with torch.inference_mode():  # the engine may have made its caches as inference tensors

@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-import warnings
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -253,12 +252,8 @@ class ReceiveSession:
             cache_rows = self._receiver.cache_rows[layer_idx]
             if cache_rows.device.type == "cpu":
                 cpu_kv_copy.scatter_rows(cache_rows, rows, target)
-                return
-            with warnings.catch_warnings():  # a read-only buffer is fine: we only copy out of it
-                warnings.simplefilter("ignore", UserWarning)
-                host = torch.frombuffer(rows, dtype=torch.uint8).view(len(target), -1)
-            with torch.inference_mode():
-                cache_rows.index_put_((target.to(cache_rows.device),), host.to(cache_rows.device))
+            else:  # host to device: torch's copy
+                cpu_kv_copy.scatter_rows_ref(cache_rows, rows, target)
 
     def _wait_copies(self, keep: int) -> None:
         """Wait until at most ``keep`` copies are queued (bounds the memory they pin); re-raise errors."""
