@@ -1,7 +1,7 @@
 """``python -m kvferry.kernels.build``: compile every C++ extension this CPU can run, once, ahead of serving.
 
-``make setup`` runs it; so can a user after ``pip install`` (``kvferry`` never compiles while it serves:
-``cpu_extension.py``). An extension the CPU cannot run is skipped with the reason; one that fails to build
+``make setup`` runs it; after a plain ``pip install``, run it (or ``kvferry build-kernels``) once: kvferry
+never compiles while it serves (``cpu_extension.py``). An extension the CPU cannot run is skipped with the reason; one that fails to build
 is reported and its torch fallback runs. Exit status 0 unless ``--strict`` and a build failed.
 """
 
@@ -41,14 +41,17 @@ def build_all(force: bool = False, out=sys.stdout) -> bool:
     return ok
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvferry.kernels.build", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even what is built already")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a build failed")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     ok = build_all(force=args.force)
     return 1 if args.strict and not ok else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # also `kvferry build-kernels`
+    parser = argparse.ArgumentParser(prog="python -m kvferry.kernels.build", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
