@@ -35,7 +35,7 @@ def _slo_labels(all_results: list[dict]) -> list[str]:
 def plot_results(all_results: list[dict], out_path: str, title: str | None = None) -> None:
     slo_labels = _slo_labels(all_results)
     num_panels = len(slo_labels) + 2
-    cols = min(num_panels, 3 if num_panels > 4 else num_panels)
+    cols = 2 if num_panels in (2, 4) else 3  # 2 SLO pairs + TTFT + TPOT: a 2 x 2 grid
     rows = math.ceil(num_panels / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
     flat = list(axes.flat)
@@ -53,7 +53,7 @@ def plot_results(all_results: list[dict], out_path: str, title: str | None = Non
             if not points:
                 continue
             g = goodput.get(slo)
-            legend = f"{label} (goodput {g['distserve']:.2f})" if g else label
+            legend = f"{label} (goodput {g['distserve']:.2f} req/s)" if g else label
             ax.plot(*zip(*points), marker="o", color=color, label=legend)
             if g and g["distserve"] > 0:
                 ax.axvline(g["distserve"], color=color, linestyle=":", linewidth=1)
@@ -62,7 +62,7 @@ def plot_results(all_results: list[dict], out_path: str, title: str | None = Non
                 points = [(r, s[metric][pct]) for r, s in zip(rates, rounds) if s[metric][pct] is not None]
                 if points:
                     ax.plot(*zip(*points), linestyle=style, marker="o", markersize=4, color=color,
-                            label=f"{label} {pct}")
+                            label=label if pct == "p50" else "_nolegend_")  # one legend entry per system
 
     for i, slo in enumerate(slo_labels):
         ax = flat[i]

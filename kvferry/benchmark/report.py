@@ -78,21 +78,21 @@ def build_results(label: str | None, config: dict, server: dict, rounds: list[Ro
     }
 
 
-def _standard_json(value):
+def standard_json(value):
     """inf (a rate, an SLO without one of its targets) as "inf": json.dump would write Infinity."""
     if isinstance(value, float) and math.isinf(value):
         return "inf" if value > 0 else "-inf"
     if isinstance(value, dict):
-        return {k: _standard_json(v) for k, v in value.items()}
+        return {k: standard_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_standard_json(v) for v in value]
+        return [standard_json(v) for v in value]
     return value
 
 
 def save_results(results: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(_standard_json(results), f, indent=1, allow_nan=False)
+        json.dump(standard_json(results), f, indent=1, allow_nan=False)
 
 
 def load_results(path: str) -> dict:
