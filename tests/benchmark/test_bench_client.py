@@ -2,13 +2,14 @@
 
 Timing tolerance: the scripted server sends each token at an exact time after it receives the request,
 so a measured TTFT or end-to-end latency is the scripted one plus the loopback HTTP and event-loop
-delay: about a millisecond on an idle machine, 20-30 ms seen at a load average of 5-6 on the shared
-2 cores (the first request to a fresh server pays ~130 ms of warm-up, which the fixture absorbs). So a
-measured time must lie in [scripted - 2 ms, scripted + TOL] with TOL = 100 ms. TPOT divides (last token
-- first token) by the 4 gaps of a 5-token request, on tokens scheduled on an absolute clock, so its
-error is at most TOL / 4. Each SLO target sits more than TOL above every TTFT or TPOT scripted to meet
-it, and at or below every one scripted to miss it, so attainment, and with it both goodputs'
-numerators, are exact.
+delay: about a millisecond on an idle machine, but 40-160 ms seen at a load average of 13-14 on the
+shared 2 cores, when the client and the server each wait for a slice of CPU (the first request to a
+fresh server also pays ~130 ms of warm-up, which the fixture absorbs). So a measured time must lie in
+[scripted - 2 ms, scripted + TOL] with TOL = 300 ms, about twice the worst seen. TPOT divides (last
+token - first token) by the 4 gaps of a 5-token request, on tokens scheduled on an absolute clock, so
+its error is at most TOL / 4. Each SLO target sits at least TOL (TOL / 4 for TPOT) above every TTFT
+(TPOT) scripted to meet it and below every one scripted to miss it, so attainment, and with it both
+goodputs' numerators, are exact.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from kvferry.benchmark.metrics import SLO
 from kvferry.benchmark.report import build_results
 from kvferry.benchmark.runner import UNFINISHED, run_round
 
-TOL = 0.100
+TOL = 0.300
 EARLY = 0.002
 TOKENS = 5
-SLO_A = SLO(ttft_ms=350, tpot_ms=60)
-SLO_B = SLO(ttft_ms=600, tpot_ms=150)
+SLO_A = SLO(ttft_ms=550, tpot_ms=120)
+SLO_B = SLO(ttft_ms=1000, tpot_ms=300)
 
 
 def samples(*scripts: str) -> list[Sample]:
@@ -52,18 +53,18 @@ def sweep(scripted):
     options = RequestOptions(scripted.url, MODEL)
     rounds = [
         run(options, 1.0, samples(*(f"ttft={t} itl=0.02" for t in (0.1, 0.15, 0.2, 0.1, 0.15)))),
-        run(options, 2.0, samples(*(f"ttft={t} itl=0.02" for t in (0.1, 0.2, 0.4, 0.1, 0.2)))),
-        run(options, 4.0, samples("ttft=0.1 itl=0.02", "ttft=0.7 itl=0.02", "ttft=0.1 itl=0.1",
+        run(options, 2.0, samples(*(f"ttft={t} itl=0.02" for t in (0.1, 0.2, 0.6, 0.1, 0.2)))),
+        run(options, 4.0, samples("ttft=0.1 itl=0.02", "ttft=1.05 itl=0.02", "ttft=0.1 itl=0.2",
                                   "status=500", "status=429 retry=2")),
     ]
     return rounds, build_results("scripted", {}, {}, rounds, [SLO_A, SLO_B])
 
 
 def test_ttft_tpot_itl_e2e_percentiles(sweep):
-    s = sweep[1]["rounds"][1]["summary"]  # TTFTs 0.1, 0.2, 0.4, 0.1, 0.2 s; 20 ms between tokens
+    s = sweep[1]["rounds"][1]["summary"]  # TTFTs 0.1, 0.2, 0.6, 0.1, 0.2 s; 20 ms between tokens
     assert s["num_sent"] == s["num_completed"] == 5 and s["num_failed"] == 0
-    # numpy's linear percentiles of [100, 100, 200, 200, 400] ms: p90 at index 3.6, p99 at 3.96.
-    for key, expected in (("mean", 0.2), ("p50", 0.2), ("p90", 0.32), ("p99", 0.392)):
+    # numpy's linear percentiles of [100, 100, 200, 200, 600] ms: p90 at index 3.6, p99 at 3.96.
+    for key, expected in (("mean", 0.24), ("p50", 0.2), ("p90", 0.44), ("p99", 0.584)):
         assert within(s["ttft_ms"][key], expected), (key, s["ttft_ms"])
         assert within(s["e2e_ms"][key], expected + (TOKENS - 1) * 0.02), (key, s["e2e_ms"])
     for key in ("mean", "p50", "p90", "p99"):
@@ -73,14 +74,14 @@ def test_ttft_tpot_itl_e2e_percentiles(sweep):
     assert all(r.output_tokens == TOKENS and r.prompt_tokens == 7 and len(r.itl) == TOKENS - 1 for r in records)
     assert s["total_output_tokens"] == 5 * TOKENS
     assert s["output_throughput"] == pytest.approx(5 * TOKENS / s["duration_s"])
-    assert within(s["duration_s"] * 1e3, 0.4 + (TOKENS - 1) * 0.02)  # all sent at 0: the slowest one
+    assert within(s["duration_s"] * 1e3, 0.6 + (TOKENS - 1) * 0.02)  # all sent at 0: the slowest one
 
 
 def test_attainment_and_both_goodputs(sweep):
     rounds, results = sweep
     attainment = [[e["attainment"] for e in r["summary"]["slo"]] for r in results["rounds"]]
-    # A: round 2 loses its 400 ms TTFT; round 3 keeps only its first request. B: round 3 loses the
-    # 700 ms TTFT and both HTTP errors.
+    # A: round 2 loses its 600 ms TTFT; round 3 keeps only its first request (the third has a TPOT of
+    # 200 ms). B: round 3 loses the 1.05 s TTFT and both HTTP errors.
     assert attainment == [[1.0, 1.0], [0.8, 1.0], [0.2, 0.4]]
     for result, r in zip(results["rounds"], rounds):
         for e in result["summary"]["slo"]:
@@ -158,9 +159,9 @@ def test_kvferry_timings_are_aggregated_when_present(scripted):
 def test_max_duration_cancels_what_is_in_flight(scripted):
     started = time.perf_counter()
     result = run(RequestOptions(scripted.url, MODEL), 1.0, samples("ttft=5", "ttft=0", "ttft=0"),
-                 send_times=[0.0, 0.0, 2.0], max_duration_s=0.4)
+                 send_times=[0.0, 0.0, 3.0], max_duration_s=0.4)
     elapsed = time.perf_counter() - started
-    assert elapsed < 1.5 and 0.4 <= result.duration_s < 1.0
+    assert elapsed < 0.4 + 2 * TOL and 0.4 <= result.duration_s < 0.4 + TOL
     assert result.num_not_sent == 1 and len(result.records) == 2
     slow, fast = result.records
     assert not slow.success and slow.error == UNFINISHED and fast.success
