@@ -10,7 +10,7 @@ import grpc
 
 from kvferry.decode_worker.worker import DecodeWorker, NoRoom, TokenEvent
 from kvferry.proto import worker_pb2, worker_pb2_grpc
-from kvferry.proto.convert import logprobs_to_proto, sampling_from_proto
+from kvferry.proto.convert import logprobs_to_proto, prefill_timings_fields, sampling_from_proto
 from kvferry.transport.grpc_transport import SERVICE_NAME as KV_TRANSFER_SERVICE
 from kvferry.transport.grpc_transport import add_kv_transfer_service, create_server
 from kvferry.worker_service import worker_errors
@@ -29,6 +29,7 @@ def event_to_proto(event: TokenEvent) -> worker_pb2.TokenEvent:
         finish_reason=event.finish_reason or "",
         error=event.error or "",
         num_prompt_tokens=event.num_prompt_tokens,
+        **prefill_timings_fields(event.prefill_timings),
     )
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from kvferry.engine.engine import LLMEngine, RequestOutput
 from kvferry.engine.engine_loop import EngineLoop
+from kvferry.engine.request import PrefillTimings
 from kvferry.engine.sampling import SamplingParams, TokenLogprobs
 from kvferry.transport.base import FirstToken, KVFingerprint, TransferError, TransferState
 from kvferry.transport.receiver import KVReceiver
@@ -63,6 +64,7 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" on the last event
     error: str | None = None
     num_prompt_tokens: int = 0
+    prefill_timings: PrefillTimings | None = None  # first token of a prompt prefilled here (local)
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,7 @@ class DecodeWorker:
             used_kv_blocks=bm.num_used_blocks,
             running_requests=sum(1 for t in tracked if not t.waiting_for_kv and not t.finished),
             waiting_requests=reserved,
+            queued_prefill_tokens=self._queued_local_prefill_tokens(tracked),
             max_running_requests=self.max_num_seqs,
             kv_bytes_received_total=r.bytes_received_total,
             kv_transfer_seconds_total=r.transfer_seconds_total,
@@ -202,6 +205,16 @@ class DecodeWorker:
             kv_transfer_failures_total=self.counters.transfers_failed_total,
             leases_expired_total=self.counters.leases_expired_total,
         )
+
+    def _queued_local_prefill_tokens(self, tracked: list[_Tracked]) -> int:
+        """Prompt tokens of local prefills (``prefill_locally``) not computed yet: the router weighs
+        them before prefilling more here."""
+        total = 0
+        for t in tracked:
+            request = None if t.waiting_for_kv or t.finished else self.engine.get_request(t.request_id)
+            if request is not None and request.num_output_tokens == 0:
+                total += max(0, request.num_prompt_tokens - request.num_computed_tokens)
+        return total
 
     # ---- the loop (its thread) -------------------------------------------------------------------
     def _turn(self) -> float:
@@ -308,6 +321,7 @@ class DecodeWorker:
                     output.finish_reason if output.finished else None,
                     output.error,
                     tracked.num_prompt_tokens,
+                    output.prefill_timings,
                 )
             )
             tracked.next_index += len(tokens)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from kvferry.engine.block_manager import BlockManager
 from kvferry.engine.config import ConfigError, EngineConfig, num_threads
 from kvferry.engine.loader import load_model
 from kvferry.engine.model_runner import ModelRunner
-from kvferry.engine.request import Request, RequestStatus
+from kvferry.engine.request import PrefillTimings, Request, RequestStatus
 from kvferry.engine.sampling import (
     Sampler,
     SamplingParams,
@@ -65,6 +66,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     block_ids: list[int] | None = None  # prefill role: blocks holding the KV to ship
     error: str | None = None
+    prefill_timings: PrefillTimings | None = None  # on the first token's output, if this engine prefilled
 
 
 @dataclass
@@ -184,6 +186,10 @@ class LLMEngine:
         if not batch:
             return []
         sampling_items = [s for s in batch.scheduled if s.samples]
+        now = time.monotonic()
+        for s in batch.scheduled:
+            if s.request.first_scheduled_time is None:
+                s.request.first_scheduled_time = now
         try:
             logits = self.runner.execute(batch, self._make_layer_hook(batch))
             result = self.sampler.sample(
@@ -194,8 +200,11 @@ class LLMEngine:
             return [self._fail(s.request.request_id, f"engine step failed: {exc}") for s in batch.scheduled]
         sampled = {s.request.request_id: t for s, t in zip(sampling_items, result.token_ids)}
         self.scheduler.update(batch, sampled)
+        now = time.monotonic()
         outputs = []
         for item, token, logprobs in zip(sampling_items, result.token_ids, result.logprobs):
+            if item.request.first_token_time is None:
+                item.request.first_token_time = now
             self._tracked[item.request.request_id].sampling.append(token)
             outputs.append(self._process_token(item.request, token, logprobs))
         return outputs
@@ -271,6 +280,7 @@ class LLMEngine:
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
             num_cached_tokens=request.num_cached_tokens,
+            prefill_timings=request.prefill_timings if request.num_output_tokens == 1 else None,
         )
         tracked.emitted_chars = end
         tracked.pending_token_ids, tracked.pending_logprobs = [], []

@@ -4,11 +4,16 @@ Progress is two numbers: ``num_tokens`` (prompt + output so far) and ``num_compu
 of those have K/V in the cache). Chunked prefill, prefix-cache hits, recompute after preemption and KV
 received from a prefill worker all move ``num_computed_tokens``; the scheduler only ever asks each
 request to catch up (``num_tokens - num_computed_tokens`` more tokens to compute).
+
+Timestamps (``time.monotonic()`` of this process: arrival, first scheduled, first token) become
+durations here (``prefill_timings``) before they leave the process; clocks of two processes are never
+compared.
 """
 
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from kvferry.engine.sampling import SamplingParams
@@ -45,6 +50,14 @@ FINISH_REASONS = {
 }
 
 
+@dataclass(frozen=True)
+class PrefillTimings:
+    """How long a prompt waited and computed in the engine that prefilled it (seconds)."""
+
+    queue_seconds: float  # arrival -> first scheduled (a chunk of it ran)
+    compute_seconds: float  # first scheduled -> first token sampled (every chunk, and what ran beside)
+
+
 @dataclass
 class Request:
     request_id: str
@@ -58,6 +71,18 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks of block_table already registered in the prefix cache
     num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # the first step that computed any of its tokens
+    first_token_time: float | None = None  # when this engine sampled its first output token
+
+    @property
+    def prefill_timings(self) -> PrefillTimings | None:
+        """None unless this engine computed the prompt up to its first token (not for KV received)."""
+        if self.first_scheduled_time is None or self.first_token_time is None:
+            return None
+        return PrefillTimings(
+            self.first_scheduled_time - self.arrival_time, self.first_token_time - self.first_scheduled_time
+        )
 
     @property
     def all_token_ids(self) -> list[int]:

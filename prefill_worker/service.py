@@ -15,7 +15,7 @@ import grpc
 
 from kvferry.prefill_worker.worker import NoRoom, PrefillAborted, PrefillWorker
 from kvferry.proto import worker_pb2, worker_pb2_grpc
-from kvferry.proto.convert import logprobs_to_proto, sampling_from_proto
+from kvferry.proto.convert import logprobs_to_proto, prefill_timings_fields, sampling_from_proto
 from kvferry.transport.base import KVTarget, TransferError
 from kvferry.transport.grpc_transport import create_server, status_for
 from kvferry.worker_service import worker_errors
@@ -64,6 +64,7 @@ class PrefillWorkerServicer(worker_pb2_grpc.PrefillWorkerServicer):
             kv_bytes=result.kv_bytes,
             prefill_seconds=result.prefill_seconds,
             transfer_seconds=result.transfer_seconds,
+            **prefill_timings_fields(result.timings),
         )
         if result.first_logprobs is not None:
             response.first_logprobs.CopyFrom(logprobs_to_proto(result.first_logprobs))

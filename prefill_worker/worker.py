@@ -32,6 +32,7 @@ import torch
 
 from kvferry.engine.engine import LLMEngine, RequestOutput
 from kvferry.engine.engine_loop import EngineLoop
+from kvferry.engine.request import PrefillTimings
 from kvferry.engine.sampling import SamplingParams, TokenLogprobs
 from kvferry.transport.base import (
     FirstToken,
@@ -76,6 +77,7 @@ class PrefillResult:
     kv_bytes: int
     prefill_seconds: float  # accepted -> first token
     transfer_seconds: float  # transfer opened -> acknowledged
+    timings: PrefillTimings | None = None  # where prefill_seconds went (queue, compute)
 
 
 @dataclass
@@ -89,6 +91,7 @@ class _Job:
     handle: KVSendHandle | None = None
     first: FirstToken | None = None
     first_at: float = 0.0
+    timings: PrefillTimings | None = None
 
 
 class PrefillWorker:
@@ -243,6 +246,7 @@ class PrefillWorker:
         logprobs = output.new_logprobs[0] if output.new_logprobs else None
         job.first = FirstToken(token, logprobs)
         job.first_at = time.monotonic()
+        job.timings = output.prefill_timings
         job.handle.finish(job.first)
 
     def _poll_transfers(self) -> None:
@@ -262,7 +266,7 @@ class PrefillWorker:
                 job.future.set_result(
                     PrefillResult(
                         job.request_id, job.first.token_id, job.first.logprobs, job.num_prompt_tokens,
-                        handle.bytes_sent, job.first_at - job.accepted, handle.seconds,
+                        handle.bytes_sent, job.first_at - job.accepted, handle.seconds, job.timings,
                     )
                 )
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvferry.engine.request import PrefillTimings
 from kvferry.engine.sampling import SamplingParams, TokenLogprobs
 from kvferry.proto import generate_pb2, kv_transfer_pb2
 
@@ -37,3 +38,17 @@ def logprobs_to_proto(lp: TokenLogprobs) -> kv_transfer_pb2.TokenLogprobs:
 
 def logprobs_from_proto(msg: kv_transfer_pb2.TokenLogprobs) -> TokenLogprobs:
     return TokenLogprobs(msg.token_id, msg.logprob, dict(zip(msg.top_token_ids, msg.top_logprobs)))
+
+
+def prefill_timings_fields(timings: PrefillTimings | None) -> dict[str, float]:
+    """Keyword fields for a ``PrefillResponse`` or a ``TokenEvent`` (both carry the same two)."""
+    if timings is None:
+        return {}
+    return {"prefill_queue_seconds": timings.queue_seconds, "prefill_compute_seconds": timings.compute_seconds}
+
+
+def prefill_timings_from_proto(msg) -> PrefillTimings | None:
+    """From a ``PrefillResponse`` or a ``TokenEvent``; None when the worker sent none."""
+    if not msg.HasField("prefill_queue_seconds"):
+        return None
+    return PrefillTimings(msg.prefill_queue_seconds, msg.prefill_compute_seconds)

@@ -41,7 +41,7 @@ class StreamRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
-    __slots__ = ("request_id", "index", "token_ids", "logprobs", "finish_reason", "error", "num_prompt_tokens")
+    __slots__ = ("request_id", "index", "token_ids", "logprobs", "finish_reason", "error", "num_prompt_tokens", "prefill_queue_seconds", "prefill_compute_seconds")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,8 @@ class TokenEvent(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     index: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -56,7 +58,9 @@ class TokenEvent(_message.Message):
     finish_reason: str
     error: str
     num_prompt_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_kv_transfer_pb2.TokenLogprobs, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
+    prefill_queue_seconds: float
+    prefill_compute_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_kv_transfer_pb2.TokenLogprobs, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., prefill_queue_seconds: _Optional[float] = ..., prefill_compute_seconds: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -127,7 +131,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParams, _Mapping]] = ..., kv_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., receiver_instance_id: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("request_id", "first_token_id", "first_logprobs", "num_prompt_tokens", "kv_bytes", "prefill_seconds", "transfer_seconds")
+    __slots__ = ("request_id", "first_token_id", "first_logprobs", "num_prompt_tokens", "kv_bytes", "prefill_seconds", "transfer_seconds", "prefill_queue_seconds", "prefill_compute_seconds")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +139,8 @@ class PrefillResponse(_message.Message):
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token_id: int
     first_logprobs: _kv_transfer_pb2.TokenLogprobs
@@ -142,4 +148,6 @@ class PrefillResponse(_message.Message):
     kv_bytes: int
     prefill_seconds: float
     transfer_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[_kv_transfer_pb2.TokenLogprobs, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ...) -> None: ...
+    prefill_queue_seconds: float
+    prefill_compute_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[_kv_transfer_pb2.TokenLogprobs, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., prefill_queue_seconds: _Optional[float] = ..., prefill_compute_seconds: _Optional[float] = ...) -> None: ...

@@ -1,17 +1,21 @@
 """Driving one request (one choice) through the workers, over gRPC.
 
 Per request:
-1. Place it: pick a decode worker by free KV and load (``WorkerRegistry.pick_decode``) and a prefill
-   worker by queued prefill tokens, then ``DecodeWorker.Reserve`` blocks for the prompt. A refusal for
+1. Place it: pick a decode worker by free KV and load (``WorkerRegistry.pick_decode``), decide whether
+   it prefills the prompt itself (``placement.decide``: short, mostly cached, or prefill workers busy)
+   or which prefill worker does (by queued prefill tokens), then ``DecodeWorker.Reserve`` blocks for
+   the prompt. A refusal for
    lack of room (RESOURCE_EXHAUSTED) or an unreachable worker moves on to the next decode worker; when
    none can take it the request waits in the ``AdmissionQueue`` (bounded, with a timeout).
 2. Subscribe to the decode worker's token ``Stream`` (before prefill, so nothing is missed).
 3. ``PrefillWorker.Prefill`` with the reservation: the prefill worker computes the KV, pushes it to the
-   decode worker and answers the first token. A colocated worker skips this (``prefill_locally``).
+   decode worker and answers the first token. A local prefill skips this (``prefill_locally``).
 4. Merge the first token and the decode stream by output index (either may arrive first; duplicates
    are dropped) and yield ``WorkerEvent``s in order until a finish reason.
 5. Leaving early (client gone, stop string found by the router, error) aborts the request on both
    workers; either way the decode worker's in-flight count is released.
+The caller's ``RequestTimeline`` gets the placement, the Reserve's times and the prefilling worker's
+durations on the way (timings.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
@@ -26,9 +32,12 @@ import grpc
 
 from kvferry.engine.sampling import SamplingParams
 from kvferry.proto import generate_pb2, kv_transfer_pb2, worker_pb2, worker_pb2_grpc
+from kvferry.proto.convert import prefill_timings_from_proto
 from kvferry.router.admission import AdmissionQueue
-from kvferry.router.registry import Worker, WorkerRegistry, WorkerRole
+from kvferry.router.placement import DisaggregationPolicy, PrefillDecision, decide
+from kvferry.router.registry import Worker, WorkerRegistry, WorkerRole, prompt_block_hashes
 from kvferry.router.request import APIError, TokenLogprob
+from kvferry.router.timings import RequestTimeline
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +67,7 @@ class Placement:
     reservation: worker_pb2.ReserveResponse
     num_blocks: int  # as counted by registry.on_reserved, handed back by on_released
     ticket: int
+    decision: PrefillDecision
 
 
 @dataclass(frozen=True)
@@ -104,11 +114,14 @@ class Dispatcher:
         admission: AdmissionQueue,
         config: DispatchConfig = DispatchConfig(),
         on_transfer: Callable[[TransferStats], None] | None = None,
+        policy: DisaggregationPolicy = DisaggregationPolicy(),
     ) -> None:
         self.registry = registry
         self.admission = admission
         self.config = config
         self.on_transfer = on_transfer
+        self.policy = policy
+        self.prefill_decisions: Counter[tuple[str, str]] = Counter()  # (local|remote, reason) -> requests
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._users: dict[str, int] = {}  # address -> requests in flight on its channel
         self._retired: set[str] = set()  # addresses of workers that left: close once unused
@@ -174,7 +187,11 @@ class Dispatcher:
     # --- one request ------------------------------------------------------------------------------
 
     async def run(
-        self, request_id: str, prompt_token_ids: tuple[int, ...], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: tuple[int, ...],
+        params: SamplingParams,
+        timeline: RequestTimeline | None = None,
     ) -> AsyncIterator[WorkerEvent]:
         if params.seed is None:
             # Prefill samples token 0 and decode the rest: one seed makes them one random stream.
@@ -187,11 +204,13 @@ class Dispatcher:
                 param="prompt", code="context_length_exceeded",
             )
         sampling = sampling_to_proto(params)
+        timeline = timeline or RequestTimeline.now()
+        hashes = prompt_block_hashes(prompt_token_ids, self.registry.block_size)
         placement = await self.admission.admit(
-            lambda: self._try_place(request_id, prompt_token_ids, sampling, num_blocks),
+            lambda: self._try_place(request_id, prompt_token_ids, sampling, num_blocks, hashes, timeline),
             lambda: self._describe(num_blocks),
         )
-        async for event in self._generate(request_id, prompt_token_ids, sampling, placement):
+        async for event in self._generate(request_id, prompt_token_ids, sampling, placement, timeline):
             yield event
 
     def _describe(self, num_blocks: int) -> str:
@@ -205,24 +224,37 @@ class Dispatcher:
             text += "; no prefill worker is registered"
         return text
 
+    def _decide(self, decode: Worker, num_prompt_tokens: int, hashes: list[int]) -> PrefillDecision:
+        cached = decode.recent_blocks.num_cached_blocks(hashes) * self.registry.block_size
+        if decode.role is WorkerRole.COLOCATED:
+            return PrefillDecision(True, "colocated", cached)
+        return decide(self.policy, decode, self.registry.live(WorkerRole.PREFILL), num_prompt_tokens, cached)
+
     async def _try_place(
-        self, request_id: str, prompt: tuple[int, ...], sampling: generate_pb2.SamplingParams, num_blocks: int
+        self,
+        request_id: str,
+        prompt: tuple[int, ...],
+        sampling: generate_pb2.SamplingParams,
+        num_blocks: int,
+        hashes: list[int],
+        timeline: RequestTimeline,
     ) -> Placement | None:
         exclude: set[str] = set()
         for _ in range(len(self.registry.workers) + 1):  # each pass excludes one more worker
             decode = self.registry.pick_decode(num_blocks, frozenset(exclude))
             if decode is None:
                 return None
-            local = decode.role is WorkerRole.COLOCATED
-            prefill = None if local else self.registry.pick_prefill()
-            if prefill is None and not local:
+            decision = self._decide(decode, len(prompt), hashes)
+            prefill = None if decision.local else self.registry.pick_prefill()
+            if prefill is None and not decision.local:
                 return None  # wait for a prefill worker to join
             request = worker_pb2.ReserveRequest(
-                request_id=request_id, prompt_token_ids=prompt, sampling=sampling, prefill_locally=local
+                request_id=request_id, prompt_token_ids=prompt, sampling=sampling, prefill_locally=decision.local
             )
             # Counted before the Reserve call, not after: requests placed while it is in flight must
             # see this one, or a burst would all pick the same worker. Undone if the worker says no.
             ticket = self.registry.on_reserved(decode, num_blocks)
+            timeline.reserve_start = time.monotonic()
             try:
                 reservation = await self.decode_stub(decode).Reserve(request, timeout=self.config.rpc_timeout_s)
             except asyncio.CancelledError:  # the client left mid-Reserve: it may have reserved anyway
@@ -239,7 +271,14 @@ class Dispatcher:
                 self.registry.on_refused(decode)
                 exclude.add(decode.worker_id)
                 continue
-            return Placement(decode, prefill, reservation, num_blocks, ticket)
+            timeline.reserve_end = time.monotonic()
+            timeline.placement = f"{decision.label} ({decision.reason})"
+            self.prefill_decisions[decision.label, decision.reason] += 1
+            # Prefilled here or pushed here, the prompt's KV lands in this worker's prefix cache.
+            decode.recent_blocks.record(hashes, decode.capacity.total_kv_blocks)
+            if decision.local and decode.role is WorkerRole.DECODE:
+                self.registry.on_local_prefill(decode, len(prompt) - decision.num_cached_tokens)
+            return Placement(decode, prefill, reservation, num_blocks, ticket, decision)
         return None
 
     async def _generate(
@@ -248,6 +287,7 @@ class Dispatcher:
         prompt: tuple[int, ...],
         sampling: generate_pb2.SamplingParams,
         placement: Placement,
+        timeline: RequestTimeline,
     ) -> AsyncIterator[WorkerEvent]:
         decode, prefill = placement.decode, placement.prefill
         if prefill is not None:
@@ -324,10 +364,14 @@ class Dispatcher:
                     first: worker_pb2.PrefillResponse = item  # type: ignore[assignment]
                     lp = logprob_from_proto(first.first_token_id, first.first_logprobs) if want_logprobs else None
                     tokens.setdefault(0, (first.first_token_id, lp))
+                    timeline.prefill = prefill_timings_from_proto(first)
+                    timeline.kv_transfer_seconds = first.transfer_seconds
                     if self.on_transfer is not None:
                         self.on_transfer(TransferStats(first.kv_bytes, first.transfer_seconds, first.prefill_seconds))
                 else:
                     event: worker_pb2.TokenEvent = item  # type: ignore[assignment]
+                    if event.HasField("prefill_queue_seconds"):  # the decode worker prefilled it
+                        timeline.prefill = prefill_timings_from_proto(event)
                     for j, token_id in enumerate(event.token_ids):
                         lp = None
                         if want_logprobs and j < len(event.logprobs):

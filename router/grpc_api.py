@@ -3,7 +3,8 @@ plane (registration, heartbeats), standard health checking (grpc.health.v1) and 
 
 ``Generate`` maps onto the same ``GenerationRequest`` / ``ChoiceDelta`` stream as the HTTP API: invalid
 input is INVALID_ARGUMENT, no room within the queue timeout RESOURCE_EXHAUSTED, a worker failure
-UNAVAILABLE. A cancelled call (client gone, deadline passed) aborts the request on its workers.
+UNAVAILABLE. A cancelled call (client gone, deadline passed) aborts the request on its workers. A
+finished call's phase timings are in its trailing metadata, ``x-kvferry-timings`` (router/timings.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from kvferry.router.request import (
     make_sampling_params,
 )
 from kvferry.router.service import RouterService
+from kvferry.router.timings import format_timings
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +127,11 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
     async def Generate(self, request, context):
         gen, deltas = await self._deltas(request, context, "grpc")
         choices = [ChoiceResult(i) for i in range(gen.num_choices)]
+        timings: dict[str, float] | None = None
         try:
             async for delta in deltas:
                 choices[delta.index].add(delta)
+                timings = delta.timings or timings
         except APIError as exc:
             self.service.metrics.requests.labels("grpc", "error").inc()
             await context.abort(status_of(exc), exc.message)
@@ -138,6 +142,8 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
             self.service.metrics.requests.labels("grpc", "error").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"generation failed: {failed[0].error}")
         self.service.metrics.requests.labels("grpc", "ok").inc()
+        if timings is not None:
+            context.set_trailing_metadata((("x-kvferry-timings", format_timings(timings)),))
         usage = usage_of(gen, sum(len(c.token_ids) for c in choices))
         model = self.service.model
         return generate_pb2.GenerateResponse(
@@ -165,6 +171,8 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, f"generation failed: {delta.error}")
                 completion_tokens += len(delta.token_ids)
                 remaining -= delta.finish_reason is not None
+                if remaining == 0 and delta.timings is not None:
+                    context.set_trailing_metadata((("x-kvferry-timings", format_timings(delta.timings)),))
                 chunk = generate_pb2.GenerateChunk(
                     request_id=gen.request_id, index=delta.index, token_ids=delta.token_ids, text=delta.text,
                     logprobs=_logprobs(delta.logprobs, model), finish_reason=FINISH_REASONS.get(delta.finish_reason, 0),

@@ -28,6 +28,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from kvferry.router.placement import add_placement_arguments
+
 logger = logging.getLogger("kvferry.serve")
 
 STARTUP_TIMEOUT_S = 300.0  # model loading on a small CPU box
@@ -167,6 +169,9 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
     if args.max_model_len:
         common += ["--max-model-len", str(args.max_model_len)]
     router_argv += common
+    for flag in ("local_prefill", "local_prefill_max_tokens", "local_prefill_cached_fraction"):
+        if getattr(args, flag, None) is not None:
+            router_argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     worker_common = [*common, "--router", router_addr, "--host", args.host, "--port", "0"]
     if args.dtype:
         worker_common += ["--dtype", args.dtype]
@@ -213,6 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds in-flight requests get to finish on shutdown")
     parser.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S)
+    add_placement_arguments(parser)  # the router's own flags, passed on to it
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from kvferry.router.admission import AdmissionConfig, AdmissionQueue
 from kvferry.router.dispatch import DispatchConfig, Dispatcher
 from kvferry.router.grpc_api import create_grpc_server
 from kvferry.router.openai_api import create_app
+from kvferry.router.placement import DisaggregationPolicy, add_placement_arguments, placement_from_args
 from kvferry.router.registry import RegistryConfig, WorkerRegistry
 from kvferry.router.request import ServedModel
 from kvferry.router.service import RouterService
@@ -48,6 +49,7 @@ class RouterConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    placement: DisaggregationPolicy = field(default_factory=DisaggregationPolicy)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536 or not 0 <= self.grpc_port < 65536:
@@ -94,7 +96,7 @@ async def serve(
     model = model or load_served_model(config.model, config.served_model_name, config.max_model_len)
     registry = WorkerRegistry(config.registry)
     admission = AdmissionQueue(config.admission)
-    dispatcher = Dispatcher(registry, admission, config.dispatch)
+    dispatcher = Dispatcher(registry, admission, config.dispatch, policy=config.placement)
     service = RouterService(model, registry, admission, dispatcher)
 
     grpc_server, health_servicer, grpc_port = create_grpc_server(
@@ -169,7 +171,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-lease", type=float, default=RegistryConfig.lease_s,
                         help="seconds without a heartbeat before a worker is removed")
     parser.add_argument("--shutdown-grace", type=float, default=30.0)
+    add_placement_arguments(parser)
     parser.add_argument("--log-level", default="info")
+
+
+def _placement(args: argparse.Namespace) -> DisaggregationPolicy:
+    try:
+        return placement_from_args(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -184,6 +194,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         shutdown_grace_s=args.shutdown_grace,
         registry=RegistryConfig(args.heartbeat_interval, args.worker_lease),
         admission=AdmissionConfig(max_waiting=args.max_queue, timeout_s=args.queue_timeout),
+        placement=_placement(args),
     )
 
 

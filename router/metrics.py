@@ -1,31 +1,46 @@
 """Prometheus metrics of the router, on a registry of its own (no process-global state).
 
 Request-level figures are observed as requests run (TTFT, inter-token latency, end-to-end latency,
-tokens, request outcomes, KV transfers as the prefill workers report them). Worker-level figures (KV
+tokens, request outcomes, KV transfers as the prefill workers report them, and each request's phases:
+``kvferry_router_request_phase_seconds{model_name,phase}``, phases as in timings.py). Where prefill ran
+(``kvferry_router_prefill_decisions_total{decision,reason}``, placement.py) is read from the
+dispatcher's counts at scrape time. Worker-level figures (KV
 blocks used/free per worker, queued prefill tokens, cumulative transfer bytes and seconds) are read from
 the worker registry at scrape time by a collector, so they are never staler than the last heartbeat.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvferry.router.admission import AdmissionQueue
+from kvferry.router.placement import DECISIONS
 from kvferry.router.registry import WorkerRegistry
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30, 60)
-TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# A home lab's KV may cross ordinary Ethernet, and its requests may queue for a minute: up to 60 s.
+TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+PHASE_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300,
+)
 
 
 class _WorkerCollector(Collector):
-    def __init__(self, workers: WorkerRegistry, admission: AdmissionQueue, running: Callable[[], int]):
+    def __init__(
+        self,
+        workers: WorkerRegistry,
+        admission: AdmissionQueue,
+        running: Callable[[], int],
+        decisions: Mapping[tuple[str, str], int],
+    ):
         self.workers = workers
         self.admission = admission
         self.running = running
+        self.decisions = decisions
 
     def collect(self) -> Iterable[Metric]:
         labels = ["worker_id", "role", "address"]
@@ -81,10 +96,23 @@ class _WorkerCollector(Collector):
             value=self.admission.num_delayed_total,
         )
         yield GaugeMetricFamily("kvferry_router_requests_running", "requests in flight", value=self.running())
+        placed = CounterMetricFamily(
+            "kvferry_router_prefill_decisions", "where requests were prefilled: a prefill worker (remote) "
+            "or their decode worker (local), and why", labels=["decision", "reason"],
+        )
+        for key in dict.fromkeys([*DECISIONS, *self.decisions]):
+            placed.add_metric(list(key), self.decisions.get(key, 0))
+        yield placed
 
 
 class RouterMetrics:
-    def __init__(self, workers: WorkerRegistry, admission: AdmissionQueue, running: Callable[[], int]):
+    def __init__(
+        self,
+        workers: WorkerRegistry,
+        admission: AdmissionQueue,
+        running: Callable[[], int],
+        decisions: Mapping[tuple[str, str], int] | None = None,
+    ):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -111,7 +139,12 @@ class RouterMetrics:
             "kvferry_router_kv_transfer_seconds", "KV transfer time per request (first byte to ack)",
             buckets=TRANSFER_BUCKETS, registry=r,
         )
-        r.register(_WorkerCollector(workers, admission, running))
+        self.phase_seconds = Histogram(
+            "kvferry_router_request_phase_seconds", "time each finished request spent in each phase "
+            "(queue, reserve, prefill_queue, prefill_compute, kv_transfer, first_token, decode, e2e)",
+            ["model_name", "phase"], buckets=PHASE_BUCKETS, registry=r,
+        )
+        r.register(_WorkerCollector(workers, admission, running, decisions if decisions is not None else {}))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

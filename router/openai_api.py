@@ -4,6 +4,10 @@ Streaming responses are server-sent events (``data: {json}`` lines, then ``data:
 waits for the first output before answering, so a request that cannot be placed (queue full or timed
 out) still gets a proper HTTP error status. A client that disconnects — while waiting or mid-stream —
 cancels its request, which aborts it on every worker.
+
+Where the time went (router/timings.py) comes back to the client as ``kvferry_timings`` (phase ->
+seconds) in the response body, or in the last SSE chunk before ``[DONE]``; a non-streaming response also
+has it in the ``x-kvferry-timings`` header (a stream's headers leave before the timings exist).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from kvferry.router.openai_protocol import ChoiceResult, Formatter, parse_chat, 
 from kvferry.router.registry import WorkerRole
 from kvferry.router.request import APIError, ChoiceDelta, GenerationRequest
 from kvferry.router.service import RouterService
+from kvferry.router.timings import format_timings
 
 T = TypeVar("T")
 
@@ -117,9 +122,11 @@ def create_app(service: RouterService) -> FastAPI:
         gen: GenerationRequest, formatter: Formatter, deltas: AsyncIterator[ChoiceDelta], api: str
     ) -> Response:
         choices = [ChoiceResult(i) for i in range(gen.num_choices)]
+        timings: dict[str, float] | None = None  # the last choice to finish: its phases add up
         try:
             async for delta in deltas:
                 choices[delta.index].add(delta)
+                timings = delta.timings or timings
         finally:
             await deltas.aclose()
         failed = [c for c in choices if c.finish_reason == "error"]
@@ -129,7 +136,12 @@ def create_app(service: RouterService) -> FastAPI:
                            type="server_error")
         service.metrics.requests.labels(api, "ok").inc()
         usage = usage_of(gen, sum(len(c.token_ids) for c in choices))
-        return JSONResponse(formatter.response(choices, usage))
+        body = formatter.response(choices, usage)
+        headers = {}
+        if timings is not None:
+            body["kvferry_timings"] = timings
+            headers["x-kvferry-timings"] = format_timings(timings)
+        return JSONResponse(body, headers=headers)
 
     async def stream_events(
         gen: GenerationRequest, formatter: Formatter, first: ChoiceDelta, deltas: AsyncIterator[ChoiceDelta],
@@ -137,21 +149,31 @@ def create_app(service: RouterService) -> FastAPI:
     ) -> AsyncIterator[bytes]:
         completion_tokens = 0
         outcome = "disconnected"
+        remaining = gen.num_choices
         try:
             if chat:
                 for i in range(gen.num_choices):
                     yield sse(formatter.role_chunk(i))
             delta: ChoiceDelta | None = first
+            timings: dict[str, float] | None = None
             while delta is not None:
                 completion_tokens += len(delta.token_ids)
+                remaining -= delta.finish_reason is not None
+                timings = delta.timings or timings
                 if delta.finish_reason == "error":
                     yield sse({"error": APIError(f"generation failed: {delta.error}", code="worker_error",
                                                  status=502, type="server_error").body()["error"]})
                 if delta.text or delta.finish_reason is not None or delta.logprobs:
-                    yield sse(formatter.delta_chunk(delta))
+                    chunk = formatter.delta_chunk(delta)
+                    if remaining == 0 and not gen.include_usage and timings is not None:
+                        chunk["kvferry_timings"] = timings  # the last chunk before [DONE]
+                    yield sse(chunk)
                 delta = await anext(deltas, None)
             if gen.include_usage:
-                yield sse(formatter.usage_chunk(usage_of(gen, completion_tokens)))
+                chunk = formatter.usage_chunk(usage_of(gen, completion_tokens))
+                if timings is not None:
+                    chunk["kvferry_timings"] = timings
+                yield sse(chunk)
             yield sse("[DONE]")
             outcome = "ok"
         except APIError as exc:

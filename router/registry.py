@@ -17,6 +17,9 @@ Picking (``pick_decode`` then ``pick_prefill``):
   what the router sent since), then fewest in flight. Prefill time is roughly linear in prompt tokens, so
   queued tokens predict TTFT better than a request count.
 
+Whether the decode worker prefills a prompt itself is ``placement.py``'s call; for it each decode worker
+keeps ``recent_blocks``, the router's estimate of that worker's prefix cache.
+
 Everything here runs on the router's event loop; nothing blocks and nothing needs a lock.
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
@@ -100,6 +104,43 @@ class Capacity:
 DEFAULT_MAX_RUNNING = 64  # batch limit assumed for a worker that does not report one
 
 
+def prompt_block_hashes(prompt_token_ids: tuple[int, ...], block_size: int) -> list[int]:
+    """Chained hashes of the prompt's full blocks that a prefix cache could serve (as the engine's
+    block manager forms them; never the block holding the last token, which is always computed)."""
+    hashes, prev = [], None
+    for i in range((len(prompt_token_ids) - 1) // block_size):
+        prev = hash((prev, tuple(prompt_token_ids[i * block_size : (i + 1) * block_size])))
+        hashes.append(prev)
+    return hashes
+
+
+class RecentBlocks:
+    """The router's estimate of a decode worker's prefix cache: the block hashes of the prompts it was
+    sent, most recent last, at most as many as the worker has blocks. A worker reuses its free blocks
+    oldest first, so what the router sent longest ago is what it forgot first. An estimate only: the
+    worker's own cache decides what is reused, so a wrong guess costs time, never correctness."""
+
+    def __init__(self) -> None:
+        self._hashes: OrderedDict[int, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def record(self, hashes: list[int], capacity: int) -> None:
+        for h in hashes:
+            self._hashes[h] = None
+            self._hashes.move_to_end(h)
+        while len(self._hashes) > max(0, capacity):
+            self._hashes.popitem(last=False)
+
+    def num_cached_blocks(self, hashes: list[int]) -> int:
+        """Leading blocks of the prompt this worker likely still holds."""
+        n = 0
+        while n < len(hashes) and hashes[n] in self._hashes:
+            n += 1
+        return n
+
+
 @dataclass
 class Worker:
     worker_id: str
@@ -117,6 +158,7 @@ class Worker:
     prefill_tokens_since_heartbeat: int = 0
     num_inflight: int = 0
     heartbeats: int = 0  # how many heartbeats have been recorded: tells reservations before one from after
+    recent_blocks: RecentBlocks = field(default_factory=RecentBlocks)  # decode role: prefix-cache estimate
 
     @property
     def free_blocks_estimate(self) -> int:
@@ -296,6 +338,10 @@ class WorkerRegistry:
         worker.prefill_tokens_since_heartbeat += num_tokens
         worker.requests_routed_total += 1
         worker.num_inflight += 1
+
+    def on_local_prefill(self, worker: Worker, num_tokens: int) -> None:
+        """A decode worker was told to prefill ``num_tokens`` itself: queued there until its heartbeat."""
+        worker.prefill_tokens_since_heartbeat += num_tokens
 
     def on_prefill_done(self, worker: Worker) -> None:
         worker.num_inflight = max(0, worker.num_inflight - 1)

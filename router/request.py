@@ -97,6 +97,7 @@ class ChoiceDelta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    timings: dict[str, float] | None = None  # on a choice's last delta: phase -> seconds (timings.py)
 
 
 @dataclass

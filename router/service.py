@@ -2,6 +2,8 @@
 
 Fans a request out into its choices (prompts x n), runs each through the workers (``Dispatcher``),
 turns token ids into text (``ChoiceState``), merges the choices into one stream, and records metrics.
+Each choice's last delta carries its phase timings (``RequestTimeline``), also observed as histograms
+and logged at INFO, one line per choice.
 Both front ends (OpenAI HTTP, gRPC Generate) call ``generate``; closing its iterator early (client
 gone) cancels every choice, which aborts it on its workers.
 """
@@ -9,6 +11,7 @@ gone) cancels every choice, which aborts it on its workers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import replace
 from typing import AsyncIterator
@@ -19,6 +22,9 @@ from kvferry.router.metrics import RouterMetrics
 from kvferry.router.output import ChoiceState
 from kvferry.router.registry import WorkerRegistry
 from kvferry.router.request import APIError, ChoiceDelta, GenerationRequest, ServedModel, unavailable
+from kvferry.router.timings import PHASES, RequestTimeline, format_timings
+
+logger = logging.getLogger(__name__)
 
 
 class RouterService:
@@ -31,7 +37,9 @@ class RouterService:
         self.dispatcher = dispatcher
         self.num_running = 0
         self.shutting_down = False  # set on SIGTERM: new requests are refused, running ones finish
-        self.metrics = RouterMetrics(registry, admission, lambda: self.num_running)
+        self.metrics = RouterMetrics(registry, admission, lambda: self.num_running, dispatcher.prefill_decisions)
+        for phase in PHASES:  # every phase's series exists from the start, at zero
+            self.metrics.phase_seconds.labels(model.name, phase)
         dispatcher.on_transfer = self._on_transfer
         registry.on_change = admission.notify
 
@@ -84,10 +92,12 @@ class RouterService:
         state = ChoiceState(index, self._model.tokenizer, prompt, params)
         request_id = request.request_id if request.num_choices == 1 else f"{request.request_id}-{index}"
         last_token_at: float | None = None
-        events = self.dispatcher.run(request_id, prompt, params)
+        timeline = RequestTimeline.now()
+        events = self.dispatcher.run(request_id, prompt, params, timeline)
         try:
             async for event in events:
                 if event.token_ids:
+                    timeline.mark_first_token()
                     now = time.perf_counter()
                     if last_token_at is None:
                         self.metrics.ttft.observe(now - arrival)
@@ -103,6 +113,8 @@ class RouterService:
                     tail = state.finish(event.finish_reason, event.error)
                     delta.text += tail.text
                     delta.finish_reason, delta.error = tail.finish_reason, tail.error
+                if delta.finish_reason is not None:
+                    delta.timings = self._finish_timeline(request_id, timeline, delta.finish_reason)
                 queue.put_nowait(delta)
                 if state.finished:
                     break  # a stop string the router found: closing `events` aborts on the workers
@@ -116,3 +128,15 @@ class RouterService:
             queue.put_nowait(APIError(f"internal error: {exc!r}", code="internal_error", status=500, type="server_error"))
         finally:
             await events.aclose()
+            if timeline.end is None:  # refused, failed to place, or the client went away
+                self._finish_timeline(request_id, timeline, "unfinished")
+
+    def _finish_timeline(self, request_id: str, timeline: RequestTimeline, finish_reason: str) -> dict[str, float]:
+        timeline.mark_end()
+        durations = timeline.durations()
+        if finish_reason in ("stop", "length"):  # errors and aborts would skew the phases
+            for phase, seconds in durations.items():
+                self.metrics.phase_seconds.labels(self._model.name, phase).observe(seconds)
+        logger.info("request %s %s, prefill %s: %s", request_id, finish_reason, timeline.placement or "not placed",
+                    format_timings(durations))
+        return durations

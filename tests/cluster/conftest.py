@@ -26,7 +26,9 @@ def reference(model_path):
 
 @pytest.fixture(scope="module")
 def serve(model_path):
-    s = Serve()
+    # Every prompt through the prefill worker and a KV transfer, short ones too: that path is what these
+    # tests check against the engine. Conditional disaggregation has its own (test_placement.py).
+    s = Serve("--local-prefill", "never")
     yield s
     if s.process.poll() is None:
         output = s.stop()

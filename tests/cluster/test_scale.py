@@ -32,7 +32,8 @@ def cluster(model_path):
     worker = ["--router", router_address, "--host", "127.0.0.1", "--port", "0"]
     c = Cluster(
         router=Child("router", [*PY, "router", "--port", str(port), "--grpc-port", str(grpc_port),
-                                "--queue-timeout", "120", "--shutdown-grace", "5"]),
+                                "--queue-timeout", "120", "--shutdown-grace", "5",
+                                "--local-prefill", "never"]),  # short prompts must reach the prefill workers
         workers=[
             Child("prefill-a", [*PY, "prefill", *worker]),
             Child("prefill-b", [*PY, "prefill", *worker]),

@@ -11,6 +11,7 @@ import pytest
 from kvferry.engine.config import default_model_path
 from kvferry.router.admission import AdmissionConfig
 from kvferry.router.main import RouterConfig, RouterHandle, load_served_model, serve
+from kvferry.router.placement import DisaggregationPolicy
 from kvferry.router.registry import RegistryConfig
 
 
@@ -25,6 +26,9 @@ class RunningRouter:
             model=default_model_path(), port=0, grpc_port=0, shutdown_grace_s=2.0,
             registry=RegistryConfig(heartbeat_interval_s=0.2, lease_s=2.0),
             admission=AdmissionConfig(max_waiting=64, timeout_s=5.0, poll_s=0.05),
+            # Prompts of a few tokens would be prefilled on the decode worker; these tests are about the
+            # prefill worker's path. Tests of conditional disaggregation pass their own policy.
+            placement=DisaggregationPolicy(mode="never"),
         )
         config = replace(config, **overrides)
         self.handle: RouterHandle | None = None
