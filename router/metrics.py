@@ -141,7 +141,7 @@ class RouterMetrics:
         )
         self.phase_seconds = Histogram(
             "kvferry_router_request_phase_seconds", "time each finished request spent in each phase "
-            "(queue, reserve, prefill_queue, prefill_compute, kv_transfer, first_token, decode, e2e)",
+            "(router_queue, reserve, prefill_queue, prefill_compute, kv_transfer, first_token, decode, e2e)",
             ["model_name", "phase"], buckets=PHASE_BUCKETS, registry=r,
         )
         r.register(_WorkerCollector(workers, admission, running, decisions if decisions is not None else {}))

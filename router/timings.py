@@ -4,8 +4,8 @@ The router marks what it sees on its own clock (``time.monotonic()``); the worke
 prompt reports durations it measured on its clock (never timestamps: two processes' monotonic clocks
 are not comparable). Phases, in seconds:
 
-- ``queue``: arrival at the router to the start of the Reserve that placed it (waiting for KV room, and
-  Reserves that were refused, included);
+- ``router_queue``: arrival at the router to the start of the Reserve that placed it (waiting for KV
+  room, and Reserves that were refused, included);
 - ``reserve``: that Reserve call;
 - ``prefill_queue``: on the worker that prefilled it, arrival to the first step that computed any of it;
 - ``prefill_compute``: from there to its first token (every chunk, and what shared those steps);
@@ -15,10 +15,11 @@ are not comparable). Phases, in seconds:
 - ``decode``: first token to last token;
 - ``e2e``: arrival to the end.
 
-``queue + reserve + prefill_queue + prefill_compute <= first_token`` for a remote prefill (Prefill is
-sent once Reserve answered); a local prefill starts inside the Reserve call, so there
-``queue + prefill_queue + prefill_compute <= first_token``. Always ``first_token + decode == e2e``. The
-rest of ``first_token`` is RPCs, the KV transfer's tail and the commit on the decode worker.
+``router_queue + reserve + prefill_queue + prefill_compute <= first_token`` for a remote prefill
+(Prefill is sent once Reserve answered); a local prefill starts inside the Reserve call, so there
+``router_queue + prefill_queue + prefill_compute <= first_token``. Always
+``first_token + decode == e2e``. The rest of ``first_token`` is RPCs, the KV transfer's tail and the
+commit on the decode worker.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from dataclasses import dataclass
 
 from kvferry.engine.request import PrefillTimings
 
-PHASES = ("queue", "reserve", "prefill_queue", "prefill_compute", "kv_transfer", "first_token", "decode", "e2e")
+PHASES = (
+    "router_queue", "reserve", "prefill_queue", "prefill_compute", "kv_transfer", "first_token", "decode", "e2e",
+)
 
 
 @dataclass
@@ -58,7 +61,7 @@ class RequestTimeline:
         """Phase -> seconds, in ``PHASES`` order; phases that did not happen (or not yet) are absent."""
         out: dict[str, float] = {}
         if self.reserve_start is not None:
-            out["queue"] = self.reserve_start - self.start
+            out["router_queue"] = self.reserve_start - self.start
             if self.reserve_end is not None:
                 out["reserve"] = self.reserve_end - self.reserve_start
         if self.prefill is not None:
@@ -76,5 +79,5 @@ class RequestTimeline:
 
 
 def format_timings(durations: dict[str, float]) -> str:
-    """``queue=0.0003,reserve=0.0021,...`` (seconds): the ``x-kvferry-timings`` header and the log line."""
+    """``router_queue=0.0003,reserve=0.0021,...`` (seconds): the ``x-kvferry-timings`` header, the log."""
     return ",".join(f"{phase}={seconds:.4f}" for phase, seconds in durations.items())

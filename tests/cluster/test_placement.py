@@ -43,12 +43,12 @@ def completion(serve, prompt: str) -> dict:
 
 def check_timings(t: dict[str, float], remote: bool) -> None:
     assert all(v >= 0 for v in t.values()), t
-    assert {"queue", "reserve", "prefill_queue", "prefill_compute", "first_token", "decode", "e2e"} <= set(t), t
+    assert {"router_queue", "reserve", "prefill_queue", "prefill_compute", "first_token", "decode", "e2e"} <= set(t), t
     assert ("kv_transfer" in t) == remote, t
     # A remote prefill starts once Reserve answered; a local one starts inside the Reserve call.
-    sequential = t["queue"] + (t["reserve"] if remote else 0) + t["prefill_queue"] + t["prefill_compute"]
+    sequential = t["router_queue"] + (t["reserve"] if remote else 0) + t["prefill_queue"] + t["prefill_compute"]
     assert sequential <= t["first_token"] + SLACK, t
-    assert t["queue"] + t["reserve"] <= t["first_token"] + SLACK, t
+    assert t["router_queue"] + t["reserve"] <= t["first_token"] + SLACK, t
     assert t["first_token"] + t["decode"] == pytest.approx(t["e2e"], abs=SLACK), t
     assert t["prefill_compute"] > 0 and t["decode"] > 0, t
 
@@ -69,9 +69,9 @@ def test_short_prompt_on_the_decode_worker_long_prompt_on_the_prefill_worker(ser
     metrics = httpx.get(serve.url + "/metrics", timeout=10).text
     assert re.search(r'kvferry_router_prefill_decisions_total\{decision="local",reason="short_prompt"\} 1\.0', metrics)
     assert re.search(r'kvferry_router_prefill_decisions_total\{decision="remote",reason="default"\} 1\.0', metrics)
-    for phase in ("queue", "prefill_compute", "kv_transfer", "decode", "e2e"):
+    for phase in ("router_queue", "prefill_compute", "kv_transfer", "decode", "e2e"):
         assert re.search(rf'kvferry_router_request_phase_seconds_bucket\{{le="60\.0",model_name="[^"]+",phase="{phase}"\}} [1-9]',
                          metrics), phase
     log = serve.output()
     for body in (short, long):
-        assert re.search(rf"request {body['id']} length, prefill (local|remote) \(\w+\): queue=", log)
+        assert re.search(rf"request {body['id']} length, prefill (local|remote) \(\w+\): router_queue=", log)
