@@ -25,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
         from kvferry.engine.engine import LLMEngine
 
         engine = LLMEngine(engine_config_from_args(args), role="decode")
+        if not args.no_warm_up:
+            engine.warm_up()  # seeds the step-time model the scheduler plans with
         worker = DecodeWorker(engine, DecodeWorkerConfig(lease_s=args.lease), worker_id=args.name or "decode")
         server, health, port = create_decode_server(worker, args.host, args.port, args.advertise_host)
         worker.start()

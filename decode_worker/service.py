@@ -10,7 +10,8 @@ import grpc
 
 from kvferry.decode_worker.worker import DecodeWorker, NoRoom, TokenEvent
 from kvferry.proto import worker_pb2, worker_pb2_grpc
-from kvferry.proto.convert import logprobs_to_proto, prefill_timings_fields, sampling_from_proto
+from kvferry.engine.profiles import SLORefusal
+from kvferry.proto.convert import logprobs_to_proto, prefill_timings_fields, refusal_metadata, sampling_from_proto
 from kvferry.transport.grpc_transport import SERVICE_NAME as KV_TRANSFER_SERVICE
 from kvferry.transport.grpc_transport import add_kv_transfer_service, create_server
 from kvferry.worker_service import worker_errors
@@ -47,6 +48,9 @@ class DecodeWorkerServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 params,
                 lease_s=request.lease_ms / 1000.0 if request.lease_ms else None,
                 prefill_locally=request.prefill_locally,
+                ttft_deadline=self.worker.engine.config.scheduler.profile.ttft_deadline(
+                    time.monotonic(), request.ttft_budget_ms
+                ) if request.prefill_locally else None,
             )
         return worker_pb2.ReserveResponse(
             block_ids=reservation.block_ids,
@@ -70,6 +74,10 @@ class DecodeWorkerServicer(worker_pb2_grpc.DecodeWorkerServicer):
                     event = events.get(timeout=POLL_S)
                 except queue.Empty:
                     continue
+                if event.finish_reason == "rejected":  # a local prefill refused for its TTFT target
+                    refusal = SLORefusal(event.error or "rejected", event.retry_after_s or 1.0)
+                    context.set_trailing_metadata(refusal_metadata(refusal))
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.message)
                 yield event_to_proto(event)
                 if event.finish_reason is not None:
                     return

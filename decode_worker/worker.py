@@ -65,6 +65,7 @@ class TokenEvent:
     error: str | None = None
     num_prompt_tokens: int = 0
     prefill_timings: PrefillTimings | None = None  # first token of a prompt prefilled here (local)
+    retry_after_s: float | None = None  # finish_reason "rejected" (a local prefill's TTFT target lost)
 
 
 @dataclass(frozen=True)
@@ -156,15 +157,20 @@ class DecodeWorker:
         params: SamplingParams,
         lease_s: float | None = None,
         prefill_locally: bool = False,
+        ttft_deadline: float | None = None,
     ) -> Reservation:
-        """Raises NoRoom (try elsewhere), ValueError (bad request: the message names the problem)."""
+        """Raises NoRoom (try elsewhere), ValueError (bad request: the message names the problem).
+        ``ttft_deadline`` (``time.monotonic()``, local prefill only): the first token is due by then,
+        or the stream ends with finish reason "rejected"."""
         if not request_id:
             raise ValueError("request_id is empty")
         if lease_s is not None and lease_s <= 0:
             raise ValueError(f"lease must be positive, got {lease_s}")
         lease = lease_s or self.config.lease_s
         prompt = list(prompt_token_ids)
-        return self._loop.call(lambda: self._reserve(request_id, prompt, params, lease, prefill_locally))
+        return self._loop.call(
+            lambda: self._reserve(request_id, prompt, params, lease, prefill_locally, ttft_deadline)
+        )
 
     def subscribe(self, request_id: str) -> queue.Queue:
         """The request's event queue (TokenEvent, last one with finish_reason). KeyError if unknown."""
@@ -204,6 +210,7 @@ class DecodeWorker:
             kv_transfers_total=r.transfers_total,
             kv_transfer_failures_total=self.counters.transfers_failed_total,
             leases_expired_total=self.counters.leases_expired_total,
+            requests_rejected_total=self.engine.scheduler.num_rejected,
         )
 
     def _queued_local_prefill_tokens(self, tracked: list[_Tracked]) -> int:
@@ -233,7 +240,8 @@ class DecodeWorker:
 
     # ---- commands (loop thread) ------------------------------------------------------------------
     def _reserve(
-        self, request_id: str, prompt: list[int], params: SamplingParams, lease_s: float, local: bool
+        self, request_id: str, prompt: list[int], params: SamplingParams, lease_s: float, local: bool,
+        ttft_deadline: float | None = None,
     ) -> Reservation:
         if self._draining:
             raise NoRoom("the decode worker is draining (shutting down)")
@@ -242,8 +250,11 @@ class DecodeWorker:
         active = sum(1 for t in self._tracked.values() if not t.finished)
         if active >= self.max_num_seqs:
             raise NoRoom(f"batch full: {active} of {self.max_num_seqs} sequences in use")
+        cap = self.engine.batch_cap(len(prompt))  # the profile's TPOT target, at the batch's context
+        if active >= cap:
+            raise NoRoom(f"batch full for the TPOT target: {active} sequences, {cap} fit a step's target")
         if local:
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, ttft_deadline)
             block_ids: list[int] = []
         else:
             blocks = self.engine.reserve(request_id, prompt, params)
@@ -322,6 +333,7 @@ class DecodeWorker:
                     output.error,
                     tracked.num_prompt_tokens,
                     output.prefill_timings,
+                    output.retry_after_s,
                 )
             )
             tracked.next_index += len(tokens)

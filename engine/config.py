@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 import torch
 
 SUPPORTED_ARCHITECTURES = (
+from kvferry.engine.profiles import UNTARGETED, SLOProfile
+from kvferry.kernels import cpu_features
+
+logger = logging.getLogger(__name__)
+
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
@@ -111,22 +116,16 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64  # requests in one batch
+    max_num_seqs: int = 64  # requests in one batch (hard cap; the profile's TPOT target may cap lower)
     max_num_batched_tokens: int = 2048  # token budget per step; longer prompts are chunked
     max_model_len: int = 8192
 
+    profile: SLOProfile = UNTARGETED  # latency targets and policy (engine/profiles.py)
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0 or self.max_model_len <= 0:
             raise ConfigError("scheduler limits must be positive")
-
-
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        if not isinstance(self.profile, SLOProfile):
+            raise ConfigError(f"scheduler profile must be an SLOProfile, got {self.profile!r}")
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -145,6 +144,10 @@ def resolve_dtype(name: str | None, device: str) -> torch.dtype:
     if dtype == torch.float16 and not device.startswith("cuda"):
         raise ConfigError("float16 is supported on CUDA only; use bfloat16 or float32 on CPU")
     return dtype
+    if dtype == torch.bfloat16 and device == "cpu" and not cpu_features.has_native_bf16():
+        # It runs (torch's own bf16 GEMM, fp32 accumulation), correctly but slower than float32.
+        logger.warning("bfloat16 on a CPU without native bf16 (%s): emulated, slower than float32 "
+                       "(--dtype auto picks float32 here)", cpu_features.describe() or "no AVX2")
 
 
 def default_model_path() -> str:

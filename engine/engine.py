@@ -28,6 +28,7 @@ from kvferry.engine.block_manager import BlockManager
 from kvferry.engine.config import ConfigError, EngineConfig, num_threads
 from kvferry.engine.loader import load_model
 from kvferry.engine.model_runner import ModelRunner
+from kvferry.engine.profiles import SLORefusal
 from kvferry.engine.request import PrefillTimings, Request, RequestStatus
 from kvferry.engine.sampling import (
     Sampler,
@@ -38,6 +39,7 @@ from kvferry.engine.sampling import (
     stop_holdback,
 )
 from kvferry.engine.scheduler import Scheduler, SchedulerOutput
+from kvferry.engine.step_time import StepTimeModel
 from kvferry.engine.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
@@ -59,13 +61,14 @@ class RequestOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | "rejected"
     new_logprobs: list[TokenLogprobs] | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     block_ids: list[int] | None = None  # prefill role: blocks holding the KV to ship
     error: str | None = None
+    retry_after_s: float | None = None  # "rejected": when to try again (the queue's predicted drain)
     prefill_timings: PrefillTimings | None = None  # on the first token's output, if this engine prefilled
 
 
@@ -99,7 +102,9 @@ class LLMEngine:
         self.block_manager = BlockManager(
             num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(
+            config.scheduler, self.block_manager, StepTimeModel(), decodes_here=role != "prefill"
+        )
         self.runner = ModelRunner(loaded.model, num_blocks, config.cache.block_size, dtype, config.device)
         self.sampler = Sampler(config.seed)
         self._tracked: dict[str, _Tracked] = {}
@@ -112,9 +117,16 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        ttft_deadline: float | None = None,
     ) -> Request:
+        """``ttft_deadline`` (``time.monotonic()``): the first token is due by then, or the request is
+        refused while still queued (finish reason "rejected"); None: no target, never refused."""
         request = self._new_request(request_id, prompt, params or SamplingParams())
+        request.ttft_deadline = ttft_deadline
         self.scheduler.add(request)
         return request
 
@@ -131,6 +143,40 @@ class LLMEngine:
 
     def get_request(self, request_id: str) -> Request | None:
         return self.scheduler.requests.get(request_id)
+
+    def batch_cap(self, new_context: int = 0) -> int:
+        """Sequences the batch may hold now (the profile's TPOT target may keep it under max_num_seqs)."""
+        return self.scheduler.batch_cap(new_context)
+
+    def warm_up(self, max_seconds: float = 10.0) -> None:
+        """A few synthetic steps (prompts, then decode batches) on an idle engine, so the step-time model
+        starts from this machine's speed rather than a guess: they become its prior. Rounds stop
+        starting after ``max_seconds`` (a loaded box must not hold a worker's start for minutes)."""
+        assert not self.scheduler.has_unfinished(), "warm up an idle engine"
+        model = self.scheduler.step_model
+        vocab = self.model_config.vocab_size
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        rounds = [[8], [128, 16, 16, 16, 16, 16, 16, 16], [64], [256]]  # the first only loads kernels
+        end = time.monotonic() + max_seconds
+        for i, lengths in enumerate(rounds):
+            if i > 1 and time.monotonic() > end:
+                break
+            ids = []
+            for j, n in enumerate(lengths):
+                rid = f"warm-up-{i}-{j}"
+                # Distinct tokens per request: the prefix cache must not turn a prompt into a hit.
+                self.add_request(rid, [(1000 + 7919 * (i * 16 + j) + 31 * k) % vocab for k in range(n)], params)
+                ids.append(rid)
+            for _ in range(16):
+                if not self.has_schedulable_requests():
+                    break
+                self.step()
+            for rid in ids:
+                self.release(rid) or self.abort_request(rid)
+            if i == 0:
+                model.reset()
+        model.settle_prior()
+        logger.info("step-time model after warm-up: %s", model.describe())
 
     # ---- disaggregation ------------------------------------------------------------------------
     def reserve(
@@ -182,9 +228,11 @@ class LLMEngine:
 
     # ---- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        started = time.monotonic()
+        batch = self.scheduler.schedule(started)
+        refused = [self._rejected(r.request, r.refusal) for r in batch.rejected]
         if not batch:
-            return []
+            return refused
         sampling_items = [s for s in batch.scheduled if s.samples]
         now = time.monotonic()
         for s in batch.scheduled:
@@ -207,7 +255,8 @@ class LLMEngine:
                 item.request.first_token_time = now
             self._tracked[item.request.request_id].sampling.append(token)
             outputs.append(self._process_token(item.request, token, logprobs))
-        return outputs
+        self.scheduler.step_model.observe(batch.shape, time.monotonic() - started)
+        return refused + outputs
 
     # ---- internals -----------------------------------------------------------------------------
     def _new_request(
@@ -291,6 +340,14 @@ class LLMEngine:
             self.scheduler.hold_for_sending(request)
             output.block_ids = list(request.block_table)
         return output
+
+    def _rejected(self, request: Request, refusal: SLORefusal) -> RequestOutput:
+        """A request the scheduler refused (its TTFT target is lost); it holds nothing any more."""
+        self._tracked.pop(request.request_id, None)
+        return RequestOutput(
+            request.request_id, [], "", True, "rejected", num_prompt_tokens=request.num_prompt_tokens,
+            error=refusal.message, retry_after_s=refusal.retry_after_s,
+        )
 
     def _fail(self, request_id: str, message: str) -> RequestOutput:
         request = self._finish(request_id, RequestStatus.FINISHED_ERROR)

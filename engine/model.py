@@ -10,7 +10,8 @@ rotate-half RoPE applied in the model dtype. q/k/v and gate/up are fused into on
 are gathered once per forward from a precomputed table and shared by every layer; the residual add is
 fused into the next RMSNorm (``dispatch.rms_norm``). The decode step at batch 1 is Python-bound on CPU,
 so each layer is kept to a handful of ops with no avoidable allocations. RMSNorm, RoPE (on CUDA) and
-attention go through ``kvferry.kernels.dispatch`` (Triton on CUDA, torch references on the CPU).
+attention go through ``kvferry.kernels.dispatch`` (Triton on CUDA; the CPU kernels, else the torch
+references, on the CPU).
 """
 
 from __future__ import annotations
@@ -39,18 +40,19 @@ def _can_pack(weight: Tensor) -> bool:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that can run bf16 on the CPU through faster paths than ``F.linear`` (``pack()``).
+    """``nn.Linear`` that can run on the CPU through faster paths than ``F.linear`` (``pack()``).
 
     A bf16 ``F.linear`` on the CPU reaches oneDNN's matmul, which lays the weight out anew on every
     call: at batch 1 that costs as much as the product itself. ``pack()`` keeps a copy prepacked in
     oneDNN's layout (same kernel, bit-identical results, about 2x faster at one token, never slower at
-    many) for prefill and large batches, and, where the CPU has AVX512-BF16, sends 1-8 tokens to our
-    skinny kernel (``kernels/cpu_kernels.py``), which streams ``weight`` itself at close to memory
-    bandwidth. Only decode steps take it (``decode_only``): the two kernels round differently, and a
-    prompt's numerics must not depend on how many of its tokens one step computes (a prefix-cache hit or
-    a chunk boundary can leave a few). ``weight`` stays the parameter (state dicts, loaders, tests read
-    it); the packed copy is a derived, non-persistent buffer. fp32 stays on ``F.linear`` (MKL), which is fast already and is
-    what transformers runs, so fp32 outputs stay bit-comparable with it.
+    many) for prefill and large batches where oneDNN runs bf16 natively, and, wherever a CPU kernel
+    extension is built (AVX-512 or AVX2), sends 1-8 tokens to our skinny kernel
+    (``kernels/cpu_kernels.py``), which streams ``weight`` itself at close to memory bandwidth: bf16
+    weights, and fp32 ones where that beats MKL (``cpu_kernels.takes_skinny``). Only decode steps take
+    it (``decode_only``): the kernels round differently, and a prompt's numerics must not depend on how
+    many of its tokens one step computes (a prefix-cache hit or a chunk boundary can leave a few).
+    ``weight`` stays the parameter (state dicts, loaders, tests read it); the packed copy is a derived,
+    non-persistent buffer. fp32 prompts stay on ``F.linear`` (MKL), what transformers runs.
     """
 
     packed: Tensor | None
@@ -64,13 +66,13 @@ class Linear(nn.Linear):
 
     def pack(self) -> None:
         self.packed = pack_weight(self.weight) if _can_pack(self.weight) else None
-        self.skinny = self.packed is not None and cpu_kernels.load() is not None
+        self.skinny = cpu_kernels.takes_skinny(self.weight)
         self.bias_fp32 = self.bias.detach().float() if self.skinny and self.bias is not None else None
 
     def forward(self, x: Tensor, decode_only: bool = True) -> Tensor:  # decode_only: no prompt tokens in x
+        if self.skinny and decode_only and x.numel() <= cpu_kernels.MAX_TOKENS * x.shape[-1]:
+            return cpu_kernels.skinny_linear(x, self.weight, self.bias_fp32, self.next_weight)
         if self.packed is not None:
-            if self.skinny and decode_only and x.numel() <= cpu_kernels.MAX_TOKENS * x.shape[-1]:
-                return cpu_kernels.skinny_linear(x, self.weight, self.bias_fp32, self.next_weight)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -138,7 +140,8 @@ class Attention(nn.Module):
         num_tokens, num_heads, head_dim = x.shape[0], self.num_heads, self.head_dim
         decode_only = attn.num_prefill_tokens == 0
         qkv = self.qkv_proj(x, decode_only)  # [T, (H + 2 * KVH) * D]
-        if dispatch.fused_cpu_decode(qkv, attn, head_dim):  # bf16 decode on the CPU: two kernel calls
+        # Decode on the CPU kernels: two calls (they take the full-width cos/sin of the fused expression).
+        if not rotary_in_place(qkv) and dispatch.fused_cpu_decode(qkv, attn, head_dim):
             out = dispatch.decode_attention_cpu(
                 qkv, cos, sin, kv_cache, attn, num_heads, self.num_kv_heads, self.scale
             )
@@ -236,9 +239,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:  # [n, hidden] -> [n, vocab] float32
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
-        if self.packed_lm_head is not None:  # tied: the embedding matrix, as in Linear
-            if self.skinny_lm_head and hidden.shape[0] <= cpu_kernels.MAX_TOKENS:
-                return cpu_kernels.skinny_linear(hidden, self.embed_tokens.weight, None).float()
+        if self.skinny_lm_head and hidden.shape[0] <= cpu_kernels.MAX_TOKENS:  # tied: as in Linear
+            return cpu_kernels.skinny_linear(hidden, self.embed_tokens.weight, None).float()
+        if self.packed_lm_head is not None:
             logits = torch.ops.mkldnn._linear_pointwise(hidden, self.packed_lm_head, None, "none", [], "")
             return logits.float()
         return F.linear(hidden, self.embed_tokens.weight).float()
@@ -251,7 +254,7 @@ class LlamaForCausalLM(nn.Module):
                 module.pack()
         head = self.embed_tokens.weight
         self.packed_lm_head = pack_weight(head) if self.lm_head is None and _can_pack(head) else None
-        self.skinny_lm_head = self.packed_lm_head is not None and cpu_kernels.load() is not None
+        self.skinny_lm_head = self.lm_head is None and cpu_kernels.takes_skinny(head)
         # Each skinny linear prefetches the start of the weight read after it, in decode order.
         order = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                       layer.mlp.gate_up_proj, layer.mlp.down_proj)]

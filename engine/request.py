@@ -29,6 +29,7 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "finished_length"  # max_tokens or the context limit
     FINISHED_ABORTED = "finished_aborted"
     FINISHED_ERROR = "finished_error"
+    FINISHED_REJECTED = "finished_rejected"  # refused while queued: its TTFT target could not be met
 
     @property
     def finished(self) -> bool:
@@ -40,6 +41,7 @@ _FINISHED = {
     RequestStatus.FINISHED_LENGTH,
     RequestStatus.FINISHED_ABORTED,
     RequestStatus.FINISHED_ERROR,
+    RequestStatus.FINISHED_REJECTED,
 }
 
 FINISH_REASONS = {
@@ -47,6 +49,7 @@ FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
     RequestStatus.FINISHED_ERROR: "error",
+    RequestStatus.FINISHED_REJECTED: "rejected",
 }
 
 
@@ -74,6 +77,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # the first step that computed any of its tokens
     first_token_time: float | None = None  # when this engine sampled its first output token
+    ttft_deadline: float | None = None  # first token due by then (this process's clock); None: no target
 
     @property
     def prefill_timings(self) -> PrefillTimings | None:

@@ -1,23 +1,39 @@
-"""Continuous batching with chunked prefill and preemption by recompute. No I/O, no tensors.
+"""Continuous batching with chunked prefill, preemption by recompute, and latency targets. No I/O, no
+tensors.
 
 Each step every scheduled request catches up by some number of tokens (``num_tokens -
 num_computed_tokens``, cut to the step's token budget): a whole prompt, a chunk of one, or the single
-newest token of a decoding request. Running requests go first, oldest first, so decodes are never
-starved by new prompts; waiting requests are admitted while blocks, sequence slots and budget remain.
-When a running request needs a block and none is free, the newest running request is preempted: its
-blocks return and it will be recomputed from its prompt and output so far.
+newest token of a decoding request. Decodes go first (a token each), then the chunks of prompts already
+started, then waiting requests are admitted while blocks, sequence slots and budget remain. When a
+decoding request needs a block and none is free, the newest running request is preempted: its blocks
+return and it will be recomputed from its prompt and output so far.
 
-``schedule()`` returns a ``SchedulerOutput``; ``update()`` applies the step's sampled tokens.
+The profile (engine/profiles.py) and the step-time model (engine/step_time.py) shape each step:
+- with a TPOT target, a step that carries decode rows gets only the prefill tokens (chunk) that keep
+  its predicted time under the target, and no request joins a batch whose predicted step would
+  exceed it (``batch_cap``); without one, batches are as wide as ``max_num_seqs`` and blocks allow;
+- with a TTFT target, a prefill-only step is kept to a fraction of it, waiting prompts are taken
+  shortest first (``prefill_order="shortest"``) unless that would make one miss its deadline while
+  going first would not (those go first, earliest deadline first; without a TTFT target there is no
+  such bound, so the order stays first come first served), and a waiting request whose first
+  token can no longer come by its ``ttft_deadline`` is refused (``SchedulerOutput.rejected``) with a
+  retry-after of the queue's predicted drain time. Requests without a deadline are never refused.
+
+``schedule(now)`` returns a ``SchedulerOutput``; ``update()`` applies the step's sampled tokens.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvferry.engine.block_manager import BlockManager
 from kvferry.engine.config import SchedulerConfig
+from kvferry.engine.profiles import SLORefusal
 from kvferry.engine.request import Request, RequestStatus
+from kvferry.engine.step_time import StepShape, StepTimeModel
 
 
 @dataclass
@@ -32,10 +48,18 @@ class ScheduledRequest:
         return req.num_computed_tokens + self.num_new_tokens == req.num_tokens
 
 
+@dataclass(frozen=True)
+class Rejection:
+    request: Request  # already finished (FINISHED_REJECTED) and out of the scheduler
+    refusal: SLORefusal
+
+
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest]  # multi-token chunks first, then single-token steps
     preempted: list[Request]
+    rejected: list[Rejection] = field(default_factory=list)
+    shape: StepShape = field(default_factory=StepShape)  # what the step carries, for the step-time model
 
     @property
     def num_tokens(self) -> int:
@@ -45,14 +69,43 @@ class SchedulerOutput:
         return bool(self.scheduled)
 
 
+def step_shape(scheduled: list[ScheduledRequest]) -> StepShape:
+    """The step-time model's view of a batch (before ``update`` moves the computed counts)."""
+    decodes = prefill = context = attention = 0
+    for s in scheduled:
+        start = s.request.num_computed_tokens
+        if s.num_new_tokens == 1:
+            decodes += 1
+            context += start + 1
+        else:
+            prefill += s.num_new_tokens
+            attention += s.num_new_tokens * (start + s.num_new_tokens)
+    return StepShape(decodes, prefill, context, attention)
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        step_model: StepTimeModel | None = None,
+        decodes_here: bool = True,
+    ):
+        """``decodes_here``: False on a prefill worker, whose requests leave after their first token
+        (no decode rows, so TPOT does not bound its steps or its batch)."""
         self.config = config
         self.block_manager = block_manager
+        self.step_model = step_model or StepTimeModel()
+        self.decodes_here = decodes_here
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.num_preemptions = 0  # since creation, for tests and metrics
+        self.num_rejected = 0  # refused for their TTFT target, since creation
+
+    @property
+    def profile(self):
+        return self.config.profile
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -63,42 +116,60 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def schedule(self) -> SchedulerOutput:
+    # ---- the step ----------------------------------------------------------------------------------
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
+        now = time.monotonic() if now is None else now
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
 
-        for req in list(self.running):
+        for req in list(self.running):  # decode rows first: a token each, oldest first
             if budget == 0:
                 break
-            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+            if req.status is not RequestStatus.RUNNING or req.num_tokens - req.num_computed_tokens != 1:
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.block_manager.append_slots(req, n):
+            while not self.block_manager.append_slots(req, 1):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is req:
                     break
             if req.status is RequestStatus.RUNNING:
-                scheduled.append(ScheduledRequest(req, n))
-                budget -= n
+                scheduled.append(ScheduledRequest(req, 1))
+                budget -= 1
+        num_decodes = len(scheduled)
+        context = sum(s.request.num_computed_tokens + 1 for s in scheduled)
 
+        started = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        chunk_start = started[0].num_computed_tokens if started else 0
+        chunk = min(budget, self.chunk_budget(num_decodes, context, chunk_start))
+        for req in started:  # prompts already started: their blocks cover the whole prompt
+            if chunk == 0:
+                break
+            n = min(req.num_tokens - req.num_computed_tokens, chunk)
+            if self.block_manager.append_slots(req, n):
+                scheduled.append(ScheduledRequest(req, n))
+                chunk -= n
+
+        queued_tokens = sum(r.num_tokens - r.num_computed_tokens for r in started)
+        order, rejected = self._plan_waiting(now, num_decodes, context, queued_tokens)
+        cap = self.batch_cap()
         # Admit nothing in a step that had to preempt: the room just made belongs to running requests.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+        for req in order:
+            if preempted or chunk == 0 or len(self.running) >= cap:
+                break
             if self.block_manager.allocate(req) is None:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = req.num_cached_tokens
             self.running.append(req)
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens - req.num_computed_tokens, chunk)
             scheduled.append(ScheduledRequest(req, n))
-            budget -= n
+            chunk -= n
 
         scheduled.sort(key=lambda s: s.num_new_tokens == 1)  # stable: chunks first, then decodes
-        return SchedulerOutput(scheduled, preempted)
+        return SchedulerOutput(scheduled, preempted, rejected, step_shape(scheduled))
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
         """Advance computed counts; append each sampled token to its request's output."""
@@ -123,6 +194,128 @@ class Scheduler:
         self.block_manager.free(req)
         req.status = status
         return req
+
+    # ---- the profile's decisions -----------------------------------------------------------------
+    def chunk_budget(self, num_decodes: int, context_tokens: int, chunk_start: int = 0) -> int:
+        """Prefill tokens a step may carry beside ``num_decodes`` rows attending ``context_tokens``."""
+        profile, model = self.profile, self.step_model
+        hard = max(self.config.max_num_batched_tokens - num_decodes, 0)
+        budget = hard
+        targets = []
+        if profile.prefill_step_target_s is not None:
+            targets.append(profile.prefill_step_target_s)  # a short prompt is never held long behind
+        if num_decodes and self.decodes_here and profile.decode_step_target_s is not None:
+            targets.append(profile.decode_step_target_s)  # the decode rows' TPOT
+        for target in targets:
+            def fits(n: int, target=target) -> bool:
+                shape = StepShape(num_decodes, n, context_tokens, n * (chunk_start + n))
+                return model.predict(shape) <= target
+            budget = min(budget, _largest(fits, budget))
+        return max(budget, min(profile.min_chunk_tokens, hard))
+
+    def batch_cap(self, new_context: int = 0) -> int:
+        """How many sequences the batch may hold: ``max_num_seqs``, or fewer where the TPOT target
+        says so (decode rows at the running requests' mean context, plus a minimal chunk riding along).
+        ``new_context``: the context of a request about to join (a decode worker's reservation)."""
+        cap = self.config.max_num_seqs
+        target = self.profile.decode_step_target_s
+        if target is None or not self.decodes_here:
+            return cap
+        contexts = [r.num_tokens for r in self.running]
+        if new_context:
+            contexts.append(new_context)
+        elif not contexts and self.waiting:
+            contexts.append(self.waiting[0].num_tokens)
+        mean_context = sum(contexts) / len(contexts) if contexts else 1.0
+        chunk = self.profile.min_chunk_tokens
+        model = self.step_model
+
+        def fits(b: int) -> bool:
+            return model.predict(StepShape(b, chunk, int(b * mean_context), chunk * chunk)) <= target
+
+        return max(1, _largest(fits, cap))
+
+    def prefill_seconds(self, num_tokens: int, num_decodes: int = 0, context_tokens: int = 0) -> float:
+        """Predicted time to compute ``num_tokens`` queued prompt tokens, chunk by chunk, beside
+        ``num_decodes`` decode rows: when the last of them would be done if started now."""
+        return self._drain_time(num_decodes, context_tokens)(num_tokens)
+
+    def _drain_time(self, num_decodes: int, context_tokens: int) -> Callable[[int], float]:
+        """tokens -> seconds at this step's chunk size (computed once: it is called per waiting request)."""
+        chunk = max(self.chunk_budget(num_decodes, context_tokens), 1)
+        model = self.step_model
+        full_step = model.predict(StepShape(num_decodes, chunk, context_tokens, chunk * chunk // 2))
+
+        def seconds(num_tokens: int) -> float:
+            if num_tokens <= 0:
+                return 0.0
+            full, rest = divmod(num_tokens, chunk)
+            total = full * full_step
+            if rest:
+                total += model.predict(StepShape(num_decodes, rest, context_tokens, rest * rest // 2))
+            return total
+
+        return seconds
+
+    def _plan_waiting(
+        self, now: float, num_decodes: int, context: int, queued_tokens: int
+    ) -> tuple[list[Request], list[Rejection]]:
+        """The waiting requests in admission order, after refusing those whose TTFT target is lost."""
+        profile = self.profile
+        preempted = [r for r in self.waiting if r.status is RequestStatus.PREEMPTED]  # already streaming
+        fresh = [r for r in self.waiting if r.status is not RequestStatus.PREEMPTED]
+        if not fresh:
+            return preempted, []
+
+        if profile.prefill_order == "fcfs" and all(r.ttft_deadline is None for r in fresh):
+            return preempted + fresh, []  # the untargeted path: nothing to predict
+        drain = self._drain_time(num_decodes, context)
+
+        def eta(tokens_ahead: int, req: Request) -> float:
+            return drain(tokens_ahead + req.num_tokens)
+
+        if profile.prefill_order == "shortest" and profile.ttft_s is not None:
+            fresh.sort(key=lambda r: (r.num_tokens, r.arrival_index))
+            # Shortest first, within the TTFT bound: a request that would miss its deadline behind the
+            # shorter ones but not if it went first, goes first (earliest deadline first among them),
+            # so a long prompt is never starved by a stream of short ones.
+            # Requests without a deadline of their own are ordered as if the profile's target applied.
+            urgent, rest, ahead = [], [], queued_tokens
+            for req in fresh:
+                deadline = req.ttft_deadline or req.arrival_time + profile.ttft_s
+                if now + eta(ahead, req) > deadline >= now + eta(queued_tokens, req):
+                    urgent.append(req)
+                else:
+                    rest.append(req)
+                    ahead += req.num_tokens
+            urgent.sort(key=lambda r: (r.ttft_deadline or r.arrival_time + profile.ttft_s, r.arrival_index))
+            fresh = urgent + rest
+
+        rejected: list[Rejection] = []
+        if any(r.ttft_deadline is not None for r in fresh):
+            kept, late, ahead = [], [], queued_tokens
+            for req in fresh:
+                # Refused only if even a queue `reject_margin` times the predicted one would be late.
+                if req.ttft_deadline is not None and now + profile.reject_margin * eta(ahead, req) > req.ttft_deadline:
+                    late.append(req)
+                else:
+                    kept.append(req)
+                    ahead += req.num_tokens
+            if late:
+                retry_after = max(drain(ahead), 0.1)
+                for req in late:
+                    waited = now - req.arrival_time
+                    message = (
+                        f"the time-to-first-token target cannot be met: {waited:.1f} s waited, "
+                        f"{max(req.ttft_deadline - now, 0.0):.1f} s left, about "
+                        f"{eta(queued_tokens, req):.1f} s to prefill its {req.num_tokens} tokens here "
+                        f"behind {ahead} queued prompt tokens"
+                    )
+                    self.finish(req.request_id, RequestStatus.FINISHED_REJECTED)
+                    self.num_rejected += 1
+                    rejected.append(Rejection(req, SLORefusal(message, retry_after)))
+            fresh = kept
+        return preempted + fresh, rejected
 
     # ---- disaggregation: requests whose KV is computed elsewhere ---------------------------------
     def reserve(self, request: Request) -> list[int] | None:
@@ -161,3 +354,19 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
+
+
+def _largest(fits, upper: int) -> int:
+    """The largest n in [0, upper] with fits(n) (fits is monotone: true up to some n); 0 if none."""
+    if upper <= 0 or not fits(1):
+        return 0
+    if fits(upper):
+        return upper
+    lo, hi = 1, upper  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

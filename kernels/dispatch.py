@@ -2,10 +2,14 @@
 reference elsewhere.
 
 A call takes the Triton path when its tensors are on a CUDA device and triton is importable (the
-Triton interpreter is for tests only, far too slow to serve). bf16 CPU tensors take kvferry's CPU
-kernels (``cpu_kernels.py``: decode attention, RoPE + KV store, and for decode-sized batches RMSNorm
-and silu*mul) where the CPU has AVX512-BF16; everything else takes the torch reference, which is
-also what fp32 (the exactness path) always runs.
+Triton interpreter is for tests only, far too slow to serve). fp32 and bf16 CPU tensors take kvferry's
+CPU kernels (``cpu_kernels.py``, AVX-512 or AVX2: decode attention, RoPE + KV store, RMSNorm and
+silu*mul) where one is built for this CPU; everything else takes the torch reference (as does
+everything with ``KVFERRY_CPU_KERNELS=0``: the bit-faithful path against transformers).
+
+RMSNorm and silu*mul take the kernel for every row count, prompts included: they work row by row, so
+a token's result never depends on how many tokens its step holds (a prefix-cache hit or a chunk
+boundary must not change a prompt's numerics).
 """
 
 from __future__ import annotations
@@ -34,8 +38,11 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and _triton.HAS_TRITON
 
 
+_CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
+
 def _use_cpu_kernels(t: torch.Tensor) -> bool:
-    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and cpu_kernels.available()
+    return t.dtype in _CPU_KERNEL_DTYPES and t.device.type == "cpu" and cpu_kernels.available()
 
 
 def _decode_attention_cpu(
@@ -46,14 +53,14 @@ def _decode_attention_cpu(
 
 
 def fused_cpu_decode(qkv: torch.Tensor, attn: AttentionMetadata, head_dim: int) -> bool:
-    """Whether a layer's attention can run as ``decode_attention_cpu``: a decode-only bf16 CPU batch."""
+    """Whether a layer's attention can run as ``decode_attention_cpu``: a decode-only CPU batch."""
     return not attn.prefills and _use_cpu_kernels(qkv) and head_dim % 16 == 0
 
 
 def decode_attention_cpu(
     qkv: torch.Tensor,  # [T, (H + 2 * KVH) * D]: the layer's q/k/v product, RoPE not yet applied
-    cos: torch.Tensor,  # [T, 1, D] (duplicated halves), bf16
-    sin: torch.Tensor,  # [T, 1, D] (duplicated halves, sign of rotate_half folded in), bf16
+    cos: torch.Tensor,  # [T, 1, D] (duplicated halves), qkv's dtype
+    sin: torch.Tensor,  # [T, 1, D] (duplicated halves, sign of rotate_half folded in), qkv's dtype
     kv_cache: torch.Tensor,
     attn: AttentionMetadata,
     num_heads: int,
@@ -67,8 +74,7 @@ def decode_attention_cpu(
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] (gate first) -> [T, I]
-    # The kernel's exp is scalar: it wins over torch's two vectorized ops only for a few tokens.
-    if gate_up.dim() == 2 and gate_up.shape[0] <= cpu_kernels.MAX_TOKENS and _use_cpu_kernels(gate_up):
+    if gate_up.dim() == 2 and _use_cpu_kernels(gate_up):
         return cpu_kernels.silu_mul(gate_up.contiguous())
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -171,8 +177,7 @@ def rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, new residual = x + residual, or x itself)
     if _use_triton(x):
         return _rms_norm_triton(x, weight, eps, residual)
-    # One pass per row, not vectorized across rows: for decode batches, not prefill chunks.
-    if x.dim() == 2 and x.shape[0] <= 64 and weight.dtype == torch.bfloat16 and _use_cpu_kernels(x):
+    if x.dim() == 2 and x.stride(-1) == 1 and weight.dtype == x.dtype and _use_cpu_kernels(x):
         return cpu_kernels.rms_norm(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
 

@@ -25,7 +25,8 @@ from collections.abc import Callable
 import grpc
 
 import kvferry
-from kvferry.engine.config import CacheConfig, EngineConfig, SchedulerConfig, default_model_path
+from kvferry.engine.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig, default_model_path
+from kvferry.engine.profiles import ProfileError, add_profile_arguments, profile_from_args
 from kvferry.proto import router_pb2, router_pb2_grpc
 from kvferry.transport.base import KVFingerprint
 
@@ -56,8 +57,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-kv-blocks", type=int, default=0, help="KV cache blocks (0: from --kv-cache-bytes)")
     parser.add_argument("--kv-cache-bytes", type=int, default=512 * 1024 * 1024)
     parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="hard cap on the batch (default: the profile's; its TPOT target may cap lower)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens one step may carry (default: the profile's)")
+    add_profile_arguments(parser)
+    parser.add_argument("--no-warm-up", action="store_true",
+                        help="skip the few synthetic steps that seed the step-time model at start")
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shutdown-grace", type=float, default=5.0,
@@ -78,14 +84,25 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             kv_cache_bytes=args.kv_cache_bytes,
             enable_prefix_caching=not args.no_prefix_caching,
         ),
-        scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len,
-        ),
+        scheduler=scheduler_config_from_args(args),
         seed=args.seed,
     )
 
+        weights=args.weights,
+    )
+
+
+def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
+    """The profile (with explicit targets) and the batch limits, explicit ones over the profile's."""
+    try:
+        profile = profile_from_args(args)
+    except ProfileError as exc:
+        raise ConfigError(str(exc)) from None
+    return SchedulerConfig(
+        max_num_seqs=args.max_num_seqs or profile.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens or profile.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        profile=profile,
 
 def router_fingerprint(fp: KVFingerprint, vocab_size: int, max_model_len: int) -> router_pb2.ModelFingerprint:
     """The KV fingerprint's fields (the config hash as ``model_digest``) plus what the router serves by."""

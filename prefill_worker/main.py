@@ -23,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
         from kvferry.transport.grpc_transport import GrpcKVSender
 
         engine = LLMEngine(engine_config_from_args(args), role="prefill")
+        if not args.no_warm_up:
+            engine.warm_up()  # seeds the step-time model the scheduler plans with
         fingerprint = KVFingerprint.from_model(engine.model_config, engine.dtype, engine.config.cache.block_size)
         sender = GrpcKVSender(fingerprint, sender_id=args.name or "prefill", chunk_bytes=args.chunk_bytes)
         worker = PrefillWorker(engine, sender, worker_id=args.name or "prefill")

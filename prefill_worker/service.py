@@ -13,9 +13,9 @@ import time
 
 import grpc
 
-from kvferry.prefill_worker.worker import NoRoom, PrefillAborted, PrefillWorker
+from kvferry.prefill_worker.worker import NoRoom, PrefillAborted, PrefillWorker, SLORejected
 from kvferry.proto import worker_pb2, worker_pb2_grpc
-from kvferry.proto.convert import logprobs_to_proto, prefill_timings_fields, sampling_from_proto
+from kvferry.proto.convert import logprobs_to_proto, prefill_timings_fields, refusal_metadata, sampling_from_proto
 from kvferry.transport.base import KVTarget, TransferError
 from kvferry.transport.grpc_transport import create_server, status_for
 from kvferry.worker_service import worker_errors
@@ -42,6 +42,9 @@ class PrefillWorkerServicer(worker_pb2_grpc.PrefillWorkerServicer):
                 params,
                 target,
                 num_reserved_blocks=len(request.block_ids) if request.block_ids else None,
+                ttft_deadline=self.worker.engine.config.scheduler.profile.ttft_deadline(
+                    time.monotonic(), request.ttft_budget_ms
+                ),
             )
         end = time.monotonic() + MAX_PREFILL_S
         result = None
@@ -57,6 +60,9 @@ class PrefillWorkerServicer(worker_pb2_grpc.PrefillWorkerServicer):
                 context.abort(status_for(exc.code), str(exc))
             except PrefillAborted as exc:
                 context.abort(grpc.StatusCode.ABORTED, str(exc))
+            except SLORejected as exc:  # not a full queue: the router answers 429, it does not retry
+                context.set_trailing_metadata(refusal_metadata(exc.refusal))
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         response = worker_pb2.PrefillResponse(
             request_id=result.request_id,
             first_token_id=result.first_token_id,

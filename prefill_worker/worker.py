@@ -32,6 +32,7 @@ import torch
 
 from kvferry.engine.engine import LLMEngine, RequestOutput
 from kvferry.engine.engine_loop import EngineLoop
+from kvferry.engine.profiles import SLORefusal
 from kvferry.engine.request import PrefillTimings
 from kvferry.engine.sampling import SamplingParams, TokenLogprobs
 from kvferry.transport.base import (
@@ -54,6 +55,14 @@ class NoRoom(Exception):
 
 class PrefillAborted(Exception):
     """The request was aborted before its KV was acknowledged."""
+
+
+class SLORejected(Exception):
+    """Refused while queued: its TTFT target could not be met here (``refusal`` says when to retry)."""
+
+    def __init__(self, refusal: SLORefusal):
+        super().__init__(refusal.message)
+        self.refusal = refusal
 
 
 @dataclass(frozen=True)
@@ -148,8 +157,10 @@ class PrefillWorker:
         params: SamplingParams,
         target: KVTarget,
         num_reserved_blocks: int | None = None,
+        ttft_deadline: float | None = None,
     ) -> Future:
-        """Future of a PrefillResult; it fails with TransferError or PrefillAborted. Raises NoRoom,
+        """Future of a PrefillResult; it fails with TransferError, PrefillAborted or SLORejected (its
+        first token could not come by ``ttft_deadline``, a ``time.monotonic()``). Raises NoRoom,
         ValueError (bad request) at once."""
         if not request_id:
             raise ValueError("request_id is empty")
@@ -163,7 +174,7 @@ class PrefillWorker:
             )
         future: Future = Future()
         job = _Job(request_id, len(prompt_token_ids), target, num_reserved_blocks, future, time.monotonic())
-        self._loop.call(lambda: self._add(job, list(prompt_token_ids), params))
+        self._loop.call(lambda: self._add(job, list(prompt_token_ids), params, ttft_deadline))
         return future
 
     def abort(self, request_id: str) -> bool:
@@ -188,6 +199,7 @@ class PrefillWorker:
             kv_transfer_seconds_total=self.kv_transfer_seconds_total,
             kv_transfers_total=self.kv_transfers_total,
             kv_transfer_failures_total=self.kv_transfer_failures_total,
+            requests_rejected_total=self.engine.scheduler.num_rejected,
         )
 
     # ---- the loop (its thread) -------------------------------------------------------------------
@@ -208,14 +220,14 @@ class PrefillWorker:
         self._abort_all(error="internal error in the prefill loop")
 
     # ---- commands and engine events (loop thread) -------------------------------------------------
-    def _add(self, job: _Job, prompt: list[int], params: SamplingParams) -> None:
+    def _add(self, job: _Job, prompt: list[int], params: SamplingParams, ttft_deadline: float | None) -> None:
         if self._draining:
             raise NoRoom("the prefill worker is draining (shutting down)")
         if job.request_id in self._jobs:
             raise ValueError(f"duplicate request id {job.request_id!r}")
         if len(self._jobs) >= self.config.max_queued_requests:
             raise NoRoom(f"{len(self._jobs)} prompts already queued on this prefill worker")
-        self.engine.add_request(job.request_id, prompt, params)  # raises ValueError for bad input
+        self.engine.add_request(job.request_id, prompt, params, ttft_deadline)  # ValueError: bad input
         self._jobs[job.request_id] = job
 
     def _on_layer(self, layer_idx: int, kv_cache_layer: torch.Tensor, finishing: list[tuple[str, list[int]]]) -> None:
@@ -231,6 +243,10 @@ class PrefillWorker:
     def _on_first_token(self, output: RequestOutput) -> None:
         job = self._jobs.get(output.request_id)
         if job is None:
+            return
+        if output.finish_reason == "rejected":
+            self._jobs.pop(job.request_id, None)
+            job.future.set_exception(SLORejected(SLORefusal(output.error or "rejected", output.retry_after_s or 1.0)))
             return
         if output.error or not output.new_token_ids:
             self._fail(job, TransferError(TransferErrorCode.ABORTED, output.error or "prefill produced no token"))

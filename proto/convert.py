@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvferry.engine.profiles import SLORefusal
 from kvferry.engine.request import PrefillTimings
 from kvferry.engine.sampling import SamplingParams, TokenLogprobs
 from kvferry.proto import generate_pb2, kv_transfer_pb2
@@ -52,3 +53,29 @@ def prefill_timings_from_proto(msg) -> PrefillTimings | None:
     if not msg.HasField("prefill_queue_seconds"):
         return None
     return PrefillTimings(msg.prefill_queue_seconds, msg.prefill_compute_seconds)
+
+
+# An early rejection travels as a gRPC error's trailing metadata (a status code alone cannot tell it
+# from a full queue, which is retried elsewhere).
+REFUSAL_KEY = "x-kvferry-refusal"
+RETRY_AFTER_KEY = "retry-after"
+
+
+def refusal_metadata(refusal: SLORefusal) -> tuple[tuple[str, str], ...]:
+    return (
+        (REFUSAL_KEY, refusal.reason),
+        (RETRY_AFTER_KEY, f"{refusal.retry_after_s:.3f}"),
+    )
+
+
+def refusal_from_metadata(metadata, message: str = "") -> SLORefusal | None:
+    """From an RpcError's ``trailing_metadata()`` (sync or asyncio form); None if it is no refusal."""
+    values = {key: value for key, value in metadata or ()}
+    reason = values.get(REFUSAL_KEY)
+    if not reason:
+        return None
+    try:
+        retry_after = max(float(values.get(RETRY_AFTER_KEY, "1")), 0.0)
+    except ValueError:
+        retry_after = 1.0
+    return SLORefusal(message, retry_after, reason)

@@ -3,12 +3,18 @@
 A request that finds no decode worker with room waits here, in arrival order, and retries placement
 whenever capacity may have changed (a heartbeat, a request finishing, a worker joining) and at least every
 ``poll_s``. It never fails because one worker is full; it fails only when the queue is full (immediately)
-or when no room appeared within ``timeout_s``, each with a message that says which.
+or when no room appeared within ``timeout_s``, each with a message that says which, or, for a request
+with a TTFT deadline, when the deadline passes while it waits (``TTFTExpired``: a 429 with a retry-after
+of the queue's predicted drain time). A request that can still make its deadline is never refused here.
+
+Refusals for a TTFT target, here and on the workers, are counted in ``rejections`` (where -> count).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
@@ -17,6 +23,14 @@ T = TypeVar("T")
 
 class NoCapacityError(Exception):
     """No decode worker could take the request: the queue was full, or the wait timed out."""
+
+
+class TTFTExpired(Exception):
+    """The request's TTFT deadline passed while it waited for KV room."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,8 @@ class AdmissionQueue:
         self.config = config
         self.num_waiting = 0
         self.num_delayed_total = 0  # requests that had to wait for room (a metric)
+        self.rejections: Counter[str] = Counter()  # TTFT refusals: "router_queue", "prefill_worker", ...
+        self._placed: deque[float] = deque(maxlen=32)  # when recent waiters got placed: the drain rate
         self._event: asyncio.Event | None = None
         self._turns: list[object] = []  # FIFO: only the head retries placement
 
@@ -44,8 +60,23 @@ class AdmissionQueue:
             self._event.set()
             self._event = None
 
-    async def admit(self, try_place: Callable[[], Awaitable[T | None]], describe: Callable[[], str]) -> T:
-        """Return ``try_place()``'s first non-None result, waiting in line for it if needed."""
+    def drain_seconds(self, position: int | None = None) -> float:
+        """Predicted time for the queue (or its first ``position`` waiters) to be placed, from the rate
+        at which recent waiters were; the queue timeout when nothing was placed lately."""
+        n = self.num_waiting if position is None else position
+        if len(self._placed) < 2 or self._placed[-1] <= self._placed[0]:
+            return self.config.timeout_s
+        rate = (len(self._placed) - 1) / (self._placed[-1] - self._placed[0])  # placements per second
+        return max(n, 1) / rate
+
+    async def admit(
+        self,
+        try_place: Callable[[], Awaitable[T | None]],
+        describe: Callable[[], str],
+        ttft_deadline: float | None = None,
+    ) -> T:
+        """Return ``try_place()``'s first non-None result, waiting in line for it if needed.
+        ``ttft_deadline`` (``time.monotonic()``): raise ``TTFTExpired`` once it passes while waiting."""
         if not self._turns:
             placed = await try_place()
             if placed is not None:
@@ -67,15 +98,27 @@ class AdmissionQueue:
                     raise NoCapacityError(
                         f"no decode worker had room within {self.config.timeout_s:g} s; {describe()}"
                     )
+                if ttft_deadline is not None and time.monotonic() >= ttft_deadline:
+                    self.rejections["router_queue"] += 1
+                    position = self._turns.index(turn)
+                    raise TTFTExpired(
+                        f"the time-to-first-token target passed while the request waited for KV room "
+                        f"({position} ahead of it in the router's queue); {describe()}",
+                        self.drain_seconds(position + 1),
+                    )
                 if self._turns[0] is turn:
                     placed = await try_place()
                     if placed is not None:
+                        self._placed.append(time.monotonic())
                         return placed
                 if self._event is None:
                     self._event = asyncio.Event()
                 event = self._event
+                wait_s = min(remaining, self.config.poll_s)
+                if ttft_deadline is not None:
+                    wait_s = max(min(wait_s, ttft_deadline - time.monotonic()), 0.001)
                 try:
-                    await asyncio.wait_for(event.wait(), min(remaining, self.config.poll_s))
+                    await asyncio.wait_for(event.wait(), wait_s)
                 except TimeoutError:
                     pass
         finally:

@@ -14,6 +14,9 @@ Per request:
    are dropped) and yield ``WorkerEvent``s in order until a finish reason.
 5. Leaving early (client gone, stop string found by the router, error) aborts the request on both
    workers; either way the decode worker's in-flight count is released.
+With a TTFT target (``ttft_slo_ms``) every Reserve (local prefill) and Prefill carries what is left of it
+(``ttft_budget_ms``); a worker that cannot meet it any more refuses (RESOURCE_EXHAUSTED with refusal
+metadata), and so does the admission queue once it has passed: the client gets a 429 with Retry-After.
 The caller's ``RequestTimeline`` gets the placement, the Reserve's times and the prefilling worker's
 durations on the way (timings.py).
 """
@@ -32,11 +35,11 @@ import grpc
 
 from kvferry.engine.sampling import SamplingParams
 from kvferry.proto import generate_pb2, kv_transfer_pb2, worker_pb2, worker_pb2_grpc
-from kvferry.proto.convert import prefill_timings_from_proto
-from kvferry.router.admission import AdmissionQueue
+from kvferry.proto.convert import prefill_timings_from_proto, refusal_from_metadata
+from kvferry.router.admission import AdmissionQueue, TTFTExpired
 from kvferry.router.placement import DisaggregationPolicy, PrefillDecision, decide
 from kvferry.router.registry import Worker, WorkerRegistry, WorkerRole, prompt_block_hashes
-from kvferry.router.request import APIError, TokenLogprob
+from kvferry.router.request import APIError, TokenLogprob, slo_rejected
 from kvferry.router.timings import RequestTimeline
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ class DispatchConfig:
     rpc_timeout_s: float = 10.0  # Reserve, Abort, GetStats
     prefill_timeout_s: float = 300.0  # queueing + prefill + KV push
     stream_timeout_s: float = 3600.0  # the whole decode stream
+    ttft_slo_ms: float = 0.0  # the profile's TTFT target: what is left of it goes to the workers; 0 = none
 
 
 @dataclass
@@ -206,12 +210,27 @@ class Dispatcher:
         sampling = sampling_to_proto(params)
         timeline = timeline or RequestTimeline.now()
         hashes = prompt_block_hashes(prompt_token_ids, self.registry.block_size)
-        placement = await self.admission.admit(
-            lambda: self._try_place(request_id, prompt_token_ids, sampling, num_blocks, hashes, timeline),
-            lambda: self._describe(num_blocks),
-        )
+        try:
+            placement = await self.admission.admit(
+                lambda: self._try_place(request_id, prompt_token_ids, sampling, num_blocks, hashes, timeline),
+                lambda: self._describe(num_blocks),
+                self._ttft_deadline(timeline),
+            )
+        except TTFTExpired as exc:
+            raise slo_rejected(str(exc), exc.retry_after_s) from None
         async for event in self._generate(request_id, prompt_token_ids, sampling, placement, timeline):
             yield event
+
+    def _ttft_deadline(self, timeline: RequestTimeline) -> float | None:
+        return timeline.start + self.config.ttft_slo_ms / 1000.0 if self.config.ttft_slo_ms else None
+
+    def _ttft_budget_ms(self, timeline: RequestTimeline) -> int:
+        """What is left of the TTFT target now (arrival to now subtracted); 0: no target. At least 1 ms
+        once it is spent: the worker then refuses at once, with its own retry-after."""
+        deadline = self._ttft_deadline(timeline)
+        if deadline is None:
+            return 0
+        return max(1, int((deadline - time.monotonic()) * 1000))
 
     def _describe(self, num_blocks: int) -> str:
         decode = self.registry.live(WorkerRole.DECODE, WorkerRole.COLOCATED)
@@ -249,7 +268,8 @@ class Dispatcher:
             if prefill is None and not decision.local:
                 return None  # wait for a prefill worker to join
             request = worker_pb2.ReserveRequest(
-                request_id=request_id, prompt_token_ids=prompt, sampling=sampling, prefill_locally=decision.local
+                request_id=request_id, prompt_token_ids=prompt, sampling=sampling, prefill_locally=decision.local,
+                ttft_budget_ms=self._ttft_budget_ms(timeline) if decision.local else 0,
             )
             # Counted before the Reserve call, not after: requests placed while it is in flight must
             # see this one, or a burst would all pick the same worker. Undone if the worker says no.
@@ -310,7 +330,11 @@ class Dispatcher:
                         return  # the first token (from prefill) may still be on its way
                 queue.put_nowait(("error", f"decode worker {decode.address} ended the stream unfinished"))
             except grpc.aio.AioRpcError as exc:
-                queue.put_nowait(("error", _rpc_error(decode, exc)))
+                refusal = refusal_from_metadata(exc.trailing_metadata(), exc.details() or "")
+                if refusal is not None:  # a local prefill refused for its TTFT target
+                    queue.put_nowait(("rejected", ("decode_worker", refusal)))
+                else:
+                    queue.put_nowait(("error", _rpc_error(decode, exc)))
 
         prefill_started = False  # run_prefill took over the accounting of the send counted above
 
@@ -332,11 +356,16 @@ class Dispatcher:
                     await asyncio.sleep(min(2.0, 0.05 * 2 ** (attempt - 1)))
                     worker = self.registry.pick_prefill(frozenset({worker.worker_id})) or worker
                     self.registry.on_prefill_sent(worker, len(prompt))
+                request.ttft_budget_ms = self._ttft_budget_ms(timeline)
                 try:
                     response = await self.prefill_stub(worker).Prefill(request, timeout=self.config.prefill_timeout_s)
                     queue.put_nowait(("first", response))
                     return
                 except grpc.aio.AioRpcError as exc:
+                    refusal = refusal_from_metadata(exc.trailing_metadata(), exc.details() or "")
+                    if refusal is not None:  # its TTFT target is lost: answered 429, not retried elsewhere
+                        queue.put_nowait(("rejected", ("prefill_worker", refusal)))
+                        return
                     if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt + 1 == PREFILL_ATTEMPTS:
                         queue.put_nowait(("error", _rpc_error(worker, exc)))
                         return
@@ -356,6 +385,11 @@ class Dispatcher:
         try:
             while not finished:
                 kind, item = await queue.get()
+                if kind == "rejected":  # nothing was streamed yet: a 429 for the client; the finally aborts
+                    where, refusal = item  # type: ignore[misc]
+                    self.admission.rejections[where] += 1
+                    raise slo_rejected(f"the {where.replace('_', ' ')} refused it: {refusal.message}",
+                                       refusal.retry_after_s)
                 if kind == "error":  # not `finished`: the finally aborts whatever the workers still hold
                     yield WorkerEvent([], finish_reason="error", error=str(item))
                     return

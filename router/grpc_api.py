@@ -2,8 +2,9 @@
 plane (registration, heartbeats), standard health checking (grpc.health.v1) and server reflection.
 
 ``Generate`` maps onto the same ``GenerationRequest`` / ``ChoiceDelta`` stream as the HTTP API: invalid
-input is INVALID_ARGUMENT, no room within the queue timeout RESOURCE_EXHAUSTED, a worker failure
-UNAVAILABLE. A cancelled call (client gone, deadline passed) aborts the request on its workers. A
+input is INVALID_ARGUMENT, no room within the queue timeout RESOURCE_EXHAUSTED, a request refused for
+its TTFT target RESOURCE_EXHAUSTED with ``retry-after`` (seconds) in the trailing metadata, a worker
+failure UNAVAILABLE. A cancelled call (client gone, deadline passed) aborts the request on its workers. A
 finished call's phase timings are in its trailing metadata, ``x-kvferry-timings`` (router/timings.py).
 """
 
@@ -51,11 +52,17 @@ SAMPLING_FIELDS = (
 def status_of(exc: APIError) -> grpc.StatusCode:
     if exc.status == 400:
         return grpc.StatusCode.INVALID_ARGUMENT
-    if exc.code == "no_capacity":
+    if exc.code == "no_capacity" or exc.status == 429:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if exc.status in (502, 503):
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL
+
+
+def trailing_of(exc: APIError) -> tuple[tuple[str, str], ...]:
+    """An early rejection's ``retry-after`` (seconds), as trailing metadata of the failed call."""
+    retry_after = exc.retry_after_header
+    return (("retry-after", retry_after),) if retry_after is not None else ()
 
 
 def parse_generate(msg: generate_pb2.GenerateRequest, model: ServedModel) -> GenerationRequest:
@@ -121,7 +128,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
             gen = parse_generate(request, self.service.model)
         except APIError as exc:
             self.service.metrics.requests.labels(api, "invalid").inc()
-            await context.abort(status_of(exc), exc.message)
+            await context.abort(status_of(exc), exc.message, trailing_metadata=trailing_of(exc))
         return gen, self.service.generate(gen)
 
     async def Generate(self, request, context):
@@ -134,7 +141,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
                 timings = delta.timings or timings
         except APIError as exc:
             self.service.metrics.requests.labels("grpc", "error").inc()
-            await context.abort(status_of(exc), exc.message)
+            await context.abort(status_of(exc), exc.message, trailing_metadata=trailing_of(exc))
         finally:
             await deltas.aclose()
         failed = [c for c in choices if c.finish_reason == "error"]
@@ -186,7 +193,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
             outcome = "ok"
         except APIError as exc:
             outcome = "error"
-            await context.abort(status_of(exc), exc.message)
+            await context.abort(status_of(exc), exc.message, trailing_metadata=trailing_of(exc))
         finally:
             await deltas.aclose()
             self.service.metrics.requests.labels("grpc_stream", outcome).inc()

@@ -28,6 +28,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from kvferry.engine.profiles import add_profile_arguments, profile_argv
 from kvferry.router.placement import add_placement_arguments
 
 logger = logging.getLogger("kvferry.serve")
@@ -168,11 +169,11 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
                    str(args.grpc_port), "--shutdown-grace", str(args.shutdown_grace)]
     if args.max_model_len:
         common += ["--max-model-len", str(args.max_model_len)]
-    router_argv += common
+    router_argv += common + profile_argv(args)  # the router sends what is left of the TTFT target
     for flag in ("local_prefill", "local_prefill_max_tokens", "local_prefill_cached_fraction"):
         if getattr(args, flag, None) is not None:
             router_argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    worker_common = [*common, "--router", router_addr, "--host", args.host, "--port", "0"]
+    worker_common = [*common, *profile_argv(args), "--router", router_addr, "--host", args.host, "--port", "0"]
     if args.dtype:
         worker_common += ["--dtype", args.dtype]
     if args.colocated:
@@ -223,6 +224,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    add_profile_arguments(parser)  # router and workers alike
     cluster = build_cluster(args)
     stop = threading.Event()
     force = threading.Event()  # a second SIGINT/SIGTERM while stopping: kill instead of waiting

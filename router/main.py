@@ -24,6 +24,7 @@ import uvicorn
 from grpc_health.v1 import health_pb2
 
 from kvferry.engine.config import ConfigError, SchedulerConfig, default_model_path
+from kvferry.engine.profiles import ProfileError, SLOProfile, add_profile_arguments, profile_from_args
 from kvferry.router.admission import AdmissionConfig, AdmissionQueue
 from kvferry.router.dispatch import DispatchConfig, Dispatcher
 from kvferry.router.grpc_api import create_grpc_server
@@ -172,6 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds without a heartbeat before a worker is removed")
     parser.add_argument("--shutdown-grace", type=float, default=30.0)
     add_placement_arguments(parser)
+    add_profile_arguments(parser)  # the router uses the TTFT target and the local prefill threshold
     parser.add_argument("--log-level", default="info")
 
 
@@ -184,6 +186,13 @@ def _placement(args: argparse.Namespace) -> DisaggregationPolicy:
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
+def _profile(args: argparse.Namespace) -> SLOProfile:
+    try:
+        return profile_from_args(args)
+    except ProfileError as exc:
+        raise ConfigError(str(exc)) from None
+
+
         model=args.model or default_model_path(),
         served_model_name=args.served_model_name,
         max_model_len=args.max_model_len,
@@ -196,6 +205,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         admission=AdmissionConfig(max_waiting=args.max_queue, timeout_s=args.queue_timeout),
         placement=_placement(args),
     )
+        dispatch=DispatchConfig(ttft_slo_ms=_profile(args).ttft_slo_ms),
 
 
 def run(args: argparse.Namespace) -> int:

@@ -95,6 +95,13 @@ class _WorkerCollector(Collector):
             "kvferry_router_requests_delayed", "requests that had to wait for KV room",
             value=self.admission.num_delayed_total,
         )
+        rejected = CounterMetricFamily(
+            "kvferry_router_requests_rejected", "requests refused (429) because their TTFT target could not be met",
+            labels=["where"],
+        )
+        for where in ("router_queue", "prefill_worker", "decode_worker"):  # every series from the start
+            rejected.add_metric([where], self.admission.rejections[where])
+        yield rejected
         yield GaugeMetricFamily("kvferry_router_requests_running", "requests in flight", value=self.running())
         placed = CounterMetricFamily(
             "kvferry_router_prefill_decisions", "where requests were prefilled: a prefill worker (remote) "

@@ -36,7 +36,9 @@ class ClientDisconnected(Exception):
 
 
 def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    retry_after = exc.retry_after_header
+    headers = {"Retry-After": retry_after} if retry_after is not None else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 def sse(data: dict | str) -> bytes:

@@ -7,6 +7,7 @@ stream. Invalid input raises ``APIError`` (HTTP 400 / gRPC INVALID_ARGUMENT) nam
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -23,6 +24,7 @@ class APIError(Exception):
         code: str | None = None,
         status: int = 400,
         type: str = "invalid_request_error",
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -30,6 +32,14 @@ class APIError(Exception):
         self.code = code
         self.status = status
         self.type = type
+        self.retry_after_s = retry_after_s  # a 429: the Retry-After header / gRPC retry-after metadata
+
+    @property
+    def retry_after_header(self) -> str | None:
+        """Whole seconds, rounded up, at least 1 (HTTP's Retry-After has no fractions)."""
+        if self.retry_after_s is None:
+            return None
+        return str(max(1, math.ceil(self.retry_after_s)))
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -37,6 +47,11 @@ class APIError(Exception):
 
 def unavailable(message: str, code: str = "no_capacity") -> APIError:
     return APIError(message, code=code, status=503, type="service_unavailable")
+
+
+def slo_rejected(message: str, retry_after_s: float) -> APIError:
+    """Early rejection: the TTFT target cannot be met, so the request is refused rather than served late."""
+    return APIError(message, code="slo_rejected", status=429, type="rate_limit_error", retry_after_s=retry_after_s)
 
 
 class TokenizerLike(Protocol):

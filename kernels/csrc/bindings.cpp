@@ -7,7 +7,12 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using nogil = py::call_guard<py::gil_scoped_release>;
-  m.def("skinny_linear", &skinny_linear, "y = x @ w.T (+ bias) for 1-8 bf16 rows (AVX512-BF16)", nogil());
+#if defined(__AVX512F__)
+  m.attr("isa") = "avx512";
+#else
+  m.attr("isa") = "avx2";
+#endif
+  m.def("skinny_linear", &skinny_linear, "y = x @ w.T (+ bias) for 1-8 rows, fp32 accumulation", nogil());
   m.def("decode_attention", &decode_attention, "paged decode attention, one query token per request", nogil());
   m.def("rope_store_kv", &rope_store_kv, "RoPE on q and k, k and v stored into the paged cache", nogil());
   m.def("silu_mul", &silu_mul, "silu(gate) * up from the fused gate/up product", nogil());

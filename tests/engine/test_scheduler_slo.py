@@ -1,0 +1,167 @@
+"""Profiles change the scheduler's decisions: the chunk a decode step may carry, the batch cap, the
+prefill worker's step, shortest-first within the TTFT bound, and early rejection (never of a request
+that can still make it, never without a target). The step-time model is a fixed synthetic one, so
+every expected number follows from its coefficients."""
+
+import pytest
+
+from kvferry.engine.block_manager import BlockManager
+from kvferry.engine.config import SchedulerConfig
+from kvferry.engine.profiles import PROFILES, UNTARGETED, ProfileError, SLOProfile, resolve_profile
+from kvferry.engine.request import Request, RequestStatus
+from kvferry.engine.sampling import SamplingParams
+from kvferry.engine.scheduler import Scheduler
+from kvferry.engine.step_time import SCALES, StepTimeModel
+
+# 10 ms a step, 5 ms a decode row, 0.5 ms a prefill token, no context or attention cost.
+COSTS = (0.010, 0.005, 0.0005, 0.0, 0.0)
+LATENCY = PROFILES["latency"]  # TPOT 100 ms -> decode steps planned to 80 ms; TTFT 3 s -> 750 ms prefill steps
+
+
+def fixed_model() -> StepTimeModel:
+    return StepTimeModel(prior=tuple(c * s for c, s in zip(COSTS, SCALES)))
+
+
+def make(profile: SLOProfile, decodes_here: bool = True, max_num_seqs: int = 64, budget: int = 2048) -> Scheduler:
+    config = SchedulerConfig(max_num_seqs, budget, 8192, profile)
+    return Scheduler(config, BlockManager(4096, 16), fixed_model(), decodes_here)
+
+
+def request(rid: str, n: int, deadline: float | None = None, arrival: float = 0.0) -> Request:
+    req = Request(rid, list(range(1, n + 1)), SamplingParams(), arrival_time=arrival)
+    req.ttft_deadline = deadline
+    return req
+
+
+def start_decoding(sched: Scheduler, count: int, prompt_len: int = 8) -> None:
+    for i in range(count):
+        sched.add(request(f"d{i}", prompt_len))
+    out = sched.schedule(now=0.0)
+    sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
+    assert all(r.num_output_tokens == 1 for r in sched.running)
+
+
+def chunk_of(sched: Scheduler, rid: str, now: float = 0.0) -> int:
+    out = sched.schedule(now=now)
+    return next(s.num_new_tokens for s in out.scheduled if s.request.request_id == rid)
+
+
+@pytest.mark.parametrize("profile, expected", [
+    (LATENCY, 100),
+    (PROFILES["throughput"], 1000),
+    (UNTARGETED, 1000),
+])
+def test_tpot_target_cuts_the_chunk_beside_decodes(profile, expected):
+    sched = make(profile, max_num_seqs=16)
+    start_decoding(sched, 4)
+    sched.add(request("long", 1000))
+    # Latency: 10 ms + 4 rows x 5 ms + 0.5 ms x P <= 80 ms  ->  P = 100 tokens ride along.
+    assert chunk_of(sched, "long") == expected
+
+
+def test_without_decodes_a_colocated_step_is_bounded_by_the_ttft_step_only():
+    sched = make(LATENCY)
+    sched.add(request("long", 2000))
+    # No stream to stall: only the 750 ms prefill step (10 ms + 0.5 ms x P) bounds it.
+    assert chunk_of(sched, "long") == 1480
+
+
+def test_prefill_worker_takes_large_steps_bounded_by_the_ttft_target():
+    sched = make(LATENCY, decodes_here=False, budget=4096)
+    sched.add(request("long", 4000))
+    assert chunk_of(sched, "long") == 1480  # 750 ms
+    untargeted = make(PROFILES["throughput"], decodes_here=False, budget=4096)
+    untargeted.add(request("long", 4000))
+    assert chunk_of(untargeted, "long") == 4000
+
+
+def test_tpot_target_caps_the_batch():
+    for profile, cap in ((LATENCY, 12), (PROFILES["throughput"], 40)):
+        # Latency: 10 ms + 5 ms x B + a 16-token chunk (8 ms) <= 80 ms  ->  B = 12 sequences.
+        sched = make(profile, max_num_seqs=64)
+        for i in range(40):
+            sched.add(request(f"r{i}", 4))
+        for _ in range(5):
+            out = sched.schedule(now=0.0)
+            sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
+        assert len(sched.running) == cap, profile.name
+        assert sched.batch_cap() == (cap if profile is LATENCY else 64)
+
+
+def test_a_step_over_the_tpot_target_still_lets_prefill_progress():
+    sched = make(LATENCY, max_num_seqs=16)
+    for i in range(4):
+        sched.add(request(f"d{i}", 8))
+    sched.add(request("long", 3000))
+    out = sched.schedule(now=0.0)  # no decodes yet: the 750 ms prefill step (1480 tokens)
+    assert [s.num_new_tokens for s in out.scheduled] == [8, 8, 8, 8, 1448]
+    sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
+    # The machine slows down 4x: 4 decode rows alone now take 120 ms, over the 80 ms plan.
+    sched.step_model = StepTimeModel(prior=tuple(4 * c * s for c, s in zip(COSTS, SCALES)))
+    assert chunk_of(sched, "long") == LATENCY.min_chunk_tokens  # the prompt still moves, a little
+
+
+def test_over_slo_request_is_rejected_one_that_can_make_it_is_kept():
+    sched = make(LATENCY, decodes_here=False)
+    sched.add(request("late", 1000, deadline=100.2, arrival=97.3))  # needs ~0.51 s, 0.2 s left
+    sched.add(request("fine", 1000, deadline=105.0, arrival=100.0))
+    out = sched.schedule(now=100.0)
+    assert [r.request.request_id for r in out.rejected] == ["late"]
+    late = out.rejected[0]
+    assert late.request.status is RequestStatus.FINISHED_REJECTED and "late" not in sched.requests
+    assert late.refusal.reason == "slo" and late.refusal.retry_after_s == pytest.approx(0.51)
+    assert [s.request.request_id for s in out.scheduled] == ["fine"]
+    assert sched.num_rejected == 1
+
+
+def test_a_request_that_can_still_meet_its_target_stays_queued():
+    sched = make(LATENCY, decodes_here=False, budget=512)
+    for i in range(4):  # 4 x 512 tokens ahead: ~4 x 266 ms of prefill
+        sched.add(request(f"ahead{i}", 512))
+    # 0.75 x (4 x 266 + 10 + 64 x 0.5 ms) = 0.83 s: tight but possible within 1 s.
+    sched.add(request("tight", 64, deadline=1.0))
+    out = sched.schedule(now=0.0)
+    assert not out.rejected and "tight" in sched.requests
+
+
+def test_without_a_target_nothing_is_rejected():
+    sched = make(PROFILES["throughput"], decodes_here=False, budget=256)
+    for i in range(50):
+        sched.add(request(f"r{i}", 2000))
+    out = sched.schedule(now=1e6)
+    assert not out.rejected and len(sched.requests) == 50
+
+
+def test_shortest_first_but_a_long_prompt_is_not_starved():
+    sched = make(LATENCY, decodes_here=False)
+    sched.add(request("long", 1200, deadline=1.0))  # alone: 0.61 s; behind the shorts: 1.37 s
+    for i in range(30):
+        sched.add(request(f"s{i}", 50, deadline=3.0))
+    first = sched.schedule(now=0.0).scheduled[0].request.request_id
+    assert first == "long", "it would miss its deadline behind the short prompts"
+
+    relaxed = make(LATENCY, decodes_here=False)
+    relaxed.add(request("long", 1200, deadline=10.0))
+    for i in range(30):
+        relaxed.add(request(f"s{i}", 50, deadline=3.0))
+    out = relaxed.schedule(now=0.0)
+    assert [s.request.request_id for s in out.scheduled[:3]] == ["s0", "s1", "s2"]  # room to spare: shortest first
+    fcfs = make(SLOProfile("fcfs", ttft_slo_ms=3000, prefill_order="fcfs"), decodes_here=False)
+    fcfs.add(request("long", 1200, deadline=10.0))
+    fcfs.add(request("short", 50, deadline=3.0))
+    assert fcfs.schedule(now=0.0).scheduled[0].request.request_id == "long"
+
+
+def test_profiles_resolve_and_validate():
+    assert resolve_profile().name == "balanced"
+    latency = resolve_profile("latency", ttft_slo_ms=5000)
+    assert (latency.ttft_slo_ms, latency.tpot_slo_ms) == (5000, 100)
+    assert latency.ttft_deadline(10.0) == pytest.approx(15.0)
+    assert latency.ttft_deadline(10.0, budget_ms=1200) == pytest.approx(11.2)
+    assert PROFILES["throughput"].ttft_deadline(10.0) is None
+    with pytest.raises(ProfileError, match="unknown profile"):
+        resolve_profile("fast")
+    with pytest.raises(ProfileError, match=">= 0"):
+        resolve_profile("latency", tpot_slo_ms=-1)
+    with pytest.raises(ProfileError, match="prefill_order"):
+        SLOProfile("x", prefill_order="random")
