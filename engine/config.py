@@ -6,17 +6,18 @@ Each component takes only the config it needs: the model code takes ``ModelConfi
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
 import torch
 
-SUPPORTED_ARCHITECTURES = (
 from kvferry.engine.profiles import UNTARGETED, SLOProfile
 from kvferry.kernels import cpu_features
 
 logger = logging.getLogger(__name__)
 
+SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
@@ -119,8 +120,8 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # requests in one batch (hard cap; the profile's TPOT target may cap lower)
     max_num_batched_tokens: int = 2048  # token budget per step; longer prompts are chunked
     max_model_len: int = 8192
-
     profile: SLOProfile = UNTARGETED  # latency targets and policy (engine/profiles.py)
+
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0 or self.max_model_len <= 0:
             raise ConfigError("scheduler limits must be positive")
@@ -132,7 +133,7 @@ def default_dtype(device: str) -> torch.dtype:
     """bf16 on CUDA and on CPUs with native bf16 units (AVX512-BF16/AMX), fp32 on other CPUs."""
     if device.startswith("cuda"):
         return torch.bfloat16
-    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+    return torch.bfloat16 if cpu_features.has("avx512_bf16") or cpu_features.has("amx_bf16") else torch.float32
 
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:
@@ -143,11 +144,11 @@ def resolve_dtype(name: str | None, device: str) -> torch.dtype:
     dtype = DTYPES[name]
     if dtype == torch.float16 and not device.startswith("cuda"):
         raise ConfigError("float16 is supported on CUDA only; use bfloat16 or float32 on CPU")
-    return dtype
     if dtype == torch.bfloat16 and device == "cpu" and not cpu_features.has_native_bf16():
         # It runs (torch's own bf16 GEMM, fp32 accumulation), correctly but slower than float32.
         logger.warning("bfloat16 on a CPU without native bf16 (%s): emulated, slower than float32 "
                        "(--dtype auto picks float32 here)", cpu_features.describe() or "no AVX2")
+    return dtype
 
 
 def default_model_path() -> str:
@@ -182,6 +183,13 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0
+    # GGUF weights: "quantized" (kept in their blocks), "dequantized" (to dtype), None/"auto": quantized
+    # on the CPU where the quant kernels are built (engine/loader/gguf.py resolve_weights)
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights not in (None, "auto", "quantized", "dequantized"):
+            raise ConfigError(f"unknown weights {self.weights!r}; choose one of: auto, quantized, dequantized")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -53,6 +53,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct GGUF)")
     parser.add_argument("--dtype", default=None, help="auto, bfloat16, float32, float16 (CUDA)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--weights", default=None, choices=["auto", "quantized", "dequantized"],
+                        help="GGUF weights: quantized (kept in their blocks, multiplied by the quant kernels), dequantized (made --dtype: the exactness path); default auto: quantized on the CPU where the kernels are built")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-kv-blocks", type=int, default=0, help="KV cache blocks (0: from --kv-cache-bytes)")
     parser.add_argument("--kv-cache-bytes", type=int, default=512 * 1024 * 1024)
@@ -86,8 +88,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         ),
         scheduler=scheduler_config_from_args(args),
         seed=args.seed,
-    )
-
         weights=args.weights,
     )
 
@@ -103,6 +103,8 @@ def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens or profile.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         profile=profile,
+    )
+
 
 def router_fingerprint(fp: KVFingerprint, vocab_size: int, max_model_len: int) -> router_pb2.ModelFingerprint:
     """The KV fingerprint's fields (the config hash as ``model_digest``) plus what the router serves by."""

@@ -9,18 +9,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "lease_ms", "prefill_locally")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "lease_ms", "prefill_locally", "ttft_budget_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_LOCALLY_FIELD_NUMBER: _ClassVar[int]
+    TTFT_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _generate_pb2.SamplingParams
     lease_ms: int
     prefill_locally: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParams, _Mapping]] = ..., lease_ms: _Optional[int] = ..., prefill_locally: _Optional[bool] = ...) -> None: ...
+    ttft_budget_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParams, _Mapping]] = ..., lease_ms: _Optional[int] = ..., prefill_locally: _Optional[bool] = ..., ttft_budget_ms: _Optional[int] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("block_ids", "receiver_instance_id", "lease_ms", "kv_address")
@@ -79,7 +81,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "instance_id", "block_size", "total_kv_blocks", "free_kv_blocks", "used_kv_blocks", "running_requests", "waiting_requests", "queued_prefill_tokens", "max_running_requests", "kv_bytes_sent_total", "kv_bytes_received_total", "kv_transfer_seconds_total", "kv_transfers_total", "kv_transfer_failures_total", "leases_expired_total")
+    __slots__ = ("role", "instance_id", "block_size", "total_kv_blocks", "free_kv_blocks", "used_kv_blocks", "running_requests", "waiting_requests", "queued_prefill_tokens", "max_running_requests", "kv_bytes_sent_total", "kv_bytes_received_total", "kv_transfer_seconds_total", "kv_transfers_total", "kv_transfer_failures_total", "leases_expired_total", "requests_rejected_total")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +98,7 @@ class WorkerStats(_message.Message):
     KV_TRANSFERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_FAILURES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LEASES_EXPIRED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_REJECTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     role: str
     instance_id: str
     block_size: int
@@ -112,23 +115,26 @@ class WorkerStats(_message.Message):
     kv_transfers_total: int
     kv_transfer_failures_total: int
     leases_expired_total: int
-    def __init__(self, role: _Optional[str] = ..., instance_id: _Optional[str] = ..., block_size: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., used_kv_blocks: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., kv_bytes_sent_total: _Optional[int] = ..., kv_bytes_received_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., kv_transfers_total: _Optional[int] = ..., kv_transfer_failures_total: _Optional[int] = ..., leases_expired_total: _Optional[int] = ...) -> None: ...
+    requests_rejected_total: int
+    def __init__(self, role: _Optional[str] = ..., instance_id: _Optional[str] = ..., block_size: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., used_kv_blocks: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., kv_bytes_sent_total: _Optional[int] = ..., kv_bytes_received_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., kv_transfers_total: _Optional[int] = ..., kv_transfer_failures_total: _Optional[int] = ..., leases_expired_total: _Optional[int] = ..., requests_rejected_total: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_address", "block_ids", "receiver_instance_id")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_address", "block_ids", "receiver_instance_id", "ttft_budget_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TTFT_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _generate_pb2.SamplingParams
     kv_address: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     receiver_instance_id: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParams, _Mapping]] = ..., kv_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., receiver_instance_id: _Optional[str] = ...) -> None: ...
+    ttft_budget_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParams, _Mapping]] = ..., kv_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., receiver_instance_id: _Optional[str] = ..., ttft_budget_ms: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("request_id", "first_token_id", "first_logprobs", "num_prompt_tokens", "kv_bytes", "prefill_seconds", "transfer_seconds", "prefill_queue_seconds", "prefill_compute_seconds")

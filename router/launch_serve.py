@@ -176,6 +176,8 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
     worker_common = [*common, *profile_argv(args), "--router", router_addr, "--host", args.host, "--port", "0"]
     if args.dtype:
         worker_common += ["--dtype", args.dtype]
+    if args.weights:
+        worker_common += ["--weights", args.weights]
     if args.colocated:
         workers = [Child("colocated worker", [*python, "decode", *worker_common, "--colocated"])]
     else:
@@ -214,17 +216,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--colocated", action="store_true",
                         help="one worker does prefill and decode (the baseline to compare against)")
     parser.add_argument("--dtype", default=None, help="model dtype for the workers (default: auto)")
+    parser.add_argument("--weights", default=None, choices=["auto", "quantized", "dequantized"],
+                        help="GGUF weights of the workers: quantized or dequantized (default: auto)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context limit (router and workers)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (KVFERRY_NUM_THREADS; default: the cores split between the workers)")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds in-flight requests get to finish on shutdown")
     parser.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S)
     add_placement_arguments(parser)  # the router's own flags, passed on to it
+    add_profile_arguments(parser)  # router and workers alike
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    add_profile_arguments(parser)  # router and workers alike
     cluster = build_cluster(args)
     stop = threading.Event()
     force = threading.Event()  # a second SIGINT/SIGTERM while stopping: kill instead of waiting

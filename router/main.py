@@ -178,14 +178,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _placement(args: argparse.Namespace) -> DisaggregationPolicy:
+    # The profile sets the short-prompt threshold; --local-prefill-* flags override it.
+    base = DisaggregationPolicy(local_prefill_max_tokens=_profile(args).local_prefill_max_tokens)
     try:
-        return placement_from_args(args)
+        return placement_from_args(args, base)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
 
-def config_from_args(args: argparse.Namespace) -> RouterConfig:
-    return RouterConfig(
 def _profile(args: argparse.Namespace) -> SLOProfile:
     try:
         return profile_from_args(args)
@@ -193,6 +193,8 @@ def _profile(args: argparse.Namespace) -> SLOProfile:
         raise ConfigError(str(exc)) from None
 
 
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(
         model=args.model or default_model_path(),
         served_model_name=args.served_model_name,
         max_model_len=args.max_model_len,
@@ -203,9 +205,9 @@ def _profile(args: argparse.Namespace) -> SLOProfile:
         shutdown_grace_s=args.shutdown_grace,
         registry=RegistryConfig(args.heartbeat_interval, args.worker_lease),
         admission=AdmissionConfig(max_waiting=args.max_queue, timeout_s=args.queue_timeout),
+        dispatch=DispatchConfig(ttft_slo_ms=_profile(args).ttft_slo_ms),
         placement=_placement(args),
     )
-        dispatch=DispatchConfig(ttft_slo_ms=_profile(args).ttft_slo_ms),
 
 
 def run(args: argparse.Namespace) -> int:
