@@ -158,11 +158,15 @@ class LLMEngine:
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         rounds = [[8], [128, 16, 16, 16, 16, 16, 16, 16], [64], [256]]  # the first only loads kernels
         end = time.monotonic() + max_seconds
+        # Each round must fit a small context and cache (tests run workers with a few dozen blocks).
+        bm = self.block_manager
+        room = min(self.max_model_len - params.max_tokens - 1, bm.num_blocks * bm.block_size // 2)
         for i, lengths in enumerate(rounds):
             if i > 1 and time.monotonic() > end:
                 break
             ids = []
             for j, n in enumerate(lengths):
+                n = max(1, min(n, room // len(lengths) - params.max_tokens))
                 rid = f"warm-up-{i}-{j}"
                 # Distinct tokens per request: the prefix cache must not turn a prompt into a hit.
                 self.add_request(rid, [(1000 + 7919 * (i * 16 + j) + 31 * k) % vocab for k in range(n)], params)
