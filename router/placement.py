@@ -111,7 +111,7 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(always a prefill worker), always (the decode worker itself); default {p.mode}")
     parser.add_argument("--local-prefill-max-tokens", type=int, default=None,
                         help="auto: a decode worker prefills prompts of at most this many uncached tokens "
-                             f"itself (default {p.local_prefill_max_tokens})")
+                             "itself (default: the --profile's; 0: only by the other rules)")
     parser.add_argument("--local-prefill-cached-fraction", type=float, default=None,
                         help="auto: ... and prompts at least this much in its prefix cache, as the router "
                              f"estimates it (default {p.local_prefill_cached_fraction})")
