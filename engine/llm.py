@@ -40,6 +40,7 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         max_model_len: int = 8192,
         seed: int = 0,
+        weights: str | None = None,  # GGUF: "quantized", "dequantized" or None (auto; see EngineConfig)
     ):
         config = EngineConfig(
             model=model or default_model_path(),
@@ -48,6 +49,7 @@ class LLM:
             cache=CacheConfig(block_size, num_blocks, kv_cache_bytes, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
             seed=seed,
+            weights=weights,
         )
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kvferry.engine.config import ModelConfig, RopeScaling
-from kvferry.kernels import cpu_kernels, dispatch
+from kvferry.kernels import cpu_features, cpu_kernels, dispatch, quant
 from kvferry.kernels.attention import AttentionMetadata
+from kvferry.kernels.quant import QuantWeight
 
 
 def rotary_in_place(t: Tensor) -> bool:
@@ -35,8 +36,14 @@ def rotary_in_place(t: Tensor) -> bool:
 
 
 def _can_pack(weight: Tensor) -> bool:
-    """oneDNN-prepacked bf16 weights on the CPU: see ``Linear``."""
-    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    """oneDNN-prepacked bf16 weights on the CPU (see ``Linear``), where oneDNN runs bf16 natively: its
+    weight reorder fails on CPUs without AVX512BW/VL/DQ or AVX-NE-CONVERT, where ``F.linear`` runs instead."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and cpu_features.has_native_bf16()
+    )
 
 
 class Linear(nn.Linear):
@@ -75,6 +82,72 @@ class Linear(nn.Linear):
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+class QuantLinear(nn.Module):
+    """A linear whose weight stays in GGUF blocks (``QuantWeight``; ``kernels/quant.py``).
+
+    Decode steps (``decode_only``: no prompt tokens in x) take the quantized kernel at any batch size:
+    it streams the quantized bytes, and, since it quantizes each token's activations on their own, a
+    token's result does not depend on its batch. Prompt tokens take the weight dequantized to x's dtype
+    (exactly gguf's values) and ``F.linear`` (oneDNN/MKL): prefill is compute-bound, and a prompt's
+    numerics must not depend on how its tokens were chunked. Without the built kernels every call takes
+    the reference (dequantize, then ``F.linear``).
+    """
+
+    def __init__(self, weight: QuantWeight, bias: bool = False) -> None:
+        super().__init__()
+        self.qweight = weight
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        # A placeholder until the loader assigns it (load_state_dict(assign=True)), as nn.Linear's.
+        self.bias = nn.Parameter(torch.empty(self.out_features, device="meta")) if bias else None
+        self.kernel = False
+        self._call: tuple | None = None  # (kernel function, its weight arguments), set by pack()
+
+    def pack(self) -> None:
+        module = quant.load()
+        self.kernel = module is not None
+        # The decode step calls this a hundred times: its arguments are made once, here.
+        bias = self.bias.detach().float() if self.bias is not None else torch.empty(0)
+        self._call = (module.quant_linear, self.qweight.datas, self.qweight.qtypes, bias) if module else None
+
+    def forward(self, x: Tensor, decode_only: bool = True) -> Tensor:
+        if self.kernel and decode_only and x.dim() == 2 and x.shape[0] <= quant.MAX_TOKENS and x.is_contiguous():
+            fn, datas, qtypes, bias = self._call
+            return fn(x, datas, qtypes, bias)
+        return F.linear(x, quant.dequantize(self.qweight, x.dtype), self.bias)
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table kept in GGUF blocks: a lookup dequantizes the rows it gathers to ``dtype``."""
+
+    def __init__(self, weight: QuantWeight, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.qweight = weight
+        self.dtype = dtype  # the model's: no float parameter here for .to() to cast
+
+    def forward(self, input_ids: Tensor) -> Tensor:  # [...] -> [..., hidden]
+        (qtype, _), = self.qweight.segments
+        rows = self.qweight.rows(input_ids.reshape(-1))
+        out = quant.dequantize_rows(qtype, rows, self.qweight.in_features, self.dtype)
+        return out.view(*input_ids.shape, self.qweight.in_features)
+
+
+def use_quantized_weights(model: LlamaForCausalLM, weights: dict[str, QuantWeight], dtype: torch.dtype) -> None:
+    """Swap the modules whose weights (by parameter name: ``layers.0.mlp.down_proj.weight``) stay
+    quantized for ``QuantLinear`` / ``QuantEmbedding``. A tied, quantized embedding also becomes the
+    lm_head (one copy of its blocks serves both)."""
+    for name, weight in weights.items():
+        path = name.removesuffix(".weight")
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        if isinstance(old, nn.Embedding):
+            setattr(parent, child, QuantEmbedding(weight, dtype))
+        else:
+            setattr(parent, child, QuantLinear(weight, bias=old.bias is not None))
+    if "embed_tokens.weight" in weights and model.lm_head is None:
+        model.lm_head = QuantLinear(weights["embed_tokens.weight"])
 
 
 def pack_weight(weight: Tensor) -> Tensor:  # [out, in] bf16 -> opaque oneDNN tensor
@@ -248,19 +321,22 @@ class LlamaForCausalLM(nn.Module):
 
     def pack_weights(self) -> None:
         """Prepack every linear weight (and the tied lm_head) for oneDNN where that pays (bf16 on the
-        CPU; see ``Linear``); a no-op elsewhere. Call again after changing the weights or device."""
+        CPU; see ``Linear``), and ready the quantized linears (``QuantLinear``). Call again after
+        changing the weights or device."""
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, (Linear, QuantLinear)):
                 module.pack()
-        head = self.embed_tokens.weight
+        head_module = self.embed_tokens if self.lm_head is None else self.lm_head
+        head = head_module.weight if isinstance(head_module, (nn.Embedding, Linear)) else None
         self.packed_lm_head = pack_weight(head) if self.lm_head is None and _can_pack(head) else None
-        self.skinny_lm_head = self.lm_head is None and cpu_kernels.takes_skinny(head)
+        self.skinny_lm_head = self.lm_head is None and head is not None and cpu_kernels.takes_skinny(head)
         # Each skinny linear prefetches the start of the weight read after it, in decode order.
         order = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                       layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        weights = [m.weight for m in order[1:]] + [self.lm_head.weight if self.lm_head is not None else head]
-        for module, following in zip(order, weights, strict=True):
-            module.next_weight = following.detach() if module.skinny else None
+        following = [m.weight if isinstance(m, Linear) else None for m in order[1:]] + [head]
+        for module, weight in zip(order, following, strict=True):
+            if isinstance(module, Linear):
+                module.next_weight = weight.detach() if module.skinny and weight is not None else None
 
 
 def allocate_kv_caches(

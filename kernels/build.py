@@ -11,11 +11,11 @@ import argparse
 import sys
 import time
 
-from kvferry.kernels import cpu_features, cpu_kernels, cpu_kv_copy
+from kvferry.kernels import cpu_features, cpu_kernels, cpu_kv_copy, quant
 from kvferry.kernels.cpu_extension import LazyExtension, cache_root
 
 # Every extension kvferry has, explicitly.
-EXTENSIONS: list[LazyExtension] = [cpu_kernels.AVX512, cpu_kernels.AVX2, cpu_kv_copy.EXTENSION]
+EXTENSIONS: list[LazyExtension] = [cpu_kernels.AVX512, cpu_kernels.AVX2, cpu_kv_copy.EXTENSION, quant.AVX512, quant.AVX2]
 
 
 def build_all(force: bool = False, out=sys.stdout) -> bool:

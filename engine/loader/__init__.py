@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from kvferry.engine.config import ConfigError, ModelConfig
-from kvferry.engine.model import LlamaForCausalLM
+from kvferry.engine.model import LlamaForCausalLM, use_quantized_weights
+from kvferry.kernels.quant import QuantWeight
 from kvferry.engine.tokenizer import Tokenizer
 
 
@@ -50,12 +51,21 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     raise ConfigError(f"{path}: not a GGUF file and not a directory with config.json")
 
 
-def load_model(path: str, dtype: torch.dtype, device: str = "cpu") -> LoadedModel:
-    """Load a Hugging Face directory (config.json + safetensors) or a ``.gguf`` file."""
+def load_model(
+    path: str, dtype: torch.dtype, device: str = "cpu", weights: str | None = "dequantized"
+) -> LoadedModel:
+    """Load a Hugging Face directory (config.json + safetensors) or a ``.gguf`` file. ``weights``:
+    "dequantized" makes a GGUF's tensors ``dtype``, "quantized" keeps its quantized tensors in their
+    blocks, None/"auto" picks (``gguf.resolve_weights``: what the engine asks for by default)."""
     from kvferry.engine.loader import gguf, hf
 
     kind, path = resolve_checkpoint(path)
-    return (hf.load_hf if kind == "hf" else gguf.load_gguf)(path, dtype, device)
+    if kind == "hf":
+        if weights == "quantized":
+            raise ConfigError(f"{path}: --weights quantized needs a quantized GGUF file; this is a Hugging "
+                              "Face checkpoint (use --weights dequantized or auto)")
+        return hf.load_hf(path, dtype, device)
+    return gguf.load_gguf(path, dtype, device, weights)
 
 
 def load_config_and_tokenizer(path: str) -> tuple[ModelConfig, Tokenizer, str]:
@@ -101,8 +111,10 @@ def build_model(
     """Fuse checked Hugging Face tensors into our parameters and assign them to a fresh model.
 
     ``tensors`` must hold exactly ``checkpoint_shapes(config)`` (the format loaders check that, as they
-    know file and tensor names); it is emptied as tensors are fused, to bound peak memory.
+    know file and tensor names); it is emptied as tensors are fused, to bound peak memory. A weight may
+    be a ``QuantWeight`` (kept in GGUF blocks): its module becomes a quantized one.
     """
+    cat = _cat
     state: dict[str, Tensor] = {
         "embed_tokens.weight": tensors.pop("model.embed_tokens.weight"),
         "norm.weight": tensors.pop("model.norm.weight"),
@@ -112,17 +124,29 @@ def build_model(
     for i in range(config.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         attn = [f"{src}self_attn.{n}_proj" for n in "qkv"]
-        state[f"{dst}self_attn.qkv_proj.weight"] = torch.cat([tensors.pop(f"{a}.weight") for a in attn])
+        state[f"{dst}self_attn.qkv_proj.weight"] = cat([tensors.pop(f"{a}.weight") for a in attn])
         if config.attention_bias:
             state[f"{dst}self_attn.qkv_proj.bias"] = torch.cat([tensors.pop(f"{a}.bias") for a in attn])
         state[f"{dst}self_attn.o_proj.weight"] = tensors.pop(f"{src}self_attn.o_proj.weight")
-        state[f"{dst}mlp.gate_up_proj.weight"] = torch.cat(
+        state[f"{dst}mlp.gate_up_proj.weight"] = cat(
             [tensors.pop(f"{src}mlp.gate_proj.weight"), tensors.pop(f"{src}mlp.up_proj.weight")]
         )
         state[f"{dst}mlp.down_proj.weight"] = tensors.pop(f"{src}mlp.down_proj.weight")
         for norm in ("input_layernorm", "post_attention_layernorm"):
             state[f"{dst}{norm}.weight"] = tensors.pop(f"{src}{norm}.weight")
+    quantized = {k: v for k, v in state.items() if isinstance(v, QuantWeight)}
+    state = {k: v for k, v in state.items() if k not in quantized}
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+    use_quantized_weights(model, quantized, dtype)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _cat(parts: list) -> Tensor | QuantWeight:
+    """Fuse row-wise: quantized parts stay quantized when all are; else every part is dequantized."""
+    if all(isinstance(p, QuantWeight) for p in parts):
+        return QuantWeight.cat(parts)
+    from kvferry.kernels.quant import dequantize
+
+    return torch.cat([dequantize(p) if isinstance(p, QuantWeight) else p for p in parts])

@@ -1,4 +1,5 @@
-"""GGUF files: metadata -> ``ModelConfig``, tensors dequantized to the compute dtype, tokenizer.
+"""GGUF files: metadata -> ``ModelConfig``, tensors kept quantized or dequantized to the compute dtype,
+tokenizer.
 
 The header is parsed here over an ``mmap`` (the ``gguf`` package's ``GGUFReader`` builds Python objects
 for every vocabulary entry and takes seconds on a 49k-token vocabulary); tensors are dequantized by
@@ -6,10 +7,16 @@ for every vocabulary entry and takes seconds on a 49k-token vocabulary); tensors
 ``attn_k`` of the ``llama`` architecture permuted for its RoPE layout; they are un-permuted exactly as
 transformers' GGUF loader does. The tokenizer comes from the file's metadata through transformers'
 GGUF tokenizer converter (see ``Tokenizer.from_gguf``).
+
+With ``weights="quantized"`` (the default on the CPU where the quant kernels are built) every linear
+weight and the embedding whose type ``kernels/quant.py`` supports (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K,
+Q6_K) stays as the file's bytes (``QuantWeight``); q/k are un-permuted by moving whole rows, which is
+exact as blocks run along a row. Anything else (norms, F16 or other quant types) is dequantized.
 """
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import struct
@@ -24,6 +31,11 @@ from torch import Tensor
 from kvferry.engine.config import ConfigError, ModelConfig, RopeScaling
 from kvferry.engine.loader import LoadedModel, build_model, checkpoint_shapes
 from kvferry.engine.tokenizer import Tokenizer
+from kvferry.kernels import quant
+from kvferry.kernels.quant import QuantWeight
+
+WEIGHTS = ("quantized", "dequantized")
+logger = logging.getLogger(__name__)
 
 # general.architecture -> our architecture; a "llama" file named like Mistral is Mistral (as transformers).
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -71,6 +83,14 @@ class GGUFFile:
         if qtype == GGMLQuantizationType.F32:  # a read-only view of the mapping: copy it out
             out = out.copy()
         return torch.from_numpy(out).float()
+
+    def read_quantized(self, name: str) -> QuantWeight | None:
+        """The tensor's blocks as a ``QuantWeight`` (a copy out of the mapping), if its type stays quantized."""
+        info = self.tensors[name]
+        if info.ggml_type not in quant.QTYPES or len(info.shape) != 2:
+            return None
+        raw = np.frombuffer(self.buffer, np.uint8, info.nbytes, info.offset).reshape(info.shape[0], -1)
+        return QuantWeight([(info.ggml_type, torch.from_numpy(raw.copy()))], info.shape[1])
 
 
 def read_gguf(path: str) -> GGUFFile:
@@ -243,7 +263,27 @@ def unpermute_qk(w: Tensor, num_heads: int) -> Tensor:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def load_gguf_weights(gf: GGUFFile, config: ModelConfig, dtype: torch.dtype) -> dict[str, Tensor]:
+def resolve_weights(weights: str | None, device: str) -> str:
+    """"quantized" or "dequantized" for a requested mode (None/"auto": quantized on the CPU where the
+    quant kernels are built, else dequantized)."""
+    if weights in (None, "auto"):
+        return "quantized" if device == "cpu" and quant.available() else "dequantized"
+    if weights not in WEIGHTS:
+        raise ConfigError(f"unknown --weights {weights!r}; choose one of: auto, {', '.join(WEIGHTS)}")
+    if weights == "quantized" and device != "cpu":
+        raise ConfigError(f"--weights quantized runs on the CPU only (device {device}); use --weights dequantized")
+    if weights == "quantized" and not quant.available():
+        logger.warning("--weights quantized without the quant kernels (not built: python -m kvferry.kernels.build): "
+                       "every product dequantizes its weight first (the reference path, slow)")
+    return weights
+
+
+_QUANTIZABLE = ("proj.weight", "embed_tokens.weight", "lm_head.weight")
+
+
+def load_gguf_weights(
+    gf: GGUFFile, config: ModelConfig, dtype: torch.dtype, quantized: bool = False
+) -> dict[str, Tensor | QuantWeight]:
     shapes = checkpoint_shapes(config)
     names = {}
     for gguf_name in gf.tensors:
@@ -268,17 +308,27 @@ def load_gguf_weights(gf: GGUFFile, config: ModelConfig, dtype: torch.dtype) -> 
                 f"{gf.path}: tensor {gguf_name} has shape {list(shape)}, the metadata implies "
                 f"{list(shapes[hf_name])}"
             )
-        w = gf.read(gguf_name)
+        w = gf.read_quantized(gguf_name) if quantized and hf_name.endswith(_QUANTIZABLE) else None
+        if w is None:
+            w = gf.read(gguf_name)
         if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = unpermute_qk(w, config.num_heads if "q_proj" in hf_name else config.num_kv_heads)
-        tensors[hf_name] = w.to(dtype)
+            heads = config.num_heads if "q_proj" in hf_name else config.num_kv_heads
+            if isinstance(w, QuantWeight):  # rows of blocks, permuted as rows of values
+                (qtype, data), = w.segments
+                w = QuantWeight([(qtype, unpermute_qk(data, heads).contiguous())], w.in_features)
+            else:
+                w = unpermute_qk(w, heads)
+        tensors[hf_name] = w if isinstance(w, QuantWeight) else w.to(dtype)
     return tensors
 
 
-def load_gguf(path: str, dtype: torch.dtype, device: str = "cpu") -> LoadedModel:
+def load_gguf(
+    path: str, dtype: torch.dtype, device: str = "cpu", weights: str | None = "dequantized"
+) -> LoadedModel:
     gf = read_gguf(path)
     config = config_from_gguf(gf)
-    model = build_model(config, load_gguf_weights(gf, config, dtype), dtype, device)
+    quantized = resolve_weights(weights, device) == "quantized"
+    model = build_model(config, load_gguf_weights(gf, config, dtype, quantized), dtype, device)
     tokenizer = Tokenizer.from_gguf(path, config.eos_token_ids)
     generation_config = {"bos_token_id": config.bos_token_id, "eos_token_id": list(tokenizer.eos_token_ids)}
     return LoadedModel(model, config, tokenizer, generation_config)

@@ -87,7 +87,7 @@ class PagedRunner:
     def __init__(self, model: LlamaForCausalLM, max_len: int, seed: int = 0) -> None:
         self.model = model
         num_blocks = (max_len + self.block_size - 1) // self.block_size
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.norm.weight.dtype  # the model dtype (a quantized embedding has no float weight)
         self.kv_caches = allocate_kv_caches(model.config, 2 * num_blocks + 3, self.block_size, dtype, "cpu")
         gen = torch.Generator().manual_seed(seed)
         self.block_table = torch.randperm(2 * num_blocks + 3, generator=gen)[:num_blocks].tolist()

@@ -118,7 +118,7 @@ def assert_greedy_matches(llm: LLM, reference, prompts: list[str]) -> int:
 
 @pytest.mark.slow
 def test_default_gguf_model_matches_transformers(default_model_file):
-    llm = LLM(model=default_model_file, dtype="float32", max_num_batched_tokens=512)
+    llm = LLM(model=default_model_file, dtype="float32", max_num_batched_tokens=512, weights="dequantized")
     prompts = _prompts(llm.tokenizer)
     assert len(prompts) >= 20
     lengths = [len(llm.tokenizer.encode(p)) for p in prompts]

@@ -1,0 +1,16 @@
+// Python bindings of the quantized-weight kernels. Every kernel releases the GIL: a worker's gRPC
+// threads run while the engine thread is inside one.
+#include <torch/extension.h>
+
+#include "quant_kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using nogil = py::call_guard<py::gil_scoped_release>;
+#if defined(__AVX512VNNI__)
+  m.attr("isa") = "avx512_vnni";
+#else
+  m.attr("isa") = "avx2";
+#endif
+  m.def("quant_linear", &quant_linear, "y = x @ W.T (+ bias), W in GGUF blocks, x quantized to Q8 blocks", nogil());
+  m.def("quant_dequantize", &quant_dequantize, "GGUF block rows -> float32 or bfloat16 rows", nogil());
+}
