@@ -223,7 +223,8 @@ def ratio(a: float, b: float) -> str:
     return "n/a (both 0)" if a == 0 else "inf (denominator 0)"
 
 
-def print_ratios(results: dict[str, dict]) -> dict:
+def print_ratios(results: dict[str, dict], kinds: dict[str, str]) -> dict:
+    """``kinds``: each kvferry system's kind (disagg / colocated); the best of each kind is compared."""
     ratios = {}
     kvferry = [n for n in results if n != "vllm"]
     print("\n=== ratios (DistServe goodput; vLLM-style in brackets) ===")
@@ -236,11 +237,16 @@ def print_ratios(results: dict[str, dict]) -> dict:
             entry["kvferry_best_over_vllm"] = [g[best]["distserve"], g["vllm"]["distserve"]]
             print(f"SLO {slo.label}: kvferry best ({best}) / vLLM = {ratio(g[best]['distserve'], g['vllm']['distserve'])}"
                   f" [{ratio(g[best]['vllm_best'], g['vllm']['vllm_best'])}]")
-        if "disagg" in g and "colocated" in g:
-            entry["disagg_over_colocated"] = [g["disagg"]["distserve"], g["colocated"]["distserve"]]
-            print(f"SLO {slo.label}: disaggregated / colocated = "
-                  f"{ratio(g['disagg']['distserve'], g['colocated']['distserve'])}"
-                  f" [{ratio(g['disagg']['vllm_best'], g['colocated']['vllm_best'])}]")
+        best_of = {}
+        for kind in KVFERRY_SYSTEMS:
+            named = [n for n in kvferry if kinds.get(n) == kind]
+            if named:
+                best_of[kind] = max(named, key=lambda n: (g[n]["distserve"], g[n]["vllm_best"]))
+        if len(best_of) == 2:
+            d, c = best_of["disagg"], best_of["colocated"]
+            entry["disagg_over_colocated"] = [d, c, g[d]["distserve"], g[c]["distserve"]]
+            print(f"SLO {slo.label}: disaggregated ({d}) / colocated ({c}) = "
+                  f"{ratio(g[d]['distserve'], g[c]['distserve'])} [{ratio(g[d]['vllm_best'], g[c]['vllm_best'])}]")
         ratios[slo.label] = entry
     if not any(ratios.values()):
         print("(nothing to compare: needs vLLM and a kvferry system, or both kvferry systems)")
@@ -283,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kvferry-args", default="", help="extra `kvferry serve` args for both kvferry systems")
     parser.add_argument("--disagg-args", default="", help="extra args for the disaggregated system only")
     parser.add_argument("--colocated-args", default="", help="extra args for the colocated system only")
+    parser.add_argument("--extra-system", action="append", default=[], metavar="NAME=KIND:ARGS",
+                        help="one more kvferry configuration, KIND disagg or colocated, e.g. "
+                             "'balanced5s=colocated:--profile balanced --ttft-slo-ms 5000' (repeatable)")
     parser.add_argument("--vllm-python", default=os.path.join(REPO, ".venv-vllm", "bin", "python"))
     parser.add_argument("--vllm-args", default="", help="extra vLLM server args")
     parser.add_argument("--vllm-dtype", default=None, help="default: bfloat16 with AVX512-BF16, else float32")
@@ -301,6 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(systems) - {*KVFERRY_SYSTEMS, "vllm"}
     if unknown or not systems:
         parser.error(f"--systems: unknown {', '.join(sorted(unknown))}" if unknown else "--systems: none given")
+    kinds = {name: name for name in systems if name in KVFERRY_SYSTEMS}
+    extra_args: dict[str, list[str]] = {}
+    for spec in args.extra_system:
+        name, _, rest = spec.partition("=")
+        kind, _, extra = rest.partition(":")
+        if not name or kind not in KVFERRY_SYSTEMS or name in kinds or name == "vllm":
+            parser.error(f"--extra-system {spec!r}: want NAME=disagg:ARGS or NAME=colocated:ARGS, a new NAME")
+        kinds[name], extra_args[name] = kind, shlex.split(extra)
+        systems.insert(len(kinds) - 1, name)
     rates = parse_rates(args.request_rate)
     cpu = cpu_info()
     flags = ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in cpu["flags"].items())
@@ -315,9 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         systems.remove("vllm")
     servers: list[Server] = []
     for name in systems:
-        if name in KVFERRY_SYSTEMS:
-            extra = shlex.split(args.kvferry_args) + shlex.split(getattr(args, f"{name}_args"))
-            servers.append(kvferry_server(name, name == "colocated", extra, args.model, log_dir))
+        if name in kinds:
+            own = extra_args[name] if name in extra_args else shlex.split(getattr(args, f"{name}_args"))
+            extra = shlex.split(args.kvferry_args) + own
+            servers.append(kvferry_server(name, kinds[name] == "colocated", extra, args.model, log_dir))
         else:
             model_dir = os.path.join(log_dir, "hf-model")
             export_for_vllm(args.model, model_dir)
@@ -366,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for name, r in results.items():
         print(format_goodput(r["goodput"], name))
-    ratios = print_ratios(results)
+    ratios = print_ratios(results, kinds)
     plot_path = os.path.join(args.out_dir, "goodput.png")
     plot_results(list(results.values()), plot_path, title=f"goodput, mixed preset — {cpu['model']}")
     summary = {"cpu": cpu, "rates": [rate_text(r) for r in rates],
