@@ -87,12 +87,15 @@ class Linear(nn.Linear):
 class QuantLinear(nn.Module):
     """A linear whose weight stays in GGUF blocks (``QuantWeight``; ``kernels/quant.py``).
 
-    Decode steps (``decode_only``: no prompt tokens in x) take the quantized kernel at any batch size:
-    it streams the quantized bytes, and, since it quantizes each token's activations on their own, a
-    token's result does not depend on its batch. Prompt tokens take the weight dequantized to x's dtype
-    (exactly gguf's values) and ``F.linear`` (oneDNN/MKL): prefill is compute-bound, and a prompt's
-    numerics must not depend on how its tokens were chunked. Without the built kernels every call takes
-    the reference (dequantize, then ``F.linear``).
+    Decode steps (``decode_only``: no prompt tokens in x; up to ``quant.MAX_TOKENS``) take the quantized
+    kernel: it streams the quantized bytes, and, since it rounds each token's activations to Q8 blocks
+    on their own (llama.cpp's numerics), a token's result does not depend on its batch. Prompt tokens
+    are compute-bound: they multiply the weight dequantized to x's dtype (exactly gguf's values) through
+    ``F.linear`` (oneDNN/MKL), as ``--weights dequantized`` does, so a prompt's numbers do not depend on
+    how it was chunked. (Rounding prompt activations too would not make a token compute alike in a
+    prompt and as a decode step: a perturbation of one ulp tips some Q8 roundings, and those grow from
+    layer to layer to the size of the rounding itself.) Without the built kernels every call takes the
+    reference (dequantize, then ``F.linear``).
     """
 
     def __init__(self, weight: QuantWeight, bias: bool = False) -> None:
