@@ -291,12 +291,22 @@ class Scheduler:
             urgent.sort(key=lambda r: (r.ttft_deadline or r.arrival_time + profile.ttft_s, r.arrival_index))
             fresh = urgent + rest
 
+        def lost(req: Request, ahead: int) -> bool:
+            """Refused only if even a queue `reject_margin` times the predicted one would be late. On an
+            idle engine the prediction alone (a warm-up on a busy box can skew it badly) never refuses a
+            request that has not yet spent half its budget waiting here: it starts at once, and the steps
+            it runs correct the model."""
+            if req.ttft_deadline is None or now + profile.reject_margin * eta(ahead, req) <= req.ttft_deadline:
+                return False
+            if ahead > 0 or num_decodes > 0:
+                return True
+            return now - req.arrival_time >= 0.5 * (req.ttft_deadline - req.arrival_time)
+
         rejected: list[Rejection] = []
         if any(r.ttft_deadline is not None for r in fresh):
             kept, late, ahead = [], [], queued_tokens
             for req in fresh:
-                # Refused only if even a queue `reject_margin` times the predicted one would be late.
-                if req.ttft_deadline is not None and now + profile.reject_margin * eta(ahead, req) > req.ttft_deadline:
+                if lost(req, ahead):
                     late.append(req)
                 else:
                     kept.append(req)

@@ -165,3 +165,21 @@ def test_profiles_resolve_and_validate():
         resolve_profile("latency", tpot_slo_ms=-1)
     with pytest.raises(ProfileError, match="prefill_order"):
         SLOProfile("x", prefill_order="random")
+
+
+def test_an_idle_engine_serves_a_fresh_request_its_model_calls_late():
+    """A warm-up on a busy box once left a model predicting 4 s for 32 tokens: every request was refused
+    and none ran to correct it. With nothing ahead, only a request that already spent half its budget
+    waiting here is refused; with work ahead, the prediction decides."""
+    sched = make(LATENCY, decodes_here=False)
+    sched.step_model = StepTimeModel(prior=tuple(400 * c * s for c, s in zip(COSTS, SCALES)))  # 4 s + 0.2 s/token
+    sched.add(request("fresh", 32, deadline=103.0, arrival=100.0))
+    out = sched.schedule(now=100.0)
+    assert not out.rejected and [s.request.request_id for s in out.scheduled] == ["fresh"]
+
+    sched = make(LATENCY, decodes_here=False)
+    sched.step_model = StepTimeModel(prior=tuple(400 * c * s for c, s in zip(COSTS, SCALES)))
+    sched.add(request("first", 32, deadline=103.0, arrival=100.0))
+    sched.add(request("behind", 32, deadline=103.0, arrival=100.0))
+    out = sched.schedule(now=100.0)
+    assert [r.request.request_id for r in out.rejected] == ["behind"]
