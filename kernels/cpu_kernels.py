@@ -83,12 +83,10 @@ def skinny_linear(
     """``x @ weight.T + bias`` for 1 to ``MAX_TOKENS`` rows (any leading shape), in x's dtype; needs
     ``load()``. (x, weight): (bf16, bf16), (fp32, bf16) or (fp32, fp32).
     ``next_weight``: the weight the caller reads next, whose start is prefetched as this call ends."""
-    rows = x.reshape(-1, x.shape[-1])
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
-    out = load().skinny_linear(
-        rows, weight, _EMPTY if bias_fp32 is None else bias_fp32, _EMPTY if next_weight is None else next_weight
-    )
+    bias, following = _EMPTY if bias_fp32 is None else bias_fp32, _EMPTY if next_weight is None else next_weight
+    if x.dim() == 2 and x.is_contiguous():  # the decode step's case: no reshapes (a few us each)
+        return load().skinny_linear(x, weight, bias, following)
+    out = load().skinny_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, following)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 

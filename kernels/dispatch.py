@@ -42,7 +42,7 @@ _CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def _use_cpu_kernels(t: torch.Tensor) -> bool:
-    return t.dtype in _CPU_KERNEL_DTYPES and t.device.type == "cpu" and cpu_kernels.available()
+    return t.dtype in _CPU_KERNEL_DTYPES and t.device.type == "cpu" and cpu_kernels.load() is not None
 
 
 def _decode_attention_cpu(
