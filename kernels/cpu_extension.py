@@ -112,8 +112,8 @@ class LazyExtension:
             compile_and_load(
                 name=self.name,
                 sources=[str(s) for s in self.sources],
-                extra_cflags=self.cflags,
-                extra_ldflags=self.ldflags,
+                extra_cflags=list(self.cflags),  # copies: torch appends to these lists in place, and the
+                extra_ldflags=list(self.ldflags),  # build folder's hash covers them
                 build_directory=str(scratch),
                 verbose=False,
             )

@@ -67,9 +67,10 @@ def test_build_then_load_in_a_fresh_process_past_stale_locks(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         from kvferry.kernels.cpu_extension import LazyExtension
-        ext = LazyExtension("kvferry_test_tiny", [{str(tmp_path / "tiny.cpp")!r}], ["-O1"])
+        ext = LazyExtension("kvferry_test_tiny", [{str(tmp_path / "tiny.cpp")!r}], ["-O1"], ["-lm"])
         if sys.argv[1] == "build":
             ext.build()
+            assert ext.is_built(), "the build must land where load() looks (torch extends flag lists in place)"
         print(ext.load().answer(), ext.library)
     """)
     env = {**os.environ, "KVFERRY_KERNEL_DIR": str(cache), "TORCH_EXTENSIONS_DIR": str(torch_cache)}
