@@ -98,9 +98,10 @@ class QuantLinear(nn.Module):
     reference (dequantize, then ``F.linear``).
     """
 
-    def __init__(self, weight: QuantWeight, bias: bool = False) -> None:
+    def __init__(self, weight: QuantWeight, bias: bool = False, buffer: quant.DequantBuffer | None = None) -> None:
         super().__init__()
         self.qweight = weight
+        self.buffer = buffer  # where prompt-sized products dequantize the weight (shared by a model's linears)
         self.in_features, self.out_features = weight.in_features, weight.out_features
         # A placeholder until the loader assigns it (load_state_dict(assign=True)), as nn.Linear's.
         self.bias = nn.Parameter(torch.empty(self.out_features, device="meta")) if bias else None
@@ -118,7 +119,7 @@ class QuantLinear(nn.Module):
         if self.kernel and decode_only and x.dim() == 2 and x.shape[0] <= quant.MAX_TOKENS and x.is_contiguous():
             fn, datas, qtypes, bias = self._call
             return fn(x, datas, qtypes, bias)
-        return F.linear(x, quant.dequantize(self.qweight, x.dtype), self.bias)
+        return F.linear(x, quant.dequantize(self.qweight, x.dtype, self.buffer), self.bias)
 
 
 class QuantEmbedding(nn.Module):
@@ -140,6 +141,7 @@ def use_quantized_weights(model: LlamaForCausalLM, weights: dict[str, QuantWeigh
     """Swap the modules whose weights (by parameter name: ``layers.0.mlp.down_proj.weight``) stay
     quantized for ``QuantLinear`` / ``QuantEmbedding``. A tied, quantized embedding also becomes the
     lm_head (one copy of its blocks serves both)."""
+    buffer = quant.DequantBuffer()
     for name, weight in weights.items():
         path = name.removesuffix(".weight")
         parent_name, _, child = path.rpartition(".")
@@ -148,8 +150,9 @@ def use_quantized_weights(model: LlamaForCausalLM, weights: dict[str, QuantWeigh
         if isinstance(old, nn.Embedding):
             setattr(parent, child, QuantEmbedding(weight, dtype))
         else:
-            setattr(parent, child, QuantLinear(weight, bias=old.bias is not None))
+            setattr(parent, child, QuantLinear(weight, bias=old.bias is not None, buffer=buffer))
     if "embed_tokens.weight" in weights and model.lm_head is None:
+        # No buffer: more rows than a decode step's logits are rare, and the table's 28M values would stay.
         model.lm_head = QuantLinear(weights["embed_tokens.weight"])
 
 

@@ -145,9 +145,34 @@ def dequantize_ref(qtype: int, data: torch.Tensor, in_features: int) -> torch.Te
     return torch.from_numpy(np.ascontiguousarray(out)).reshape(data.shape[0], in_features)
 
 
-def dequantize(weight: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The whole weight as ``[out, in]`` in ``dtype`` (float32 or bfloat16)."""
-    return torch.cat([dequantize_rows(q, d, weight.in_features, dtype) for q, d in weight.segments])
+class DequantBuffer:
+    """One reused buffer that the prompt-sized products of a model dequantize their weight into, layer
+    after layer (a fresh tensor of a few MB per call cost more in page faults than the dequantization).
+    The products of one model run one at a time: one buffer per model."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def take(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:  # [rows, cols], contents undefined
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.numel() < rows * cols:
+            buf = self._buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
+        return buf[: rows * cols].view(rows, cols)
+
+
+def dequantize(weight: QuantWeight, dtype: torch.dtype = torch.float32, buffer: DequantBuffer | None = None
+               ) -> torch.Tensor:
+    """The whole weight as ``[out, in]`` in ``dtype`` (float32 or bfloat16): a new tensor, or a view of
+    ``buffer`` (valid until its next use)."""
+    module = load()
+    if buffer is None or module is None or dtype not in (torch.float32, torch.bfloat16):
+        return torch.cat([dequantize_rows(q, d, weight.in_features, dtype) for q, d in weight.segments])
+    out = buffer.take(weight.out_features, weight.in_features, dtype)
+    row = 0
+    for qtype, data in weight.segments:
+        module.quant_dequantize_into(data, qtype, out[row : row + data.shape[0]])
+        row += data.shape[0]
+    return out
 
 
 def dequantize_rows(qtype: int, data: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:

@@ -13,4 +13,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("quant_linear", &quant_linear, "y = x @ W.T (+ bias), W in GGUF blocks, x quantized to Q8 blocks", nogil());
   m.def("quant_dequantize", &quant_dequantize, "GGUF block rows -> float32 or bfloat16 rows", nogil());
+  m.def("quant_dequantize_into", &quant_dequantize_into, "GGUF block rows -> rows of out (float32 or bfloat16)", nogil());
 }

@@ -1,6 +1,7 @@
 // GGUF block rows -> float32 or bfloat16 rows (quant_formats.h's groups, 8 values per FMA). Used for
-// prompt-sized products (the weight dequantized a tile of rows at a time, then oneDNN/MKL) and for
-// the embedding rows a step looks up.
+// prompt-sized products (the weight dequantized into a reused buffer, then oneDNN/MKL: a fresh
+// allocation of a few MB per call cost more in page faults than the dequantization) and for the
+// embedding rows a step looks up.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -62,11 +63,14 @@ void dispatch(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t K, T* 
 }  // namespace
 }  // namespace kvq
 
-at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t in_features, at::ScalarType dtype) {
+void quant_dequantize_into(const at::Tensor& w, int64_t qtype, const at::Tensor& out) {
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == w.size(0), "quant_dequantize: out must be a "
+              "contiguous [rows, in_features] matrix with the weight's rows");
+  const int64_t in_features = out.size(1);
+  const at::ScalarType dtype = out.scalar_type();
   kvq::check_weight(w, qtype, in_features, "quant_dequantize");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "quant_dequantize: float32 or bfloat16 output only");
   const int64_t N = w.size(0), row_bytes = w.size(1);
-  auto out = at::empty({N, in_features}, w.options().dtype(dtype));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   // ~16 KB of output per task
   const int64_t grain = std::max<int64_t>(1, 4096 / in_features);
@@ -76,5 +80,10 @@ at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t in_featu
     else
       kvq::dispatch<c10::BFloat16>(qtype, wp, row_bytes, in_features, out.data_ptr<c10::BFloat16>(), begin, end);
   });
+}
+
+at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t in_features, at::ScalarType dtype) {
+  auto out = at::empty({w.size(0), in_features}, w.options().dtype(dtype));
+  quant_dequantize_into(w, qtype, out);
   return out;
 }

@@ -16,5 +16,6 @@ void check_weight(const at::Tensor& w, int64_t qtype, int64_t K, const char* who
 at::Tensor quant_linear(const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<int64_t>& qtypes,
                         const at::Tensor& bias);
 
-// uint8 [N, row_bytes] of ggml type qtype -> [N, in_features] float32 or bfloat16.
+// uint8 [N, row_bytes] of ggml type qtype -> [N, in_features] float32 or bfloat16 (a new tensor, or out).
 at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t in_features, at::ScalarType dtype);
+void quant_dequantize_into(const at::Tensor& w, int64_t qtype, const at::Tensor& out);

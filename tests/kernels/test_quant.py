@@ -106,6 +106,13 @@ def test_segments_of_mixed_types_and_a_bias(kernels):
     assert qw.qtypes == [NAMES["Q4_K"], NAMES["Q6_K"], NAMES["Q8_0"]] and qw.out_features == 44
     x, bias = torch.randn(5, cols), torch.randn(44)
     check_linear(linear(kernels, x, qw, bias), x, qw, bias)
+    if quant.available():  # the prompt path: all segments dequantized into one reused buffer
+        buffer = quant.DequantBuffer()
+        want = torch.cat([dequantize_ref(q, d, cols) for q, d in qw.segments])
+        for dtype in (torch.bfloat16, torch.float32):
+            assert torch.equal(quant.dequantize(qw, dtype, buffer), want.to(dtype))
+        assert torch.equal(quant.dequantize(weight(NAMES["Q4_0"], 3, 64), torch.float32, buffer),
+                           dequantize_ref(NAMES["Q4_0"], weight(NAMES["Q4_0"], 3, 64).datas[0], 64))
 
 
 @pytest.mark.parametrize("qtype", list(QTYPES), ids=[n for n, _, _ in QTYPES.values()])
