@@ -207,17 +207,18 @@ def test_mixed_types_load_quantized_and_match_the_reference(mixed_gguf, paged_ru
 
 # ---- greedy output: quantized vs the dequantize-then-matmul reference ------------------------------
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two engines x 21 prompts x 64 tokens: ~10 minutes on a busy 2-core box
 @needs_kernels
 def test_greedy_output_matches_the_dequantized_reference(default_model_file, dtype="float32"):
     from test_exactness import _prompts
 
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=20)  # to find the flipped token
-    reference = LLM(model=default_model_file, dtype=dtype, weights="dequantized", max_num_batched_tokens=512)
+    reference = LLM(model=default_model_file, dtype=dtype, weights="dequantized", max_num_batched_tokens=2048)
     prompts = _prompts(reference.tokenizer)
     assert len(prompts) >= 20
     want = reference.generate(prompts, params)
     del reference
-    got = LLM(model=default_model_file, dtype=dtype, weights="quantized", max_num_batched_tokens=512).generate(
+    got = LLM(model=default_model_file, dtype=dtype, weights="quantized", max_num_batched_tokens=2048).generate(
         prompts, params)
     full = 0
     for prompt, a, b in zip(prompts, got, want):
