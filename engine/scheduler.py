@@ -291,16 +291,18 @@ class Scheduler:
             urgent.sort(key=lambda r: (r.ttft_deadline or r.arrival_time + profile.ttft_s, r.arrival_index))
             fresh = urgent + rest
 
+        per_token_s = self.step_model.coefficients[2]
+
         def lost(req: Request, ahead: int) -> bool:
             """Refused only if even a queue `reject_margin` times the predicted one would be late. On an
-            idle engine the prediction alone (a warm-up on a busy box can skew it badly) never refuses a
-            request that has not yet spent half its budget waiting here: it starts at once, and the steps
-            it runs correct the model."""
+            idle engine only the prompt's own per-token cost counts, not the steps' fixed cost: that is the
+            term a warm-up on a busy box over-estimates most (once 2 s a step, which refused every request,
+            so no step ever ran to correct it)."""
             if req.ttft_deadline is None or now + profile.reject_margin * eta(ahead, req) <= req.ttft_deadline:
                 return False
             if ahead > 0 or num_decodes > 0:
                 return True
-            return now - req.arrival_time >= 0.5 * (req.ttft_deadline - req.arrival_time)
+            return now + per_token_s * (req.num_tokens - req.num_computed_tokens) > req.ttft_deadline
 
         rejected: list[Rejection] = []
         if any(r.ttft_deadline is not None for r in fresh):

@@ -168,18 +168,24 @@ def test_profiles_resolve_and_validate():
 
 
 def test_an_idle_engine_serves_a_fresh_request_its_model_calls_late():
-    """A warm-up on a busy box once left a model predicting 4 s for 32 tokens: every request was refused
-    and none ran to correct it. With nothing ahead, only a request that already spent half its budget
-    waiting here is refused; with work ahead, the prediction decides."""
+    """A warm-up on a busy box once left a model predicting 2-4 s of fixed cost per step: every request was
+    refused and none ran to correct it. On an idle engine only the prompt's per-token cost can refuse it;
+    with work ahead, the whole prediction decides."""
+    skewed = StepTimeModel(prior=tuple(c * s for c, s in zip((4.0, *COSTS[1:]), SCALES)))  # 4 s a step
+
     sched = make(LATENCY, decodes_here=False)
-    sched.step_model = StepTimeModel(prior=tuple(400 * c * s for c, s in zip(COSTS, SCALES)))  # 4 s + 0.2 s/token
+    sched.step_model = skewed
     sched.add(request("fresh", 32, deadline=103.0, arrival=100.0))
     out = sched.schedule(now=100.0)
     assert not out.rejected and [s.request.request_id for s in out.scheduled] == ["fresh"]
 
     sched = make(LATENCY, decodes_here=False)
-    sched.step_model = StepTimeModel(prior=tuple(400 * c * s for c, s in zip(COSTS, SCALES)))
+    sched.step_model = skewed
     sched.add(request("first", 32, deadline=103.0, arrival=100.0))
     sched.add(request("behind", 32, deadline=103.0, arrival=100.0))
     out = sched.schedule(now=100.0)
     assert [r.request.request_id for r in out.rejected] == ["behind"]
+
+    sched = make(LATENCY, decodes_here=False)  # 32 tokens at 0.5 ms each cannot fit 5 ms, whatever the model
+    sched.add(request("spent", 32, deadline=100.005, arrival=100.0))
+    assert [r.request.request_id for r in sched.schedule(now=100.0).rejected] == ["spent"]
