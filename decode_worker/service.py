@@ -30,6 +30,7 @@ def event_to_proto(event: TokenEvent) -> worker_pb2.TokenEvent:
         finish_reason=event.finish_reason or "",
         error=event.error or "",
         num_prompt_tokens=event.num_prompt_tokens,
+        num_cached_tokens=event.num_cached_tokens,  # None leaves the optional field unset
         **prefill_timings_fields(event.prefill_timings),
     )
 

@@ -66,6 +66,7 @@ class TokenEvent:
     num_prompt_tokens: int = 0
     prefill_timings: PrefillTimings | None = None  # first token of a prompt prefilled here (local)
     retry_after_s: float | None = None  # finish_reason "rejected" (a local prefill's TTFT target lost)
+    num_cached_tokens: int | None = None  # with prefill_timings: prompt tokens the prefix cache served
 
 
 @dataclass(frozen=True)
@@ -334,6 +335,7 @@ class DecodeWorker:
                     tracked.num_prompt_tokens,
                     output.prefill_timings,
                     output.retry_after_s,
+                    output.num_cached_tokens if output.prefill_timings is not None else None,
                 )
             )
             tracked.next_index += len(tokens)

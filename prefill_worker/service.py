@@ -70,6 +70,7 @@ class PrefillWorkerServicer(worker_pb2_grpc.PrefillWorkerServicer):
             kv_bytes=result.kv_bytes,
             prefill_seconds=result.prefill_seconds,
             transfer_seconds=result.transfer_seconds,
+            num_cached_tokens=result.num_cached_tokens,
             **prefill_timings_fields(result.timings),
         )
         if result.first_logprobs is not None:

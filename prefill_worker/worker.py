@@ -87,6 +87,7 @@ class PrefillResult:
     prefill_seconds: float  # accepted -> first token
     transfer_seconds: float  # transfer opened -> acknowledged
     timings: PrefillTimings | None = None  # where prefill_seconds went (queue, compute)
+    num_cached_tokens: int = 0  # prompt tokens this worker's prefix cache served
 
 
 @dataclass
@@ -101,6 +102,7 @@ class _Job:
     first: FirstToken | None = None
     first_at: float = 0.0
     timings: PrefillTimings | None = None
+    num_cached_tokens: int = 0
 
 
 class PrefillWorker:
@@ -263,6 +265,7 @@ class PrefillWorker:
         job.first = FirstToken(token, logprobs)
         job.first_at = time.monotonic()
         job.timings = output.prefill_timings
+        job.num_cached_tokens = output.num_cached_tokens
         job.handle.finish(job.first)
 
     def _poll_transfers(self) -> None:
@@ -283,6 +286,7 @@ class PrefillWorker:
                     PrefillResult(
                         job.request_id, job.first.token_id, job.first.logprobs, job.num_prompt_tokens,
                         handle.bytes_sent, job.first_at - job.accepted, handle.seconds, job.timings,
+                        job.num_cached_tokens,
                     )
                 )
             else:

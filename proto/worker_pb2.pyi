@@ -43,7 +43,7 @@ class StreamRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
-    __slots__ = ("request_id", "index", "token_ids", "logprobs", "finish_reason", "error", "num_prompt_tokens", "prefill_queue_seconds", "prefill_compute_seconds")
+    __slots__ = ("request_id", "index", "token_ids", "logprobs", "finish_reason", "error", "num_prompt_tokens", "prefill_queue_seconds", "prefill_compute_seconds", "num_cached_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class TokenEvent(_message.Message):
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     index: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -62,7 +63,8 @@ class TokenEvent(_message.Message):
     num_prompt_tokens: int
     prefill_queue_seconds: float
     prefill_compute_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_kv_transfer_pb2.TokenLogprobs, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., prefill_queue_seconds: _Optional[float] = ..., prefill_compute_seconds: _Optional[float] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_kv_transfer_pb2.TokenLogprobs, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., prefill_queue_seconds: _Optional[float] = ..., prefill_compute_seconds: _Optional[float] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -137,7 +139,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParams, _Mapping]] = ..., kv_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., receiver_instance_id: _Optional[str] = ..., ttft_budget_ms: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("request_id", "first_token_id", "first_logprobs", "num_prompt_tokens", "kv_bytes", "prefill_seconds", "transfer_seconds", "prefill_queue_seconds", "prefill_compute_seconds")
+    __slots__ = ("request_id", "first_token_id", "first_logprobs", "num_prompt_tokens", "kv_bytes", "prefill_seconds", "transfer_seconds", "prefill_queue_seconds", "prefill_compute_seconds", "num_cached_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +149,7 @@ class PrefillResponse(_message.Message):
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token_id: int
     first_logprobs: _kv_transfer_pb2.TokenLogprobs
@@ -156,4 +159,5 @@ class PrefillResponse(_message.Message):
     transfer_seconds: float
     prefill_queue_seconds: float
     prefill_compute_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[_kv_transfer_pb2.TokenLogprobs, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., prefill_queue_seconds: _Optional[float] = ..., prefill_compute_seconds: _Optional[float] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[_kv_transfer_pb2.TokenLogprobs, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., prefill_queue_seconds: _Optional[float] = ..., prefill_compute_seconds: _Optional[float] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...

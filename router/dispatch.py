@@ -62,6 +62,9 @@ class WorkerEvent:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # set on the last event: "stop" | "length" | "abort" | "error"
     error: str | None = None
+    # Prompt tokens served from the prefilling worker's prefix cache, as known so far: 0 until that
+    # worker says (a decode stream can end before the prefill worker's answer comes; then it stays 0).
+    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -382,6 +385,7 @@ class Dispatcher:
         end_index: int | None = None  # set by the finishing event: all tokens before it, then finish
         finish_reason: str | None = None
         finish_error: str | None = None
+        num_cached_tokens = 0
         try:
             while not finished:
                 kind, item = await queue.get()
@@ -399,6 +403,7 @@ class Dispatcher:
                     lp = logprob_from_proto(first.first_token_id, first.first_logprobs) if want_logprobs else None
                     tokens.setdefault(0, (first.first_token_id, lp))
                     timeline.prefill = prefill_timings_from_proto(first)
+                    num_cached_tokens = first.num_cached_tokens
                     timeline.kv_transfer_seconds = first.transfer_seconds
                     if self.on_transfer is not None:
                         self.on_transfer(TransferStats(first.kv_bytes, first.transfer_seconds, first.prefill_seconds))
@@ -406,6 +411,7 @@ class Dispatcher:
                     event: worker_pb2.TokenEvent = item  # type: ignore[assignment]
                     if event.HasField("prefill_queue_seconds"):  # the decode worker prefilled it
                         timeline.prefill = prefill_timings_from_proto(event)
+                        num_cached_tokens = event.num_cached_tokens
                     for j, token_id in enumerate(event.token_ids):
                         lp = None
                         if want_logprobs and j < len(event.logprobs):
@@ -429,6 +435,7 @@ class Dispatcher:
                         [lp for _, lp in ready if lp is not None] if want_logprobs else None,
                         finish_reason if done else None,
                         finish_error if done else None,
+                        num_cached_tokens,
                     )
         finally:
             for task in tasks:

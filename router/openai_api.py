@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models, health, metrics.
+"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models, health, metrics;
+tokenize, detokenize, version and a single model's card come from ``openai_extras``.
 
 Streaming responses are server-sent events (``data: {json}`` lines, then ``data: [DONE]``). The handler
 waits for the first output before answering, so a request that cannot be placed (queue full or timed
@@ -14,14 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kvferry.router.openai_extras import add_routes, model_card, parse_json
 from kvferry.router.openai_protocol import ChoiceResult, Formatter, parse_chat, parse_completion, usage_of
 from kvferry.router.registry import WorkerRole
 from kvferry.router.request import APIError, ChoiceDelta, GenerationRequest
@@ -84,16 +85,9 @@ def create_app(service: RouterService) -> FastAPI:
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
 
-    async def read_json(request: Request) -> Any:
-        body = await request.body()
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-
     async def serve(request: Request, parse: Callable, chat: bool, api: str) -> Response:
         try:
-            gen = parse(await read_json(request), service.model)
+            gen = parse(parse_json(await request.body()), service.model)
         except APIError:
             service.metrics.requests.labels(api, "invalid").inc()
             raise
@@ -137,7 +131,7 @@ def create_app(service: RouterService) -> FastAPI:
             raise APIError(f"generation failed: {failed[0].error}", code="worker_error", status=502,
                            type="server_error")
         service.metrics.requests.labels(api, "ok").inc()
-        usage = usage_of(gen, sum(len(c.token_ids) for c in choices))
+        usage = usage_of(gen, sum(len(c.token_ids) for c in choices), [c.num_cached_tokens for c in choices])
         body = formatter.response(choices, usage)
         headers = {}
         if timings is not None:
@@ -150,6 +144,7 @@ def create_app(service: RouterService) -> FastAPI:
         chat: bool, api: str,
     ) -> AsyncIterator[bytes]:
         completion_tokens = 0
+        cached_tokens = [0] * gen.num_choices  # each choice's, from its last delta
         outcome = "disconnected"
         remaining = gen.num_choices
         try:
@@ -160,7 +155,9 @@ def create_app(service: RouterService) -> FastAPI:
             timings: dict[str, float] | None = None
             while delta is not None:
                 completion_tokens += len(delta.token_ids)
-                remaining -= delta.finish_reason is not None
+                if delta.finish_reason is not None:
+                    remaining -= 1
+                    cached_tokens[delta.index] = delta.num_cached_tokens
                 timings = delta.timings or timings
                 if delta.finish_reason == "error":
                     yield sse({"error": APIError(f"generation failed: {delta.error}", code="worker_error",
@@ -172,7 +169,7 @@ def create_app(service: RouterService) -> FastAPI:
                     yield sse(chunk)
                 delta = await anext(deltas, None)
             if gen.include_usage:
-                chunk = formatter.usage_chunk(usage_of(gen, completion_tokens))
+                chunk = formatter.usage_chunk(usage_of(gen, completion_tokens, cached_tokens))
                 if timings is not None:
                     chunk["kvferry_timings"] = timings
                 yield sse(chunk)
@@ -196,11 +193,9 @@ def create_app(service: RouterService) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        model = service.model
-        return {"object": "list", "data": [{
-            "id": model.name, "object": "model", "created": int(time.time()), "owned_by": "kvferry",
-            "max_model_len": model.max_model_len,
-        }]}
+        return {"object": "list", "data": [model_card(service.model)]}
+
+    add_routes(app, lambda: service.model)
 
     @app.get("/health")
     async def health() -> JSONResponse:

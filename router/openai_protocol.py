@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from kvferry.router.request import (
     APIError,
@@ -43,13 +43,18 @@ def _get(body: dict, name: str, kinds: type | tuple[type, ...], default: Any = N
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", list: "an array", dict: "an object"}
 
 
-def _check_model(body: dict, model: ServedModel) -> None:
+def check_model(body: dict, model: ServedModel) -> None:
+    """An absent model means the served one; any other name is OpenAI's 404 ``model_not_found``."""
     name = _get(body, "model", str)
     if name is not None and name != model.name:
-        raise APIError(
-            f"The model `{name}` does not exist; this server serves `{model.name}`.",
-            param="model", code="model_not_found",
-        )
+        raise model_not_found(name, model)
+
+
+def model_not_found(name: str, model: ServedModel) -> APIError:
+    return APIError(
+        f"The model `{name}` does not exist; this server serves `{model.name}`.",
+        param="model", code="model_not_found", status=404,
+    )
 
 
 def _refuse_unsupported(body: dict, names: tuple[str, ...]) -> None:
@@ -66,6 +71,7 @@ def _common_params(body: dict, max_tokens_name: str) -> dict:
         isinstance(stop, list) and all(isinstance(s, str) for s in stop)
     ):
         raise APIError("stop must be a string or an array of strings", param="stop", code="invalid_type")
+    _get(body, "user", str)  # OpenAI's end-user id: type-checked, otherwise ignored
     return dict(
         max_tokens=_get(body, max_tokens_name, int),
         temperature=_get(body, "temperature", _NUMBER),
@@ -89,7 +95,13 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
     options = _get(body, "stream_options", dict)
     if options is not None and not stream:
         raise APIError("stream_options is only allowed when stream is true", param="stream_options")
-    include_usage = bool(options and _get(options, "include_usage", bool, False))
+    include_usage = False
+    if options:
+        value = options.get("include_usage")
+        if value is not None and not isinstance(value, bool):
+            raise APIError(f"stream_options.include_usage must be a boolean, got {value!r}",
+                           param="stream_options.include_usage", code="invalid_type")
+        include_usage = bool(value)
     return stream, include_usage
 
 
@@ -127,7 +139,7 @@ def _finish(
 def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
-    _check_model(body, model)
+    check_model(body, model)
     _refuse_unsupported(body, ("echo", "suffix", "logit_bias"))
     best_of = _get(body, "best_of", int)
     if best_of is not None and best_of != (body.get("n") or 1):
@@ -177,24 +189,36 @@ def _message_text(message: Any, i: int) -> dict:
     return {"role": "system" if role == "developer" else role, "content": content}
 
 
-def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
-    if not isinstance(body, dict):
-        raise APIError("the request body must be a JSON object")
-    _check_model(body, model)
-    _refuse_unsupported(body, ("tools", "functions", "logit_bias", "audio"))
-    response_format = _get(body, "response_format", dict)
-    if response_format is not None and response_format.get("type", "text") != "text":
-        raise APIError("only response_format {\"type\": \"text\"} is supported", param="response_format",
-                       code="unsupported_parameter")
+def chat_prompt_text(body: dict, model: ServedModel, add_generation_prompt: bool = True) -> str:
+    """``body["messages"]``, checked, through the model's chat template (chat completions, /tokenize)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError("messages must be a non-empty array", param="messages",
                        code="missing_required_parameter" if messages is None else "invalid_value")
     conversation = [_message_text(m, i) for i, m in enumerate(messages)]
-    prompt_text = model.tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
-    prompts = [encode_text(model, prompt_text, "messages")]
+    return model.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+
+
+def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    check_model(body, model)
+    _refuse_unsupported(body, ("tools", "functions", "logit_bias", "audio"))
+    response_format = _get(body, "response_format", dict)
+    if response_format is not None and response_format.get("type", "text") != "text":
+        raise APIError("only response_format {\"type\": \"text\"} is supported", param="response_format",
+                       code="unsupported_parameter")
+    prompts = [encode_text(model, chat_prompt_text(body, model), "messages")]
+    # max_completion_tokens is OpenAI's current name, max_tokens the deprecated one: either, or both equal.
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     fields_ = _common_params(body, max_name)
+    legacy = _get(body, "max_tokens", int)
+    if max_name == "max_completion_tokens" and legacy is not None and legacy != fields_["max_tokens"]:
+        raise APIError(
+            f"max_completion_tokens ({fields_['max_tokens']}) and max_tokens ({legacy}) differ; "
+            "give one of them (max_tokens is the deprecated name)",
+            param="max_completion_tokens", code="invalid_value",
+        )
     want = _get(body, "logprobs", bool, False)
     top = _get(body, "top_logprobs", int)
     if top is not None and not want:
@@ -217,6 +241,8 @@ class ChoiceResult:
     finish_reason: str | None = None
     error: str | None = None
 
+    num_cached_tokens: int = 0
+
     def add(self, delta: ChoiceDelta) -> None:
         self.text += delta.text
         self.token_ids += delta.token_ids
@@ -224,10 +250,20 @@ class ChoiceResult:
             self.logprobs = (self.logprobs or []) + delta.logprobs
         if delta.finish_reason is not None:
             self.finish_reason, self.error = delta.finish_reason, delta.error
+            self.num_cached_tokens = delta.num_cached_tokens
 
 
-def usage_of(request: GenerationRequest, completion_tokens: int) -> Usage:
-    return Usage(sum(len(p) for p in request.prompts), completion_tokens)
+def usage_of(request: GenerationRequest, completion_tokens: int, cached_tokens: Sequence[int] = ()) -> Usage:
+    """Usage of a whole request. ``cached_tokens``: each choice's prefix-cache hit, by choice index.
+
+    ``prompt_tokens`` counts each prompt once however many choices it has, so a prompt's cached tokens
+    are the fewest any of its choices had served from the cache.
+    """
+    cached = 0
+    if len(cached_tokens) == request.num_choices:
+        n = request.params.n
+        cached = sum(min(cached_tokens[i * n : (i + 1) * n]) for i in range(len(request.prompts)))
+    return Usage(sum(len(p) for p in request.prompts), completion_tokens, cached)
 
 
 def usage_json(usage: Usage) -> dict:
@@ -235,6 +271,7 @@ def usage_json(usage: Usage) -> dict:
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
 
 

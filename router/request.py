@@ -113,12 +113,14 @@ class ChoiceDelta:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
     timings: dict[str, float] | None = None  # on a choice's last delta: phase -> seconds (timings.py)
+    num_cached_tokens: int = 0  # on a choice's last delta: prompt tokens served from the prefix cache
 
 
 @dataclass
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, served from the prefix cache
 
     @property
     def total_tokens(self) -> int:

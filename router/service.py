@@ -115,6 +115,7 @@ class RouterService:
                     delta.finish_reason, delta.error = tail.finish_reason, tail.error
                 if delta.finish_reason is not None:
                     delta.timings = self._finish_timeline(request_id, timeline, delta.finish_reason)
+                    delta.num_cached_tokens = event.num_cached_tokens
                 queue.put_nowait(delta)
                 if state.finished:
                     break  # a stop string the router found: closing `events` aborts on the workers

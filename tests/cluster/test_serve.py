@@ -2,7 +2,7 @@
 
 Greedy outputs over HTTP and gRPC (streaming and not) equal the single-process engine's; the official
 openai client works unchanged; 64 concurrent streams complete; aborting mid-stream returns every block
-on both workers; bad input is a 400 and breaks nothing; SIGINT stops everything, no orphans (fixture).
+on both workers; bad input is a 400 (an unknown model a 404) and breaks nothing; SIGINT stops everything, no orphans (fixture).
 """
 
 from __future__ import annotations
@@ -162,19 +162,19 @@ def test_abort_returns_every_block_on_both_workers(serve, when):
 
 
 @pytest.mark.parametrize(
-    "path, body, param",
+    "path, body, param, status",
     [
-        ("/v1/completions", "{bad json", None),
-        ("/v1/completions", {"model": "nope", "prompt": "x"}, "model"),
-        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
-        ("/v1/completions", {"prompt": "hello " * 9000}, "prompt"),
-        ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
-        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/completions", "{bad json", None, 400),
+        ("/v1/completions", {"model": "nope", "prompt": "x"}, "model", 404),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens", 400),
+        ("/v1/completions", {"prompt": "hello " * 9000}, "prompt", 400),
+        ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature", 400),
+        ("/v1/chat/completions", {"messages": []}, "messages", 400),
     ],
 )
-def test_bad_input_is_400_and_breaks_nothing(serve, path, body, param):
+def test_bad_input_is_400_and_breaks_nothing(serve, path, body, param, status):
     content = body if isinstance(body, str) else json.dumps(body)
     r = httpx.post(serve.url + path, content=content, headers={"content-type": "application/json"}, timeout=30)
-    assert r.status_code == 400
+    assert r.status_code == status
     assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
     assert {w.role for w in serve.workers()} == {router_pb2.WORKER_ROLE_PREFILL, router_pb2.WORKER_ROLE_DECODE}

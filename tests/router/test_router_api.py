@@ -90,7 +90,8 @@ def test_completion_text_usage_and_finish(cluster):
     assert body["choices"][0]["finish_reason"] == "stop"
     prompt_len = len(cluster.model.tokenizer.encode("Say it:"))
     assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": len(cluster.script),
-                             "total_tokens": prompt_len + len(cluster.script)}
+                             "total_tokens": prompt_len + len(cluster.script),
+                             "prompt_tokens_details": {"cached_tokens": 0}}  # scripted workers report no hits
     assert wait_until(lambda: cluster.decode.used_blocks == 0)
 
 
@@ -165,7 +166,6 @@ def test_openai_client_chat_completions_streaming_n_and_logprobs(cluster):
     "body, param",
     [
         ("{not json", None),
-        ({"model": "gpt-4", "prompt": "x"}, "model"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "x", "max_tokens": -3}, "max_tokens"),
         ({"prompt": "x", "temperature": 3.5}, "temperature"),
@@ -203,6 +203,16 @@ def test_bad_chat_requests_get_400(cluster, body, param):
     r = post(cluster, "/v1/chat/completions", body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_unknown_model_is_a_404_model_not_found(cluster, path):
+    body = {"model": "gpt-4", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}
+    r = post(cluster, path, body)
+    assert r.status_code == 404, r.text
+    assert r.json()["error"] == {"message": r.json()["error"]["message"], "type": "invalid_request_error",
+                                 "param": "model", "code": "model_not_found"}
+    assert cluster.decode.served == []  # refused before placement
 
 
 def test_unknown_route_is_an_openai_error(cluster):

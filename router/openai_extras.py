@@ -1,0 +1,104 @@
+"""The endpoints beside generation that OpenAI clients and vLLM users expect: ``/tokenize``,
+``/detokenize`` (vLLM's request and response shapes), ``/version`` and ``/v1/models/{id}``.
+
+All of them answer from the router's own tokenizer and model; no worker is involved. Errors are
+``APIError``s (OpenAI's error body, the parameter named); an unknown model is a 404 ``model_not_found``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+
+import kvferry
+from kvferry.router.openai_protocol import chat_prompt_text, check_model, model_not_found
+from kvferry.router.request import APIError, ServedModel, check_token_ids
+
+
+def model_card(model: ServedModel) -> dict:
+    """The model object of ``/v1/models`` and ``/v1/models/{id}``."""
+    return {"id": model.name, "object": "model", "created": int(time.time()), "owned_by": "kvferry",
+            "max_model_len": model.max_model_len}
+
+
+def _flag(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise APIError(f"{name} must be a boolean, got {value!r}", param=name, code="invalid_type")
+    return value
+
+
+def _object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    return body
+
+
+def tokenize(body: Any, model: ServedModel) -> dict:
+    """vLLM's ``/tokenize``: ``prompt`` (a string) or ``messages`` (through the chat template).
+
+    Special tokens default as in vLLM: added to a prompt, not to messages (the template has its own).
+    """
+    body = _object(body)
+    check_model(body, model)
+    if body.get("messages") is not None:
+        if body.get("prompt") is not None:
+            raise APIError("give prompt or messages, not both", param="prompt")
+        text = chat_prompt_text(body, model, _flag(body, "add_generation_prompt", True))
+        add_special = _flag(body, "add_special_tokens", False)
+    else:
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise APIError("prompt (a string) or messages is required", param="prompt",
+                           code="missing_required_parameter" if text is None else "invalid_type")
+        add_special = _flag(body, "add_special_tokens", True)
+    tokens = model.tokenizer.encode(text, add_special_tokens=add_special)
+    return {"count": len(tokens), "max_model_len": model.max_model_len, "tokens": tokens}
+
+
+def detokenize(body: Any, model: ServedModel) -> dict:
+    """vLLM's ``/detokenize``: ``tokens`` (ids in the vocabulary) -> ``prompt`` (the text)."""
+    body = _object(body)
+    check_model(body, model)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list):
+        raise APIError("tokens must be an array of token ids", param="tokens",
+                       code="missing_required_parameter" if tokens is None else "invalid_type")
+    ids = check_token_ids(model, tokens, "tokens") if tokens else ()
+    return {"prompt": model.tokenizer.decode(list(ids))}
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def add_routes(app: FastAPI, served_model: Callable[[], ServedModel]) -> None:
+    """Register the endpoints on ``app``; ``served_model()`` is read per request (workers can shorten
+    the context the router serves)."""
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> dict:
+        return tokenize(parse_json(await request.body()), served_model())
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> dict:
+        return detokenize(parse_json(await request.body()), served_model())
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": kvferry.__version__}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_route(model_id: str) -> dict:
+        model = served_model()
+        if model_id != model.name:
+            raise model_not_found(model_id, model)
+        return model_card(model)

@@ -1,0 +1,67 @@
+"""Real prefill and decode workers (the default model, in this process) behind their gRPC servers on
+loopback, registered with a test's router exactly as `kvferry prefill` / `kvferry decode` register.
+
+The workers outlive a router: a test registers them with its own router (``register``) under the role it
+needs, so the model loads once per module. A decode worker registered as ``colocated`` is what
+`kvferry decode --colocated` runs: the same class, sent whole requests (``prefill_locally``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvferry.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+
+def small_engine_config() -> EngineConfig:
+    # Small enough to load and run quickly on 2 cores; 2048 tokens of context leave room for long prompts.
+    return EngineConfig(
+        cache=CacheConfig(block_size=16, num_blocks=256),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024, max_model_len=2048),
+    )
+
+
+@dataclass
+class RealWorker:
+    role: str  # "prefill" or "decode"
+    worker: object  # PrefillWorker | DecodeWorker
+    server: object
+    address: str
+
+    def register(self, router_grpc_address: str, role: str | None = None):
+        """A started ``RouterRegistration`` (role defaults to the worker's own); ``stop()`` it after."""
+        from kvferry.worker_cli import RouterRegistration, capacity_from_stats, router_fingerprint
+
+        engine = self.worker.engine
+        fingerprint = router_fingerprint(self.worker.fingerprint, engine.model_config.vocab_size,
+                                         engine.max_model_len)
+        role = role or self.role
+        registration = RouterRegistration(router_grpc_address, role, self.address, fingerprint,
+                                          lambda: capacity_from_stats(self.worker.stats()), f"{role}-test")
+        registration.start(10)
+        return registration
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.server.stop(None)
+
+
+def start_decode_and_prefill() -> tuple[RealWorker, RealWorker]:
+    """(decode, prefill), started; the prefill worker pushes KV to the decode worker over gRPC."""
+    from kvferry.decode_worker.service import create_decode_server
+    from kvferry.decode_worker.worker import DecodeWorker
+    from kvferry.engine.engine import LLMEngine
+    from kvferry.prefill_worker.service import create_prefill_server
+    from kvferry.prefill_worker.worker import PrefillWorker
+    from kvferry.transport.grpc_transport import GrpcKVSender
+
+    decode = DecodeWorker(LLMEngine(small_engine_config(), role="decode"), worker_id="decode-test")
+    prefill = PrefillWorker(LLMEngine(small_engine_config(), role="prefill"),
+                            GrpcKVSender(decode.fingerprint, sender_id="prefill-test"), worker_id="prefill-test")
+    started = []
+    for role, worker, create in (("decode", decode, create_decode_server), ("prefill", prefill, create_prefill_server)):
+        server, _, port = create(worker, "127.0.0.1", 0)
+        worker.start()
+        server.start()
+        started.append(RealWorker(role, worker, server, f"127.0.0.1:{port}"))
+    return started[0], started[1]
