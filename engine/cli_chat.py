@@ -11,8 +11,9 @@ from kvferry.engine.config import ConfigError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
-    parser.add_argument("--max-tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--max-tokens", type=int, default=512, help="tokens per answer at most (default 512)")
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="sampling temperature; 0 is greedy (default 0.7)")
     parser.add_argument("--system", default=None, help="optional system message")
 
 

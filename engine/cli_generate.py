@@ -18,12 +18,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt")
+    parser.add_argument("prompt", help="the prompt text (with --chat: the user message)")
     add_engine_arguments(parser)
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=256,
+                        help="tokens to generate at most (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="sampling temperature; 0 is greedy (default 0.7)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling: sample from the fewest tokens holding this much probability "
+                             "(default 1.0: all)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="sampling seed, for a repeatable output (default: random)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
 
 

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+import kvferry
+
 COMMANDS = {
     "generate": ("kvferry.engine.cli_generate", "generate text for one prompt and print it"),
     "chat": ("kvferry.engine.cli_chat", "interactive chat with the model's chat template"),
@@ -24,6 +26,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvferry", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"kvferry {kvferry.__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
     chosen = argv[0] if argv and argv[0] in COMMANDS else None

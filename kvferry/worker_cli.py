@@ -52,13 +52,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="worker name shown by the router (default: hostname)")
     parser.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct GGUF)")
     parser.add_argument("--dtype", default=None, help="auto, bfloat16, float32, float16 (CUDA)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--weights", default=None, choices=["auto", "quantized", "dequantized"],
                         help="GGUF weights: quantized (kept in their blocks, multiplied by the quant kernels), dequantized (made --dtype: the exactness path); default auto: quantized on the CPU where the kernels are built")
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=16,
+                        help="tokens per KV cache block; prefill and decode workers must agree (default 16)")
     parser.add_argument("--num-kv-blocks", type=int, default=0, help="KV cache blocks (0: from --kv-cache-bytes)")
-    parser.add_argument("--kv-cache-bytes", type=int, default=512 * 1024 * 1024)
-    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--kv-cache-bytes", type=int, default=512 * 1024 * 1024,
+                        help="KV cache size in bytes when --num-kv-blocks is 0 (default 512 MiB)")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="do not reuse the KV of prompt prefixes seen before")
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="hard cap on the batch (default: the profile's; its TPOT target may cap lower)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
@@ -66,8 +69,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     add_profile_arguments(parser)
     parser.add_argument("--no-warm-up", action="store_true",
                         help="skip the few synthetic steps that seed the step-time model at start")
-    parser.add_argument("--max-model-len", type=int, default=8192)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-model-len", type=int, default=8192,
+                        help="context limit in tokens, prompt + output (default 8192; the model's own if smaller)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the sampler for requests without their own (default 0)")
     parser.add_argument("--shutdown-grace", type=float, default=5.0,
                         help="seconds in-flight requests get to finish on SIGTERM before they are aborted")
     parser.add_argument("--register-timeout", type=float, default=60.0,

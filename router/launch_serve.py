@@ -222,7 +222,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (KVFERRY_NUM_THREADS; default: the cores split between the workers)")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds in-flight requests get to finish on shutdown")
-    parser.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S)
+    parser.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S,
+                        help=f"seconds the router and workers get to start and register before serve gives up "
+                             f"(default {STARTUP_TIMEOUT_S:g}; model loading on a small CPU box)")
     add_placement_arguments(parser)  # the router's own flags, passed on to it
     add_profile_arguments(parser)  # router and workers alike
 

@@ -159,7 +159,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = RouterConfig.__dataclass_fields__
     parser.add_argument("--model", default=None, help="model path (GGUF file or HF dir); default: SmolLM2-135M")
     parser.add_argument("--served-model-name", default=None, help="the name clients use (default: file name)")
-    parser.add_argument("--max-model-len", type=int, default=d["max_model_len"].default)
+    parser.add_argument("--max-model-len", type=int, default=d["max_model_len"].default,
+                        help="context limit in tokens, prompt + output (default %(default)s; the model's own "
+                             "or a registered worker's, if smaller, wins)")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--grpc-host", default=None, help="gRPC host (default: --host)")
@@ -168,13 +170,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a request may wait for KV room before it fails")
     parser.add_argument("--max-queue", type=int, default=AdmissionConfig.max_waiting,
                         help="requests that may wait for KV room at once")
-    parser.add_argument("--heartbeat-interval", type=float, default=RegistryConfig.heartbeat_interval_s)
+    parser.add_argument("--heartbeat-interval", type=float, default=RegistryConfig.heartbeat_interval_s,
+                        help="seconds between worker heartbeats, told to each worker at registration "
+                             "(default %(default)s)")
     parser.add_argument("--worker-lease", type=float, default=RegistryConfig.lease_s,
                         help="seconds without a heartbeat before a worker is removed")
-    parser.add_argument("--shutdown-grace", type=float, default=30.0)
+    parser.add_argument("--shutdown-grace", type=float, default=30.0,
+                        help="seconds in-flight requests get to finish on SIGTERM before they are cut "
+                             "(default %(default)s)")
     add_placement_arguments(parser)
     add_profile_arguments(parser)  # the router uses the TTFT target and the local prefill threshold
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default="info", help="debug, info, warning or error (default info)")
 
 
 def _placement(args: argparse.Namespace) -> DisaggregationPolicy:

@@ -31,18 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plot = sub.add_parser("plot", help="draw one or more `bench serve --out` results files into one picture")
     plot.add_argument("results", nargs="+", help="results JSON files (one line per file)")
     plot.add_argument("-o", "--out", required=True, help="PNG to write")
-    plot.add_argument("--title", default=None)
+    plot.add_argument("--title", default=None, help="title of the picture (default: none)")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000",
                    help="the server (http://host:port, with or without /v1); nothing else is ever contacted")
     p.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
-    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
+                   help="/v1/completions or /v1/chat/completions (default completions)")
     p.add_argument("--dataset", choices=DATASETS, default="synthetic",
                    help="synthetic: random words; mixed: 20%% 700-1400 words, 80%% 40-200 words, 64 tokens out; "
                         "jsonl / sharegpt: --dataset-path")
-    p.add_argument("--dataset-path", default=None)
+    p.add_argument("--dataset-path", default=None, help="the file of --dataset jsonl or sharegpt")
     p.add_argument("--input-len", type=int, default=DEFAULT_INPUT_LEN, help="synthetic prompt length in words")
     p.add_argument("--output-len", type=int, default=None,
                    help="output tokens per request (default: 128 synthetic, 64 mixed, the file's own)")
@@ -51,7 +52,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=100, help="requests per rate")
     p.add_argument("--request-rate", default="inf", help="req/s, a comma-separated list for a sweep (inf: all at once)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps: 1 is Poisson")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the arrival times (default 0)")
     p.add_argument("--max-duration-s", type=float, default=600.0,
                    help="per rate: stop sending and cancel what is in flight after this many seconds")
     p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight (default none)")
@@ -59,14 +60,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"an SLO pair, repeatable (default: {' and '.join(DEFAULT_SLOS)})")
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let requests stop at EOS (output lengths then vary)")
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature sent (default 0: greedy)")
     p.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
-    p.add_argument("--request-timeout-s", type=float, default=600.0)
+    p.add_argument("--request-timeout-s", type=float, default=600.0,
+                   help="HTTP timeout of each request: seconds for its connection and each read (default 600)")
     p.add_argument("--warmup-prompts", type=int, default=1, help="short requests sent and awaited first")
     p.add_argument("--label", default=None, help="name of this run in plots (default: the --out file's stem)")
     p.add_argument("--out", default=None, help="results JSON: config, per-request records, summaries")
     p.add_argument("--plot", default=None, help="PNG of this run's sweep")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def serve_config(args: argparse.Namespace) -> tuple[DatasetSpec, RequestOptions, list[float], list[SLO]]:
