@@ -251,8 +251,11 @@ class DecodeWorker:
         active = sum(1 for t in self._tracked.values() if not t.finished)
         if active >= self.max_num_seqs:
             raise NoRoom(f"batch full: {active} of {self.max_num_seqs} sequences in use")
+        # KV from a prefill worker joins the batch the moment it lands, so the profile's TPOT cap is
+        # checked here; a prompt prefilled here waits in the engine's queue, whose admission applies
+        # the same cap (refusing it here would park it in the router until the next heartbeat).
         cap = self.engine.batch_cap(len(prompt))  # the profile's TPOT target, at the batch's context
-        if active >= cap:
+        if not local and active >= cap:
             raise NoRoom(f"batch full for the TPOT target: {active} sequences, {cap} fit a step's target")
         if local:
             self.engine.add_request(request_id, prompt, params, ttft_deadline)

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
-        llm = LLM(model=args.model, dtype=args.dtype, weights=args.weights)
+        llm = LLM(model=args.model, dtype=args.dtype, weights=args.weights, prompt_weights=args.prompt_weights)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -173,6 +173,30 @@ def num_threads() -> int | None:
     return int(value) if value else None
 
 
+PROMPT_WEIGHTS = (None, "auto", "dense", "per-call")
+
+
+def dense_prompt_weights(mode: str | None, copy_bytes: int) -> bool:
+    """Whether quantized weights keep a dequantized copy of ``copy_bytes`` for prompt-sized products
+    (``EngineConfig.prompt_weights``)."""
+    if mode in ("dense", "per-call"):
+        return mode == "dense"
+    available = available_memory_bytes()
+    return available is None or copy_bytes <= available // 4
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo; None where there is none (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine needs; built by ``LLM`` / the CLI / a worker from user arguments."""
@@ -186,10 +210,17 @@ class EngineConfig:
     # GGUF weights: "quantized" (kept in their blocks), "dequantized" (to dtype), None/"auto": quantized
     # on the CPU where the quant kernels are built (engine/loader/gguf.py resolve_weights)
     weights: str | None = None
+    # Quantized weights, prompt-sized products (prefill chunks, mixed steps): "dense" keeps a dequantized
+    # copy for them (fast prefill, more memory), "per-call" dequantizes the weight on every call (the
+    # least memory; ~80 ms a step on SmolLM2-135M with 2 threads), None/"auto": dense where the copy
+    # takes at most a quarter of the memory available (``dense_prompt_weights``).
+    prompt_weights: str | None = None
 
     def __post_init__(self) -> None:
         if self.weights not in (None, "auto", "quantized", "dequantized"):
             raise ConfigError(f"unknown weights {self.weights!r}; choose one of: auto, quantized, dequantized")
+        if self.prompt_weights not in PROMPT_WEIGHTS:
+            raise ConfigError(f"unknown prompt weights {self.prompt_weights!r}; choose one of: auto, dense, per-call")
 
     @property
     def torch_dtype(self) -> torch.dtype:

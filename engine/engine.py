@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from kvferry.engine.block_manager import BlockManager
-from kvferry.engine.config import ConfigError, EngineConfig, num_threads
+from kvferry.engine.config import ConfigError, EngineConfig, dense_prompt_weights, num_threads
 from kvferry.engine.loader import load_model
+from kvferry.engine.model import dense_copy_bytes
 from kvferry.engine.model_runner import ModelRunner
 from kvferry.engine.profiles import SLORefusal
 from kvferry.engine.request import PrefillTimings, Request, RequestStatus
@@ -105,7 +106,14 @@ class LLMEngine:
         self.scheduler = Scheduler(
             config.scheduler, self.block_manager, StepTimeModel(), decodes_here=role != "prefill"
         )
-        self.runner = ModelRunner(loaded.model, num_blocks, config.cache.block_size, dtype, config.device)
+        copy_bytes = dense_copy_bytes(loaded.model, dtype)
+        dense = copy_bytes > 0 and dense_prompt_weights(config.prompt_weights, copy_bytes)
+        if copy_bytes:
+            logger.info("quantized weights: prompt products on %s", f"a dense copy ({copy_bytes / 2**20:.0f} MiB)"
+                        if dense else "weights dequantized per call (--prompt-weights per-call)")
+        self.runner = ModelRunner(
+            loaded.model, num_blocks, config.cache.block_size, dtype, config.device, dense_prompt_weights=dense
+        )
         self.sampler = Sampler(config.seed)
         self._tracked: dict[str, _Tracked] = {}
         self._arrivals = itertools.count()
@@ -155,9 +163,11 @@ class LLMEngine:
         assert not self.scheduler.has_unfinished(), "warm up an idle engine"
         model = self.scheduler.step_model
         vocab = self.model_config.vocab_size
-        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        # Eight tokens a request: the decode steps at batch 1, 8 and 16 pin the fixed cost of a step and
+        # the cost per row, which prompts alone leave confounded.
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
         # The first pass only pays first-use costs (kernels, oneDNN primitives per shape): it is forgotten.
-        shapes = [[8], [128, 16, 16, 16, 16, 16, 16, 16], [64], [256]]
+        shapes = [[8], [128, 16, 16, 16, 16, 16, 16, 16], [64], [256], [16] * 16]
         rounds = shapes + shapes
         end = time.monotonic() + max_seconds
         # Each round must fit a small context and cache (tests run workers with a few dozen blocks).
@@ -253,12 +263,9 @@ class LLMEngine:
             logger.exception("engine step failed")
             return [self._fail(s.request.request_id, f"engine step failed: {exc}") for s in batch.scheduled]
         sampled = {s.request.request_id: t for s, t in zip(sampling_items, result.token_ids)}
-        self.scheduler.update(batch, sampled)
-        now = time.monotonic()
+        self.scheduler.update(batch, sampled, time.monotonic())
         outputs = []
         for item, token, logprobs in zip(sampling_items, result.token_ids, result.logprobs):
-            if item.request.first_token_time is None:
-                item.request.first_token_time = now
             self._tracked[item.request.request_id].sampling.append(token)
             outputs.append(self._process_token(item.request, token, logprobs))
         self.scheduler.step_model.observe(batch.shape, time.monotonic() - started)

@@ -41,6 +41,7 @@ class LLM:
         max_model_len: int = 8192,
         seed: int = 0,
         weights: str | None = None,  # GGUF: "quantized", "dequantized" or None (auto; see EngineConfig)
+        prompt_weights: str | None = None,  # quantized weights: "dense", "per-call" or None (auto)
     ):
         config = EngineConfig(
             model=model or default_model_path(),
@@ -50,6 +51,7 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
             seed=seed,
             weights=weights,
+            prompt_weights=prompt_weights,
         )
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer

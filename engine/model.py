@@ -92,7 +92,10 @@ class QuantLinear(nn.Module):
     on their own (llama.cpp's numerics), a token's result does not depend on its batch. Prompt tokens
     are compute-bound: they multiply the weight dequantized to x's dtype (exactly gguf's values) through
     ``F.linear`` (oneDNN/MKL), as ``--weights dequantized`` does, so a prompt's numbers do not depend on
-    how it was chunked. (Rounding prompt activations too would not make a token compute alike in a
+    how it was chunked. That dequantized weight is a copy kept from ``pack(dense_dtype)`` (prepacked for
+    oneDNN where it runs bf16 natively: the same values and kernel as ``Linear``), or, without one, is
+    dequantized on every call into the model's shared buffer (the least memory, but every prompt step
+    pays for dequantizing every weight). (Rounding prompt activations too would not make a token compute alike in a
     prompt and as a decode step: a perturbation of one ulp tips some Q8 roundings, and those grow from
     layer to layer to the size of the rounding itself.) Without the built kernels every call takes the
     reference (dequantize, then ``F.linear``).
@@ -107,18 +110,36 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.out_features, device="meta")) if bias else None
         self.kernel = False
         self._call: tuple | None = None  # (kernel function, its weight arguments), set by pack()
+        self.dense: Tensor | None = None  # [out, in] dequantized copy for prompt-sized products
+        self.dense_packed: Tensor | None = None  # the same, prepacked for oneDNN (bf16)
 
-    def pack(self) -> None:
+    def pack(self, dense_dtype: torch.dtype | None = None) -> None:
+        """Ready the kernel call; ``dense_dtype``: also keep the weight dequantized to it for prompts."""
         module = quant.load()
         self.kernel = module is not None
         # The decode step calls this a hundred times: its arguments are made once, here.
         bias = self.bias.detach().float() if self.bias is not None else torch.empty(0)
         self._call = (module.quant_linear, self.qweight.datas, self.qweight.qtypes, bias) if module else None
+        self.dense = self.dense_packed = None
+        if dense_dtype is not None:
+            dense = quant.dequantize(self.qweight, dense_dtype)
+            if _can_pack(dense):
+                self.dense_packed = pack_weight(dense)  # holds its own copy: the plain one can go
+            else:
+                self.dense = dense
+
+    def dense_bytes(self, dtype: torch.dtype) -> int:
+        """Memory a dense copy in ``dtype`` takes."""
+        return self.out_features * self.in_features * torch.empty(0, dtype=dtype).element_size()
 
     def forward(self, x: Tensor, decode_only: bool = True) -> Tensor:
         if self.kernel and decode_only and x.dim() == 2 and x.shape[0] <= quant.MAX_TOKENS and x.is_contiguous():
             fn, datas, qtypes, bias = self._call
             return fn(x, datas, qtypes, bias)
+        if self.dense_packed is not None and x.dtype == torch.bfloat16:
+            return torch.ops.mkldnn._linear_pointwise(x, self.dense_packed, self.bias, "none", [], "")
+        if self.dense is not None and x.dtype == self.dense.dtype:
+            return F.linear(x, self.dense, self.bias)
         return F.linear(x, quant.dequantize(self.qweight, x.dtype, self.buffer), self.bias)
 
 
@@ -154,6 +175,11 @@ def use_quantized_weights(model: LlamaForCausalLM, weights: dict[str, QuantWeigh
     if "embed_tokens.weight" in weights and model.lm_head is None:
         # No buffer: more rows than a decode step's logits are rare, and the table's 28M values would stay.
         model.lm_head = QuantLinear(weights["embed_tokens.weight"])
+
+
+def dense_copy_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """What dequantized copies of the model's quantized linears would take in ``dtype`` (0: none)."""
+    return sum(m.dense_bytes(dtype) for m in model.modules() if isinstance(m, QuantLinear))
 
 
 def pack_weight(weight: Tensor) -> Tensor:  # [out, in] bf16 -> opaque oneDNN tensor
@@ -325,13 +351,15 @@ class LlamaForCausalLM(nn.Module):
             return logits.float()
         return F.linear(hidden, self.embed_tokens.weight).float()
 
-    def pack_weights(self) -> None:
+    def pack_weights(self, dense_prompt_dtype: torch.dtype | None = None) -> None:
         """Prepack every linear weight (and the tied lm_head) for oneDNN where that pays (bf16 on the
-        CPU; see ``Linear``), and ready the quantized linears (``QuantLinear``). Call again after
-        changing the weights or device."""
+        CPU; see ``Linear``), and ready the quantized linears (``QuantLinear``; ``dense_prompt_dtype``:
+        with a dequantized copy for prompts). Call again after changing the weights or device."""
         for module in self.modules():
-            if isinstance(module, (Linear, QuantLinear)):
+            if isinstance(module, Linear):
                 module.pack()
+            elif isinstance(module, QuantLinear):
+                module.pack(dense_prompt_dtype)
         head_module = self.embed_tokens if self.lm_head is None else self.lm_head
         head = head_module.weight if isinstance(head_module, (nn.Embedding, Linear)) else None
         self.packed_lm_head = pack_weight(head) if self.lm_head is None and _can_pack(head) else None

@@ -30,9 +30,11 @@ class ModelRunner:
         block_size: int,
         dtype: torch.dtype,
         device: str = "cpu",
+        dense_prompt_weights: bool = False,
     ):
+        """``dense_prompt_weights``: quantized linears keep a dequantized copy for prompt-sized products."""
         self.model = model
-        model.pack_weights()
+        model.pack_weights(dtype if dense_prompt_weights else None)
         self.block_size = block_size
         self.device = device
         self.kv_caches = allocate_kv_caches(model.config, num_blocks, block_size, dtype, device)

@@ -4,9 +4,10 @@ A profile names a time-to-first-token target (TTFT) and a time-per-output-token 
 policy knobs that follow from them; ``--ttft-slo-ms`` / ``--tpot-slo-ms`` override a profile's targets.
 What the targets drive (engine/scheduler.py, with the step-time model of engine/step_time.py):
 
-- TPOT: each step that carries decode rows is planned to take at most ``step_headroom`` x the target:
-  the number of sequences admitted to the batch and the prefill tokens riding along in a step (the
-  chunk) are cut until the predicted step time fits. 0: no target, batches as wide as memory allows.
+- TPOT: the target is a mean over a stream's tokens. A decode-only step is planned to take at most
+  ``step_headroom`` x the target (this caps the batch); the prefill tokens riding along a step (the
+  chunk) may also spend what the streams banked by running faster than that, up to
+  ``max_stall_factor`` x the target in one step. 0: no target, batches as wide as memory allows.
 - TTFT: a queued request is refused (``SLORefusal``: HTTP 429 / gRPC RESOURCE_EXHAUSTED with a
   retry-after) once its first token cannot come in time any more, instead of being served late; on a
   dedicated prefill worker the step is kept short enough (``prefill_step_fraction`` of the target)
@@ -53,6 +54,9 @@ class SLOProfile:
     prefill_order: str = "fcfs"  # "shortest": shortest prompt first unless that makes one miss TTFT
     # (needs a TTFT target to bound the wait of long prompts; without one the order stays FCFS)
     step_headroom: float = 0.8  # plan decode steps to this fraction of the TPOT target (jitter, steal)
+    # A step carrying decode rows may spend the time its streams banked by running faster than their
+    # TPOT target (a mean over the stream), up to this many times the target in one step.
+    max_stall_factor: float = 8.0
     prefill_step_fraction: float = 0.25  # prefill worker: a step at most this fraction of the TTFT target
     min_chunk_tokens: int = 16  # prefill progress of a step even when the TPOT target leaves no room
     reject_margin: float = 0.75  # refuse only if a queue this much faster than predicted still misses
@@ -70,6 +74,8 @@ class SLOProfile:
             raise ProfileError("max_num_seqs, max_num_batched_tokens and min_chunk_tokens must be positive")
         if self.prefill_order not in PREFILL_ORDERS:
             raise ProfileError(f"prefill_order must be one of {PREFILL_ORDERS}, got {self.prefill_order!r}")
+        if self.max_stall_factor < self.step_headroom:
+            raise ProfileError(f"max_stall_factor must be >= step_headroom, got {self.max_stall_factor}")
         for name in ("step_headroom", "prefill_step_fraction", "reject_margin"):
             if not 0 < getattr(self, name) <= 1:
                 raise ProfileError(f"{name} must be in (0, 1], got {getattr(self, name)}")

@@ -9,9 +9,10 @@ decoding request needs a block and none is free, the newest running request is p
 return and it will be recomputed from its prompt and output so far.
 
 The profile (engine/profiles.py) and the step-time model (engine/step_time.py) shape each step:
-- with a TPOT target, a step that carries decode rows gets only the prefill tokens (chunk) that keep
-  its predicted time under the target, and no request joins a batch whose predicted step would
-  exceed it (``batch_cap``); without one, batches are as wide as ``max_num_seqs`` and blocks allow;
+- with a TPOT target, no request joins a batch whose predicted decode step would exceed it
+  (``batch_cap``), and a step that carries decode rows gets only the prefill tokens (chunk) that keep
+  its predicted time within what its streams can spend and still meet their mean TPOT
+  (``decode_step_budget``); without one, batches are as wide as ``max_num_seqs`` and blocks allow;
 - with a TTFT target, a prefill-only step is kept to a fraction of it, waiting prompts are taken
   shortest first (``prefill_order="shortest"``) unless that would make one miss its deadline while
   going first would not (those go first, earliest deadline first; without a TTFT target there is no
@@ -139,10 +140,11 @@ class Scheduler:
                 budget -= 1
         num_decodes = len(scheduled)
         context = sum(s.request.num_computed_tokens + 1 for s in scheduled)
+        decode_target = self.decode_step_budget([s.request for s in scheduled], now)
 
         started = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
         chunk_start = started[0].num_computed_tokens if started else 0
-        chunk = min(budget, self.chunk_budget(num_decodes, context, chunk_start))
+        chunk = min(budget, self.chunk_budget(num_decodes, context, chunk_start, decode_target))
         for req in started:  # prompts already started: their blocks cover the whole prompt
             if chunk == 0:
                 break
@@ -152,7 +154,7 @@ class Scheduler:
                 chunk -= n
 
         queued_tokens = sum(r.num_tokens - r.num_computed_tokens for r in started)
-        order, rejected = self._plan_waiting(now, num_decodes, context, queued_tokens)
+        order, rejected = self._plan_waiting(now, num_decodes, context, queued_tokens, decode_target)
         cap = self.batch_cap()
         # Admit nothing in a step that had to preempt: the room just made belongs to running requests.
         for req in order:
@@ -171,8 +173,10 @@ class Scheduler:
         scheduled.sort(key=lambda s: s.num_new_tokens == 1)  # stable: chunks first, then decodes
         return SchedulerOutput(scheduled, preempted, rejected, step_shape(scheduled))
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
-        """Advance computed counts; append each sampled token to its request's output."""
+    def update(self, output: SchedulerOutput, sampled: dict[str, int], now: float | None = None) -> None:
+        """Advance computed counts; append each sampled token to its request's output. ``now``: when
+        the tokens were sampled (a request's first one starts its TPOT clock)."""
+        now = time.monotonic() if now is None else now
         for item in output.scheduled:
             req = item.request
             req.num_computed_tokens += item.num_new_tokens
@@ -180,6 +184,8 @@ class Scheduler:
             token = sampled.get(req.request_id)
             if token is not None:
                 req.output_token_ids.append(token)
+                if req.first_token_time is None:
+                    req.first_token_time = now
 
     def finish(self, request_id: str, status: RequestStatus) -> Request | None:
         """End a request in any state and return its blocks; None if it is not (or no longer) here."""
@@ -196,16 +202,43 @@ class Scheduler:
         return req
 
     # ---- the profile's decisions -----------------------------------------------------------------
-    def chunk_budget(self, num_decodes: int, context_tokens: int, chunk_start: int = 0) -> int:
-        """Prefill tokens a step may carry beside ``num_decodes`` rows attending ``context_tokens``."""
+    def decode_step_budget(self, decoding: list[Request], now: float) -> float | None:
+        """How long a step carrying these decode rows may take: the TPOT target is a mean over a
+        stream's tokens, so a stream that ran faster than its target has banked time a prefill chunk
+        may spend. A row that has produced ``k + 1`` tokens, the first at ``t0``, keeps its mean at
+        or under ``step_headroom`` x the target through the next token if the step takes at most
+        ``headroom x target x (k + 1) - (now - t0)``; the step gets the least of the rows' budgets,
+        never less than the per-step plan (``decode_step_target_s``: a fresh stream's) unless a row is
+        already behind, and never more than ``max_stall_factor`` x the target (one stall stays short
+        enough to read as a pause). None without a TPOT target."""
+        profile = self.profile
+        per_step = profile.decode_step_target_s
+        if per_step is None or not decoding:
+            return per_step
+        budgets = []
+        for req in decoding:
+            if req.first_token_time is None:
+                budgets.append(per_step)
+                continue
+            intervals = max(req.num_output_tokens - 1, 0) + 1  # after the token this step samples
+            budgets.append(per_step * intervals - (now - req.first_token_time))
+        return min(max(min(budgets), 0.0), profile.max_stall_factor * profile.tpot_s)
+
+    def chunk_budget(
+        self, num_decodes: int, context_tokens: int, chunk_start: int = 0, decode_target: float | None = None
+    ) -> int:
+        """Prefill tokens a step may carry beside ``num_decodes`` rows attending ``context_tokens``;
+        ``decode_target``: the rows' step budget (``decode_step_budget``; default the per-step plan)."""
         profile, model = self.profile, self.step_model
+        if decode_target is None:
+            decode_target = profile.decode_step_target_s
         hard = max(self.config.max_num_batched_tokens - num_decodes, 0)
         budget = hard
         targets = []
         if profile.prefill_step_target_s is not None:
             targets.append(profile.prefill_step_target_s)  # a short prompt is never held long behind
-        if num_decodes and self.decodes_here and profile.decode_step_target_s is not None:
-            targets.append(profile.decode_step_target_s)  # the decode rows' TPOT
+        if num_decodes and self.decodes_here and decode_target is not None:
+            targets.append(decode_target)  # the decode rows' TPOT
         for target in targets:
             def fits(n: int, target=target) -> bool:
                 shape = StepShape(num_decodes, n, context_tokens, n * (chunk_start + n))
@@ -215,7 +248,8 @@ class Scheduler:
 
     def batch_cap(self, new_context: int = 0) -> int:
         """How many sequences the batch may hold: ``max_num_seqs``, or fewer where the TPOT target
-        says so (decode rows at the running requests' mean context, plus a minimal chunk riding along).
+        says so (a decode-only step at the running requests' mean context: prefill chunks ride along
+        only as far as the streams' banked time allows, ``decode_step_budget``).
         ``new_context``: the context of a request about to join (a decode worker's reservation)."""
         cap = self.config.max_num_seqs
         target = self.profile.decode_step_target_s
@@ -227,11 +261,10 @@ class Scheduler:
         elif not contexts and self.waiting:
             contexts.append(self.waiting[0].num_tokens)
         mean_context = sum(contexts) / len(contexts) if contexts else 1.0
-        chunk = self.profile.min_chunk_tokens
         model = self.step_model
 
         def fits(b: int) -> bool:
-            return model.predict(StepShape(b, chunk, int(b * mean_context), chunk * chunk)) <= target
+            return model.predict(StepShape(b, 0, int(b * mean_context), 0)) <= target
 
         return max(1, _largest(fits, cap))
 
@@ -240,9 +273,11 @@ class Scheduler:
         ``num_decodes`` decode rows: when the last of them would be done if started now."""
         return self._drain_time(num_decodes, context_tokens)(num_tokens)
 
-    def _drain_time(self, num_decodes: int, context_tokens: int) -> Callable[[int], float]:
+    def _drain_time(
+        self, num_decodes: int, context_tokens: int, decode_target: float | None = None
+    ) -> Callable[[int], float]:
         """tokens -> seconds at this step's chunk size (computed once: it is called per waiting request)."""
-        chunk = max(self.chunk_budget(num_decodes, context_tokens), 1)
+        chunk = max(self.chunk_budget(num_decodes, context_tokens, 0, decode_target), 1)
         model = self.step_model
         full_step = model.predict(StepShape(num_decodes, chunk, context_tokens, chunk * chunk // 2))
 
@@ -258,7 +293,7 @@ class Scheduler:
         return seconds
 
     def _plan_waiting(
-        self, now: float, num_decodes: int, context: int, queued_tokens: int
+        self, now: float, num_decodes: int, context: int, queued_tokens: int, decode_target: float | None
     ) -> tuple[list[Request], list[Rejection]]:
         """The waiting requests in admission order, after refusing those whose TTFT target is lost."""
         profile = self.profile
@@ -269,7 +304,7 @@ class Scheduler:
 
         if profile.prefill_order == "fcfs" and all(r.ttft_deadline is None for r in fresh):
             return preempted + fresh, []  # the untargeted path: nothing to predict
-        drain = self._drain_time(num_decodes, context)
+        drain = self._drain_time(num_decodes, context, decode_target)
 
         def eta(tokens_ahead: int, req: Request) -> float:
             return drain(tokens_ahead + req.num_tokens)
@@ -348,6 +383,7 @@ class Scheduler:
             raise KeyError(f"no reservation waiting for KV under id {request_id!r}")
         req.num_computed_tokens = req.num_prompt_tokens
         req.output_token_ids.append(first_token_id)
+        req.first_token_time = time.monotonic()  # its TPOT clock starts here (the client has the token)
         self.block_manager.mark_computed(req)
         req.status = RequestStatus.RUNNING
         self.running.append(req)

@@ -55,6 +55,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--weights", default=None, choices=["auto", "quantized", "dequantized"],
                         help="GGUF weights: quantized (kept in their blocks, multiplied by the quant kernels), dequantized (made --dtype: the exactness path); default auto: quantized on the CPU where the kernels are built")
+    parser.add_argument("--prompt-weights", default=None, choices=["auto", "dense", "per-call"],
+                        help="quantized GGUF weights, prompt-sized products: dense (a dequantized copy, fast prefill, more memory), per-call (dequantize on every call, the least memory); default auto: dense where the copy takes at most a quarter of the available memory")
     parser.add_argument("--block-size", type=int, default=16,
                         help="tokens per KV cache block; prefill and decode workers must agree (default 16)")
     parser.add_argument("--num-kv-blocks", type=int, default=0, help="KV cache blocks (0: from --kv-cache-bytes)")
@@ -94,6 +96,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         scheduler=scheduler_config_from_args(args),
         seed=args.seed,
         weights=args.weights,
+        prompt_weights=args.prompt_weights,
     )
 
 

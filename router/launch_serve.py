@@ -178,6 +178,8 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
         worker_common += ["--dtype", args.dtype]
     if args.weights:
         worker_common += ["--weights", args.weights]
+    if args.prompt_weights:
+        worker_common += ["--prompt-weights", args.prompt_weights]
     if args.colocated:
         workers = [Child("colocated worker", [*python, "decode", *worker_common, "--colocated"])]
     else:
@@ -218,6 +220,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="model dtype for the workers (default: auto)")
     parser.add_argument("--weights", default=None, choices=["auto", "quantized", "dequantized"],
                         help="GGUF weights of the workers: quantized or dequantized (default: auto)")
+    parser.add_argument("--prompt-weights", default=None, choices=["auto", "dense", "per-call"],
+                        help="quantized GGUF weights, prompt-sized products: dense (a dequantized copy, fast prefill, more memory), per-call (dequantize on every call, the least memory); default auto: dense where the copy takes at most a quarter of the available memory")
     parser.add_argument("--max-model-len", type=int, default=None, help="context limit (router and workers)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (KVFERRY_NUM_THREADS; default: the cores split between the workers)")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,

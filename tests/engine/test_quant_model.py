@@ -235,3 +235,32 @@ def test_greedy_output_matches_the_dequantized_reference(default_model_file, dty
             assert len(a.token_ids) == len(b.token_ids), f"length differs for prompt {prompt[:40]!r}"
             full += 1
     assert full >= len(prompts) // 2, f"only {full} of {len(prompts)} prompts matched all the way"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_products_on_the_dense_copy_equal_the_per_call_dequantize(default_pair, dtype):
+    """``--prompt-weights dense`` keeps the weight dequantized once (prepacked for oneDNN in bf16 where
+    it runs natively): a prompt's numbers are those of dequantizing on every call, bit for bit."""
+    q, _ = default_pair
+    proj = q.model.layers[3].mlp.gate_up_proj
+    x = torch.randn(37, proj.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+    proj.pack(None)
+    per_call = proj(x, decode_only=False)
+    assert proj.dense is None and proj.dense_packed is None
+    try:
+        proj.pack(dtype)
+        assert (proj.dense is not None) != (proj.dense_packed is not None)
+        assert torch.equal(proj(x, decode_only=False), per_call)
+    finally:
+        proj.pack(None)
+
+
+def test_prompt_weights_mode(monkeypatch):
+    from kvferry.engine import config as engine_config
+
+    assert engine_config.dense_prompt_weights("dense", 10**15) and not engine_config.dense_prompt_weights("per-call", 1)
+    monkeypatch.setattr(engine_config, "available_memory_bytes", lambda: 4 * 2**30)
+    assert engine_config.dense_prompt_weights(None, 2**30)  # a quarter of what is available: kept
+    assert not engine_config.dense_prompt_weights("auto", 2**30 + 1)
+    with pytest.raises(ConfigError, match="prompt weights"):
+        engine_config.EngineConfig(prompt_weights="sparse")

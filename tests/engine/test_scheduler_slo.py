@@ -37,7 +37,7 @@ def start_decoding(sched: Scheduler, count: int, prompt_len: int = 8) -> None:
     for i in range(count):
         sched.add(request(f"d{i}", prompt_len))
     out = sched.schedule(now=0.0)
-    sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
+    sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples}, now=0.0)
     assert all(r.num_output_tokens == 1 for r in sched.running)
 
 
@@ -76,16 +76,52 @@ def test_prefill_worker_takes_large_steps_bounded_by_the_ttft_target():
 
 
 def test_tpot_target_caps_the_batch():
-    for profile, cap in ((LATENCY, 12), (PROFILES["throughput"], 40)):
-        # Latency: 10 ms + 5 ms x B + a 16-token chunk (8 ms) <= 80 ms  ->  B = 12 sequences.
+    for profile, cap in ((LATENCY, 14), (PROFILES["throughput"], 40)):
+        # Latency: a decode-only step, 10 ms + 5 ms x B <= 80 ms  ->  B = 14 sequences.
         sched = make(profile, max_num_seqs=64)
         for i in range(40):
             sched.add(request(f"r{i}", 4))
         for _ in range(5):
             out = sched.schedule(now=0.0)
-            sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
+            sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples}, now=0.0)
         assert len(sched.running) == cap, profile.name
         assert sched.batch_cap() == (cap if profile is LATENCY else 64)
+
+
+def run_decodes(sched: Scheduler, steps: int, step_s: float, start: float = 0.0) -> float:
+    """``steps`` decode-only steps of ``step_s`` each; returns the clock after them."""
+    now = start
+    for _ in range(steps):
+        out = sched.schedule(now=now)
+        assert all(s.num_new_tokens == 1 for s in out.scheduled)
+        now += step_s
+        sched.update(out, {s.request.request_id: 7 for s in out.scheduled}, now=now)
+    return now
+
+
+def test_streams_that_ran_ahead_of_their_tpot_target_let_a_larger_chunk_ride_along():
+    sched = make(LATENCY, max_num_seqs=16)
+    start_decoding(sched, 4)  # first tokens at t = 0
+    now = run_decodes(sched, 9, 0.030)  # 10 tokens each, 9 intervals of 30 ms: 0.27 s
+    sched.add(request("long", 3000))
+    # Banked: 80 ms x 10 intervals - 0.27 s = 0.53 s for the step -> 10 + 20 + 0.5 P <= 530 -> P = 1000.
+    assert chunk_of(sched, "long", now=now) == 1000
+    assert sched.decode_step_budget(list(sched.running[:4]), now) == pytest.approx(0.53)
+
+
+def test_a_stream_behind_its_tpot_target_gets_only_the_minimal_chunk():
+    sched = make(LATENCY, max_num_seqs=16)
+    start_decoding(sched, 4)
+    now = run_decodes(sched, 4, 0.150)  # 150 ms a token: over the 100 ms target already
+    sched.add(request("long", 3000))
+    assert chunk_of(sched, "long", now=now) == LATENCY.min_chunk_tokens
+
+
+def test_one_stall_is_bounded_however_much_time_was_banked():
+    sched = make(LATENCY, max_num_seqs=16)
+    start_decoding(sched, 1)
+    now = run_decodes(sched, 14, 0.001)  # 15 tokens at 1 ms: 1.1 s banked
+    assert sched.decode_step_budget(sched.running[:1], now) == pytest.approx(LATENCY.max_stall_factor * 0.1)
 
 
 def test_a_step_over_the_tpot_target_still_lets_prefill_progress():
@@ -95,7 +131,7 @@ def test_a_step_over_the_tpot_target_still_lets_prefill_progress():
     sched.add(request("long", 3000))
     out = sched.schedule(now=0.0)  # no decodes yet: the 750 ms prefill step (1480 tokens)
     assert [s.num_new_tokens for s in out.scheduled] == [8, 8, 8, 8, 1448]
-    sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
+    sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples}, now=0.0)
     # The machine slows down 4x: 4 decode rows alone now take 120 ms, over the 80 ms plan.
     sched.step_model = StepTimeModel(prior=tuple(4 * c * s for c, s in zip(COSTS, SCALES)))
     assert chunk_of(sched, "long") == LATENCY.min_chunk_tokens  # the prompt still moves, a little
