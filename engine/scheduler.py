@@ -140,28 +140,28 @@ class Scheduler:
                 budget -= 1
         num_decodes = len(scheduled)
         context = sum(s.request.num_computed_tokens + 1 for s in scheduled)
-        decode_target = self.decode_step_budget([s.request for s in scheduled], now)
+        decode_target = self.decode_step_budget([s.request for s in scheduled], now, context)
 
         started = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
         chunk_start = started[0].num_computed_tokens if started else 0
         chunk = min(budget, self.chunk_budget(num_decodes, context, chunk_start, decode_target))
-        for req in started:  # prompts already started: their blocks cover the whole prompt
-            if chunk == 0:
-                break
-            n = min(req.num_tokens - req.num_computed_tokens, chunk)
-            if self.block_manager.append_slots(req, n):
-                scheduled.append(ScheduledRequest(req, n))
-                chunk -= n
-
-        queued_tokens = sum(r.num_tokens - r.num_computed_tokens for r in started)
-        order, rejected = self._plan_waiting(now, num_decodes, context, queued_tokens, decode_target)
+        order, rejected = self._plan_prompts(now, num_decodes, context, started, decode_target)
         cap = self.batch_cap()
         # Admit nothing in a step that had to preempt: the room just made belongs to running requests.
+        admitting = not preempted
         for req in order:
-            if preempted or chunk == 0 or len(self.running) >= cap:
+            if chunk == 0:
                 break
-            if self.block_manager.allocate(req) is None:
-                break
+            if req.status is RequestStatus.RUNNING:  # a prompt already started: blocks cover all of it
+                n = min(req.num_tokens - req.num_computed_tokens, chunk)
+                if self.block_manager.append_slots(req, n):
+                    scheduled.append(ScheduledRequest(req, n))
+                    chunk -= n
+                continue
+            # Waiting requests join in order: once one cannot, none after it may (no overtaking).
+            admitting = admitting and len(self.running) < cap and self.block_manager.allocate(req) is not None
+            if not admitting:
+                continue
             self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = req.num_cached_tokens
@@ -202,26 +202,29 @@ class Scheduler:
         return req
 
     # ---- the profile's decisions -----------------------------------------------------------------
-    def decode_step_budget(self, decoding: list[Request], now: float) -> float | None:
+    def decode_step_budget(self, decoding: list[Request], now: float, context_tokens: int = 0) -> float | None:
         """How long a step carrying these decode rows may take: the TPOT target is a mean over a
-        stream's tokens, so a stream that ran faster than its target has banked time a prefill chunk
-        may spend. A row that has produced ``k + 1`` tokens, the first at ``t0``, keeps its mean at
-        or under ``step_headroom`` x the target through the next token if the step takes at most
-        ``headroom x target x (k + 1) - (now - t0)``; the step gets the least of the rows' budgets,
-        never less than the per-step plan (``decode_step_target_s``: a fresh stream's) unless a row is
-        already behind, and never more than ``max_stall_factor`` x the target (one stall stays short
+        stream's tokens, so a stream that runs faster than its target banks time a prefill chunk may
+        spend. A row that has produced ``k + 1`` tokens, the first at ``t0``, keeps its mean at or
+        under the plan (``step_headroom`` x the target) through the next token if the step takes at
+        most ``plan x (k + 1) - (now - t0)``. A request of known length (``ignore_eos``, no stop
+        strings or ids: ``max_tokens`` tokens exactly) is planned over all of them instead, with the
+        steps still to come at this batch's predicted decode-step time. The step gets the least of the
+        rows' budgets, and never more than ``max_stall_factor`` x the target (one stall stays short
         enough to read as a pause). None without a TPOT target."""
         profile = self.profile
-        per_step = profile.decode_step_target_s
-        if per_step is None or not decoding:
-            return per_step
+        plan = profile.decode_step_target_s
+        if plan is None or not decoding:
+            return plan
+        decode_s = self.step_model.predict(StepShape(len(decoding), 0, context_tokens, 0))
         budgets = []
         for req in decoding:
             if req.first_token_time is None:
-                budgets.append(per_step)
+                budgets.append(plan)
                 continue
-            intervals = max(req.num_output_tokens - 1, 0) + 1  # after the token this step samples
-            budgets.append(per_step * intervals - (now - req.first_token_time))
+            done = req.num_output_tokens  # intervals after the token this step samples
+            total = max(req.params.max_tokens - 1, done) if _fixed_length(req) else done
+            budgets.append(plan * total - (now - req.first_token_time) - (total - done) * decode_s)
         return min(max(min(budgets), 0.0), profile.max_stall_factor * profile.tpot_s)
 
     def chunk_budget(
@@ -292,39 +295,47 @@ class Scheduler:
 
         return seconds
 
-    def _plan_waiting(
-        self, now: float, num_decodes: int, context: int, queued_tokens: int, decode_target: float | None
+    def _plan_prompts(
+        self, now: float, num_decodes: int, context: int, started: list[Request], decode_target: float | None
     ) -> tuple[list[Request], list[Rejection]]:
-        """The waiting requests in admission order, after refusing those whose TTFT target is lost."""
+        """The prompts in the order they get this step's prefill tokens: prompts already started
+        (running, part computed) and waiting requests, after refusing those whose TTFT target is lost.
+        First come first served: started prompts, then the waiting in order. Shortest first (with a
+        TTFT target): by tokens left to compute, started prompts included (a short prompt need not
+        wait out a long one's remaining chunks), except that a request that would miss its deadline
+        behind the shorter ones but not if it went first goes first (earliest deadline first among
+        them), so a long prompt is never starved by a stream of short ones."""
         profile = self.profile
         preempted = [r for r in self.waiting if r.status is RequestStatus.PREEMPTED]  # already streaming
         fresh = [r for r in self.waiting if r.status is not RequestStatus.PREEMPTED]
         if not fresh:
-            return preempted, []
+            return preempted + started, []
 
         if profile.prefill_order == "fcfs" and all(r.ttft_deadline is None for r in fresh):
-            return preempted + fresh, []  # the untargeted path: nothing to predict
+            return started + preempted + fresh, []  # the untargeted path: nothing to predict
         drain = self._drain_time(num_decodes, context, decode_target)
 
+        def left(req: Request) -> int:
+            return req.num_tokens - (req.num_computed_tokens if req.status is RequestStatus.RUNNING else 0)
+
         def eta(tokens_ahead: int, req: Request) -> float:
-            return drain(tokens_ahead + req.num_tokens)
+            return drain(tokens_ahead + left(req))
 
         if profile.prefill_order == "shortest" and profile.ttft_s is not None:
-            fresh.sort(key=lambda r: (r.num_tokens, r.arrival_index))
-            # Shortest first, within the TTFT bound: a request that would miss its deadline behind the
-            # shorter ones but not if it went first, goes first (earliest deadline first among them),
-            # so a long prompt is never starved by a stream of short ones.
+            candidates = sorted(started + fresh, key=lambda r: (left(r), r.arrival_index))
             # Requests without a deadline of their own are ordered as if the profile's target applied.
-            urgent, rest, ahead = [], [], queued_tokens
-            for req in fresh:
+            urgent, rest, ahead = [], [], 0
+            for req in candidates:
                 deadline = req.ttft_deadline or req.arrival_time + profile.ttft_s
-                if now + eta(ahead, req) > deadline >= now + eta(queued_tokens, req):
+                if now + eta(ahead, req) > deadline >= now + eta(0, req):
                     urgent.append(req)
                 else:
                     rest.append(req)
-                    ahead += req.num_tokens
+                    ahead += left(req)
             urgent.sort(key=lambda r: (r.ttft_deadline or r.arrival_time + profile.ttft_s, r.arrival_index))
-            fresh = urgent + rest
+            prompts = preempted + urgent + rest
+        else:
+            prompts = started + preempted + fresh
 
         per_token_s = self.step_model.coefficients[2]
 
@@ -337,32 +348,33 @@ class Scheduler:
                 return False
             if ahead > 0 or num_decodes > 0:
                 return True
-            return now + per_token_s * (req.num_tokens - req.num_computed_tokens) > req.ttft_deadline
+            return now + per_token_s * left(req) > req.ttft_deadline
 
         rejected: list[Rejection] = []
         if any(r.ttft_deadline is not None for r in fresh):
-            kept, late, ahead = [], [], queued_tokens
-            for req in fresh:
-                if lost(req, ahead):
-                    late.append(req)
-                else:
-                    kept.append(req)
-                    ahead += req.num_tokens
+            kept, late, ahead = [], [], 0
+            for req in prompts:
+                if req.status is RequestStatus.WAITING and lost(req, ahead):
+                    late.append((req, ahead))
+                    continue
+                kept.append(req)
+                if req.status is not RequestStatus.PREEMPTED:
+                    ahead += left(req)
             if late:
                 retry_after = max(drain(ahead), 0.1)
-                for req in late:
+                for req, before in late:
                     waited = now - req.arrival_time
                     message = (
                         f"the time-to-first-token target cannot be met: {waited:.1f} s waited, "
                         f"{max(req.ttft_deadline - now, 0.0):.1f} s left, about "
-                        f"{eta(queued_tokens, req):.1f} s to prefill its {req.num_tokens} tokens here "
-                        f"behind {ahead} queued prompt tokens"
+                        f"{eta(before, req):.1f} s to prefill its {req.num_tokens} tokens here "
+                        f"behind {before} queued prompt tokens"
                     )
                     self.finish(req.request_id, RequestStatus.FINISHED_REJECTED)
                     self.num_rejected += 1
                     rejected.append(Rejection(req, SLORefusal(message, retry_after)))
-            fresh = kept
-        return preempted + fresh, rejected
+            prompts = kept
+        return prompts, rejected
 
     # ---- disaggregation: requests whose KV is computed elsewhere ---------------------------------
     def reserve(self, request: Request) -> list[int] | None:
@@ -402,6 +414,12 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
+
+
+def _fixed_length(req: Request) -> bool:
+    """Whether the request produces exactly ``max_tokens`` tokens (nothing can stop it earlier)."""
+    p = req.params
+    return p.ignore_eos and not p.stop and not p.stop_token_ids
 
 
 def _largest(fits, upper: int) -> int:

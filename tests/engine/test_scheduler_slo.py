@@ -225,3 +225,43 @@ def test_an_idle_engine_serves_a_fresh_request_its_model_calls_late():
     sched = make(LATENCY, decodes_here=False)  # 32 tokens at 0.5 ms each cannot fit 5 ms, whatever the model
     sched.add(request("spent", 32, deadline=100.005, arrival=100.0))
     assert [r.request.request_id for r in sched.schedule(now=100.0).rejected] == ["spent"]
+
+
+def test_a_short_prompt_overtakes_a_long_one_already_started():
+    """Shortest first counts a started prompt by the tokens it has left: a short prompt arriving
+    behind a long one's first chunk goes next, unless the long one would then miss its deadline."""
+    sched = make(LATENCY, decodes_here=False, budget=512)
+    sched.add(request("long", 3000, deadline=10.0))
+    first = sched.schedule(now=0.0)
+    assert [(s.request.request_id, s.num_new_tokens) for s in first.scheduled] == [("long", 512)]
+    sched.update(first, {}, now=0.3)
+    short = Request("short", list(range(5000, 5040)), SamplingParams(), arrival_time=0.3)  # no shared prefix
+    short.ttft_deadline = 3.3
+    sched.add(short)
+    out = sched.schedule(now=0.3)
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("short", 40), ("long", 472)]
+
+    tight = make(LATENCY, decodes_here=False, budget=512)
+    tight.add(request("long", 3000, deadline=1.3))  # 3000 tokens at 0.5 ms: ~1.5 s alone already
+    out = tight.schedule(now=0.0)
+    tight.update(out, {}, now=0.0)
+    tight.add(request("short", 40, deadline=3.0))
+    out = tight.schedule(now=0.0)
+    assert out.scheduled[0].request.request_id == "long", "it would miss its deadline behind the short one"
+
+
+def test_a_stream_of_known_length_may_spend_its_future_slack():
+    """ignore_eos and no stop: the stream's mean TPOT is over all max_tokens tokens, so a step may
+    take what the steps still to come leave; a stream that might stop any time gets only what it banked."""
+    def started(ignore_eos: bool) -> Scheduler:
+        sched = make(LATENCY, max_num_seqs=16)
+        req = Request("d", list(range(1, 9)), SamplingParams(max_tokens=64, ignore_eos=ignore_eos), arrival_time=0.0)
+        sched.add(req)
+        out = sched.schedule(now=0.0)
+        sched.update(out, {"d": 7}, now=0.0)
+        return sched
+    fixed, open_ended = started(True), started(False)
+    # 80 ms x 63 intervals, 62 of them still to come at 15 ms (10 ms + 1 row): 5.04 - 0.93 = 4.11 s,
+    # capped at 8 x 100 ms per stall; the open-ended one only has its first interval's 80 ms.
+    assert fixed.decode_step_budget(fixed.running, 0.0) == pytest.approx(0.8)
+    assert open_ended.decode_step_budget(open_ended.running, 0.0) == pytest.approx(0.08)
