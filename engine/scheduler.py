@@ -209,14 +209,17 @@ class Scheduler:
         under the plan (``step_headroom`` x the target) through the next token if the step takes at
         most ``plan x (k + 1) - (now - t0)``. A request of known length (``ignore_eos``, no stop
         strings or ids: ``max_tokens`` tokens exactly) is planned over all of them instead, with the
-        steps still to come at this batch's predicted decode-step time. The step gets the least of the
+        steps still to come at this batch's predicted step time with a minimal chunk. The step gets the least of the
         rows' budgets, and never more than ``max_stall_factor`` x the target (one stall stays short
         enough to read as a pause). None without a TPOT target."""
         profile = self.profile
         plan = profile.decode_step_target_s
         if plan is None or not decoding:
             return plan
-        decode_s = self.step_model.predict(StepShape(len(decoding), 0, context_tokens, 0))
+        # The steps still to come, as this batch with a minimal chunk riding along: new prompts keep
+        # arriving, and a plan that counted bare decode steps would spend slack the stream never gets.
+        chunk = profile.min_chunk_tokens
+        decode_s = self.step_model.predict(StepShape(len(decoding), chunk, context_tokens, chunk * chunk))
         budgets = []
         for req in decoding:
             if req.first_token_time is None:

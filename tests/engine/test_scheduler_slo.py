@@ -261,7 +261,7 @@ def test_a_stream_of_known_length_may_spend_its_future_slack():
         sched.update(out, {"d": 7}, now=0.0)
         return sched
     fixed, open_ended = started(True), started(False)
-    # 80 ms x 63 intervals, 62 of them still to come at 15 ms (10 ms + 1 row): 5.04 - 0.93 = 4.11 s,
+    # 80 ms x 63 intervals, 62 of them still to come at 23 ms (10 ms + 1 row + a 16-token chunk): 3.6 s,
     # capped at 8 x 100 ms per stall; the open-ended one only has its first interval's 80 ms.
     assert fixed.decode_step_budget(fixed.running, 0.0) == pytest.approx(0.8)
     assert open_ended.decode_step_budget(open_ended.running, 0.0) == pytest.approx(0.08)
