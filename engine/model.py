@@ -84,12 +84,21 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+# Decode batches of at least this many rows multiply by the bf16 copy where one is kept prepacked for
+# oneDNN: the quant kernels are compute-bound from a few rows on (~24 G weight-rows/s a core at 8-64
+# rows, AVX-512 VNNI), oneDNN's native bf16 GEMM is faster from here on (a 16-row step of the default
+# model: 48 ms on the kernels, 39 ms dense; AMD EPYC Zen 4, 2 threads). Such rows then round like a
+# prompt's. An fp32 copy (MKL) was slower than the AVX2 kernels at 64 rows, so fp32 keeps the kernels.
+DENSE_DECODE_MIN_TOKENS = 16
+
+
 class QuantLinear(nn.Module):
     """A linear whose weight stays in GGUF blocks (``QuantWeight``; ``kernels/quant.py``).
 
-    Decode steps (``decode_only``: no prompt tokens in x; up to ``quant.MAX_TOKENS``) take the quantized
-    kernel: it streams the quantized bytes, and, since it rounds each token's activations to Q8 blocks
-    on their own (llama.cpp's numerics), a token's result does not depend on its batch. Prompt tokens
+    Decode steps (``decode_only``: no prompt tokens in x; up to ``quant.MAX_TOKENS``, or, where a dense
+    copy is kept, fewer than ``DENSE_DECODE_MIN_TOKENS``) take the quantized kernel: it streams the
+    quantized bytes, and, since it rounds each token's activations to Q8 blocks on their own
+    (llama.cpp's numerics), a token's result does not depend on its batch among such steps. Prompt tokens
     are compute-bound: they multiply the weight dequantized to x's dtype (exactly gguf's values) through
     ``F.linear`` (oneDNN/MKL), as ``--weights dequantized`` does, so a prompt's numbers do not depend on
     how it was chunked. That dequantized weight is a copy kept from ``pack(dense_dtype)`` (prepacked for
@@ -133,7 +142,8 @@ class QuantLinear(nn.Module):
         return self.out_features * self.in_features * torch.empty(0, dtype=dtype).element_size()
 
     def forward(self, x: Tensor, decode_only: bool = True) -> Tensor:
-        if self.kernel and decode_only and x.dim() == 2 and x.shape[0] <= quant.MAX_TOKENS and x.is_contiguous():
+        if (self.kernel and decode_only and x.dim() == 2 and x.shape[0] <= quant.MAX_TOKENS and x.is_contiguous()
+                and (x.shape[0] < DENSE_DECODE_MIN_TOKENS or self.dense_packed is None)):
             fn, datas, qtypes, bias = self._call
             return fn(x, datas, qtypes, bias)
         if self.dense_packed is not None and x.dtype == torch.bfloat16:
