@@ -14,8 +14,9 @@ cores and the same arrival sequence.
    through transformers 5, so the model is exported once as a Hugging Face directory from kvferry's own
    loader (``decode_step_bench.export_hf``; bf16 weights) and vLLM runs it in bf16 where the CPU has
    native bf16 (AVX512-BF16), fp32 elsewhere (emulated bf16 is ~10x slower there). Every system is
-   warmed up (a short and a long prompt), and its CPU use while idle is printed: the idle ones must
-   not steal from the one under test.
+   warmed up (a short and a long prompt, then ``--warmup-prompts`` of the mixed preset at 2 req/s,
+   not measured: without that round vLLM's first measured rate paid its per-shape compilation), and
+   its CPU use while idle is printed: the idle ones must not steal from the one under test.
 3. Sweep the request rates of the ``kvferry bench serve`` client (kvferry.benchmark) with the mixed
    preset (20% prompts of 700-1400 words, 80% of 40-200 words, 64 output tokens, ignore_eos), Poisson
    arrivals. Systems are interleaved rate by rate, the order alternating at each rate (A B C, C B A,
@@ -275,10 +276,18 @@ async def sweep(servers: list[Server], options: dict[str, RequestOptions], args:
     return rounds
 
 
-async def warm(server: Server, options: RequestOptions, seed: int) -> None:
-    for words in (32, 1000):  # a short and a long prompt: first-use costs of both shapes
+async def warm(server: Server, options: RequestOptions, seed: int, num_prompts: int, timeout_s: float) -> None:
+    """A short and a long prompt (first-use costs of both shapes), then ``num_prompts`` of the mixed
+    preset at 2 req/s, not measured: a server that compiles per batch shape (vLLM's CPU build) or
+    fits its step times online (kvferry) meets the first measured rate in its steady state."""
+    for words in (32, 1000):
         sample = make_samples(DatasetSpec("synthetic", input_len=words, output_len=8), 1, seed, 10**6 + words)[0]
         await warm_up(options, sample, 600.0)
+    if num_prompts:
+        samples, times = round_workload(DatasetSpec("mixed"), num_prompts, 2.0, 1.0, seed + 10**6, 0)
+        result = await run_round(options, 2.0, samples, times, timeout_s, progress=False)
+        ok = sum(r.success for r in result.records)
+        print(f"[{server.name}] warm-up round: {ok}/{num_prompts} served", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra-system", action="append", default=[], metavar="NAME=KIND:ARGS",
                         help="one more kvferry configuration, KIND disagg or colocated, e.g. "
                              "'balanced5s=colocated:--profile balanced --ttft-slo-ms 5000' (repeatable)")
+    parser.add_argument("--warmup-prompts", type=int, default=8,
+                        help="mixed-preset requests sent to each system at 2 req/s before measuring (0: none)")
     parser.add_argument("--vllm-python", default=os.path.join(REPO, ".venv-vllm", "bin", "python"))
     parser.add_argument("--vllm-args", default="", help="extra vLLM server args")
     parser.add_argument("--vllm-dtype", default=None, help="default: bfloat16 with AVX512-BF16, else float32")
@@ -358,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             model = discover_model(server.base_url)
             options[server.name] = RequestOptions(server.base_url, model, timeout_s=args.max_duration_s)
-            asyncio.run(warm(server, options[server.name], args.seed))
+            asyncio.run(warm(server, options[server.name], args.seed, args.warmup_prompts, args.max_duration_s))
         up = [s for s in servers if s.name in options]
         if not up:
             print("no system started")
