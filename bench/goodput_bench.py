@@ -355,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(vllm_server(args.vllm_python, model_dir, dtype, shlex.split(args.vllm_args), log_dir))
 
     started: list[Server] = []
+    # A SIGTERM (timeout, pkill) must stop the servers too, not leave them serving and taking CPU from
+    # whatever runs next: exit through the finally below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         options: dict[str, RequestOptions] = {}
         for server in servers:
