@@ -35,6 +35,11 @@ import torch
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (dividing by them overflows)
 MAX_TEMPERATURE = 2.0  # OpenAI's range; above 2 the distribution is near-uniform noise anyway
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+# Stop conditions are checked on every token of the stream: their size is bounded (OpenAI allows 4
+# strings; these leave room for templates with many end markers while keeping the check cheap).
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 512
+MAX_STOP_TOKEN_IDS = 256
 _MASK64 = (1 << 64) - 1
 
 
@@ -94,8 +99,16 @@ class SamplingParams:
         # Normalising the containers is part of construction, not a patch of a frozen object.
         object.__setattr__(self, "stop", _as_tuple("stop", self.stop, str))
         object.__setattr__(self, "stop_token_ids", _as_tuple("stop_token_ids", self.stop_token_ids, int))
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise SamplingParamsError("stop", f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         if any(not s for s in self.stop):
             raise SamplingParamsError("stop", "stop strings must be non-empty")
+        if self.max_stop_len > MAX_STOP_STRING_CHARS:
+            raise SamplingParamsError(
+                "stop", f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters, got {self.max_stop_len}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise SamplingParamsError(
+                "stop_token_ids", f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(self.stop_token_ids)}")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, 0)
         for name in ("ignore_eos", "include_stop_str_in_output"):

@@ -45,6 +45,8 @@ def _sample(params: list[SamplingParams], logits: torch.Tensor, prompts=None, ou
     ("repetition_penalty", math.inf, "(0, inf)"),
     ("stop", [""], "non-empty"), ("stop", [1], "list of str"), ("stop", 5, "list of str"),
     ("stop_token_ids", [-1], ">= 0"), ("stop_token_ids", ["a"], "list of int"), ("stop_token_ids", 3, "list of int"),
+    ("stop", ["s"] * 10_000, "at most 32 stop strings"), ("stop", ["x" * 513], "at most 512 characters"),
+    ("stop_token_ids", list(range(1_000_000)), "at most 256 stop token ids"),
     ("ignore_eos", 1, "boolean"), ("include_stop_str_in_output", None, "boolean"),
     ("logprobs", -1, "[0, 20]"), ("logprobs", 21, "[0, 20]"),
     ("n", 0, ">= 1"),

@@ -173,6 +173,8 @@ def test_openai_client_chat_completions_streaming_n_and_logprobs(cluster):
         ({"prompt": "x", "temperature": "hot"}, "temperature"),
         ({"prompt": "x", "n": 0}, "n"),
         ({"prompt": "x", "logprobs": 50}, "logprobs"),
+        ({"prompt": "x", "stop": ["s"] * 10_000}, "stop"),
+        ({"prompt": "x", "stop_token_ids": list(range(1_000_000))}, "stop_token_ids"),
         ({"prompt": "word " * 9000}, "prompt"),
         ({"prompt": "x", "max_tokens": 9000}, "max_tokens"),
         ({"prompt": ""}, "prompt"),
