@@ -209,9 +209,9 @@ class Scheduler:
         under the plan (``step_headroom`` x the target) through the next token if the step takes at
         most ``plan x (k + 1) - (now - t0)``. A request of known length (``ignore_eos``, no stop
         strings or ids: ``max_tokens`` tokens exactly) is planned over all of them instead, with the
-        steps still to come at this batch's predicted step time with a minimal chunk. The step gets the least of the
-        rows' budgets, and never more than ``max_stall_factor`` x the target (one stall stays short
-        enough to read as a pause). None without a TPOT target."""
+        steps still to come at this batch's predicted step time with a minimal chunk. The step gets
+        the least of the rows' budgets, and never more than ``max_stall_factor`` x the target (one
+        stall stays short enough to read as a pause). None without a TPOT target."""
         profile = self.profile
         plan = profile.decode_step_target_s
         if plan is None or not decoding:
@@ -219,7 +219,7 @@ class Scheduler:
         # The steps still to come, as this batch with a minimal chunk riding along: new prompts keep
         # arriving, and a plan that counted bare decode steps would spend slack the stream never gets.
         chunk = profile.min_chunk_tokens
-        decode_s = self.step_model.predict(StepShape(len(decoding), chunk, context_tokens, chunk * chunk))
+        later_step_s = self.step_model.predict(StepShape(len(decoding), chunk, context_tokens, chunk * chunk))
         budgets = []
         for req in decoding:
             if req.first_token_time is None:
@@ -227,7 +227,7 @@ class Scheduler:
                 continue
             done = req.num_output_tokens  # intervals after the token this step samples
             total = max(req.params.max_tokens - 1, done) if _fixed_length(req) else done
-            budgets.append(plan * total - (now - req.first_token_time) - (total - done) * decode_s)
+            budgets.append(plan * total - (now - req.first_token_time) - (total - done) * later_step_s)
         return min(max(min(budgets), 0.0), profile.max_stall_factor * profile.tpot_s)
 
     def chunk_budget(
