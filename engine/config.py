@@ -212,7 +212,7 @@ class EngineConfig:
     weights: str | None = None
     # Quantized weights, prompt-sized products (prefill chunks, mixed steps): "dense" keeps a dequantized
     # copy for them (fast prefill, more memory), "per-call" dequantizes the weight on every call (the
-    # least memory; ~80 ms a step on SmolLM2-135M with 2 threads), None/"auto": dense where the copy
+    # least memory; ~70 ms a step on SmolLM2-135M with 2 threads), None/"auto": dense where the copy
     # takes at most a quarter of the memory available (``dense_prompt_weights``).
     prompt_weights: str | None = None
 

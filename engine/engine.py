@@ -110,7 +110,7 @@ class LLMEngine:
         dense = copy_bytes > 0 and dense_prompt_weights(config.prompt_weights, copy_bytes)
         if copy_bytes:
             logger.info("quantized weights: prompt products on %s", f"a dense copy ({copy_bytes / 2**20:.0f} MiB)"
-                        if dense else "weights dequantized per call (--prompt-weights per-call)")
+                        if dense else "the weights dequantized on every call (--prompt-weights)")
         self.runner = ModelRunner(
             loaded.model, num_blocks, config.cache.block_size, dtype, config.device, dense_prompt_weights=dense
         )

@@ -104,9 +104,9 @@ class QuantLinear(nn.Module):
     how it was chunked. That dequantized weight is a copy kept from ``pack(dense_dtype)`` (prepacked for
     oneDNN where it runs bf16 natively: the same values and kernel as ``Linear``), or, without one, is
     dequantized on every call into the model's shared buffer (the least memory, but every prompt step
-    pays for dequantizing every weight). (Rounding prompt activations too would not make a token compute alike in a
-    prompt and as a decode step: a perturbation of one ulp tips some Q8 roundings, and those grow from
-    layer to layer to the size of the rounding itself.) Without the built kernels every call takes the
+    pays for dequantizing every weight). (Rounding prompt activations too would not make a token
+    compute alike in a prompt and as a decode step: a perturbation of one ulp tips some Q8 roundings,
+    and those grow from layer to layer to the size of the rounding itself.) Without the built kernels every call takes the
     reference (dequantize, then ``F.linear``).
     """
 
@@ -139,7 +139,7 @@ class QuantLinear(nn.Module):
 
     def dense_bytes(self, dtype: torch.dtype) -> int:
         """Memory a dense copy in ``dtype`` takes."""
-        return self.out_features * self.in_features * torch.empty(0, dtype=dtype).element_size()
+        return self.out_features * self.in_features * dtype.itemsize
 
     def forward(self, x: Tensor, decode_only: bool = True) -> Tensor:
         if (self.kernel and decode_only and x.dim() == 2 and x.shape[0] <= quant.MAX_TOKENS and x.is_contiguous()
