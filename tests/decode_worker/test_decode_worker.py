@@ -14,6 +14,7 @@ from kvferry.engine.sampling import SamplingParams
 from kvferry.prefill_worker.worker import PrefillAborted
 from kvferry.transport.base import KVTarget, TransferError, TransferErrorCode
 from kvferry.transport.inprocess import InProcessKVSender
+from waiting import wait_until
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 PROMPTS = [
@@ -45,15 +46,6 @@ def tokens_of(events: list[TokenEvent]) -> list[int]:
     return tokens
 
 
-def wait_until(predicate, timeout_s: float = 10.0) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached in time")
-
-
 def run_disaggregated(decode_worker, prefill, request_id, prompt, params=GREEDY):
     reservation = decode_worker.reserve(request_id, prompt, params)
     events = decode_worker.subscribe(request_id)
@@ -73,8 +65,8 @@ def test_disaggregated_greedy_matches_colocated(decode_worker, prefill_worker_fa
         assert tokens_of(events)[0] == result.first_token_id
         assert events[-1].finish_reason == "length" and len(tokens_of(events)) == GREEDY.max_tokens
         assert result.kv_bytes == 30 * 2 * -(-len(prompt) // 16) * 16 * 3 * 64 * 2
-    wait_until(lambda: decode_worker.engine.block_manager.num_used_blocks == 0)
-    wait_until(lambda: prefill.engine.block_manager.num_used_blocks == 0)
+    assert wait_until(lambda: decode_worker.engine.block_manager.num_used_blocks == 0, timeout_s=10)
+    assert wait_until(lambda: prefill.engine.block_manager.num_used_blocks == 0, timeout_s=10)
     stats = decode_worker.stats()
     assert stats["kv_transfers_total"] >= len(PROMPTS) and stats["used_kv_blocks"] == 0
 
@@ -139,7 +131,7 @@ def test_subscriber_going_away_aborts(decode_worker):
     decode_worker.reserve("gone", PROMPTS[1], GREEDY)
     decode_worker.subscribe("gone")
     decode_worker.unsubscribed("gone")
-    wait_until(lambda: decode_worker.engine.block_manager.num_used_blocks == 0)
+    assert wait_until(lambda: decode_worker.engine.block_manager.num_used_blocks == 0, timeout_s=10)
 
 
 def test_prefill_to_unreachable_decode_fails_and_frees_blocks(decode_worker, prefill_worker_factory):
@@ -148,7 +140,7 @@ def test_prefill_to_unreachable_decode_fails_and_frees_blocks(decode_worker, pre
     with pytest.raises(TransferError) as info:
         future.result(60)
     assert info.value.code is TransferErrorCode.UNAVAILABLE
-    wait_until(lambda: prefill.engine.block_manager.num_used_blocks == 0)
+    assert wait_until(lambda: prefill.engine.block_manager.num_used_blocks == 0, timeout_s=10)
 
 
 def test_prefill_abort_while_sending_frees_blocks(decode_worker, prefill_worker_factory):
@@ -166,7 +158,7 @@ def test_prefill_abort_while_sending_frees_blocks(decode_worker, prefill_worker_
         prefill = prefill_worker_factory(sender)
         target = KVTarget(f"127.0.0.1:{listener.getsockname()[1]}", timeout_s=60.0)
         future = prefill.prefill("pa", PROMPTS[0], GREEDY, target)
-        wait_until(lambda: prefill.stats()["running_requests"] == 1, timeout_s=30.0)  # first token out
+        assert wait_until(lambda: prefill.stats()["running_requests"] == 1, timeout_s=30.0)  # first token out
         assert prefill.engine.block_manager.num_used_blocks == 3  # held until acknowledged
         assert prefill.abort("pa")
         with pytest.raises(PrefillAborted):

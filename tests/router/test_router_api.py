@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import grpc
 import httpx
@@ -19,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvferry.proto import generate_pb2, generate_pb2_grpc, router_pb2
 from kvferry.router.admission import AdmissionConfig
+from waiting import wait_until
 from router_test_workers import ScriptedDecode, ScriptedPrefill, WorkerProcess
 
 TEXT = " The quick brown fox jumps over the lazy dog."
@@ -67,15 +67,6 @@ def post(c: Cluster, path: str, body, **kw) -> httpx.Response:
     content = body if isinstance(body, (str, bytes)) else json.dumps(body)
     return httpx.post(c.router.url + path, content=content, headers={"content-type": "application/json"},
                       timeout=30, **kw)
-
-
-def wait_until(cond, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 # --- OpenAI HTTP -------------------------------------------------------------------------------------
@@ -347,7 +338,7 @@ def test_silent_worker_is_removed_and_a_new_one_joins(cluster, served_model):
     reg = cluster.router.service.registry
     assert len(reg.workers) == 2
     cluster.workers[0].stopping.set()  # the decode worker stops heartbeating
-    assert wait_until(lambda: len(reg.workers) == 1, timeout=5)
+    assert wait_until(lambda: len(reg.workers) == 1, timeout_s=5)
     r = httpx.get(cluster.router.url + "/health", timeout=10)
     assert r.status_code == 503
     fresh = ScriptedDecode(cluster.script)
