@@ -28,6 +28,7 @@ import torch
 
 from kvferry.kernels import cpu_kv_copy
 from kvferry.proto import kv_transfer_pb2 as pb
+from kvferry.proto.cluster_security import ClusterSecurity
 from kvferry.proto.convert import logprobs_from_proto, logprobs_to_proto
 from kvferry.proto import kv_transfer_pb2_grpc as pb_grpc
 from kvferry.transport.base import (
@@ -258,12 +259,14 @@ def add_kv_transfer_service(server: grpc.Server, receiver: KVReceiver) -> None:
 
 
 def create_server(
-    address: str, service_names: list[str], max_workers: int = 32, max_message_bytes: int = 64 << 20
+    address: str, service_names: list[str], max_workers: int = 32, max_message_bytes: int = 64 << 20,
+    security: ClusterSecurity = ClusterSecurity(),
 ) -> tuple[grpc.Server, object, int]:
     """A gRPC server with grpc.health.v1 health checking and server reflection for ``service_names``
     (plus their own names), bound to ``address`` ("host:port", port 0 = any free one); not started.
     Returns (server, health servicer, bound port). Handlers hold a thread each for a stream's life, so
-    ``max_workers`` bounds concurrent streams."""
+    ``max_workers`` bounds concurrent streams. ``security``: the cluster token every call but health
+    and reflection must carry, and mutual TLS (proto/cluster_security.py)."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
@@ -271,12 +274,13 @@ def create_server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=channel_options(max_message_bytes),
         maximum_concurrent_rpcs=max_workers,  # beyond it RESOURCE_EXHAUSTED, never a silent queue
+        interceptors=security.server_interceptors(),
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
+    port = security.add_port(server, address)
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
     for name in ("", *service_names):
@@ -431,8 +435,10 @@ class GrpcKVSender(KVSender):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         handshake_timeout_s: float = 5.0,
+        security: ClusterSecurity = ClusterSecurity(),  # the cluster token and TLS of every channel
     ):
         super().__init__(fingerprint, sender_id)
+        self.security = security
         self.chunk_bytes = chunk_bytes
         self.window_bytes = window_bytes
         self.handshake_timeout_s = handshake_timeout_s
@@ -444,7 +450,7 @@ class GrpcKVSender(KVSender):
         with self._lock:
             ch = self._channels.get(address)
             if ch is None:
-                ch = grpc.insecure_channel(address, options=channel_options(self.chunk_bytes, self.window_bytes))
+                ch = self.security.channel(address, options=channel_options(self.chunk_bytes, self.window_bytes))
                 self._channels[address] = ch
             return ch
 
