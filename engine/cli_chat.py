@@ -7,6 +7,7 @@ import sys
 
 from kvferry.engine.cli_generate import add_engine_arguments
 from kvferry.engine.config import ConfigError
+from kvferry.engine.device import llm_device_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
-        llm = LLM(model=args.model, dtype=args.dtype, weights=args.weights, prompt_weights=args.prompt_weights)
+        llm = LLM(model=args.model, dtype=args.dtype, weights=args.weights, prompt_weights=args.prompt_weights,
+                  **llm_device_kwargs(args))
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

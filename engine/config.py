@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ SUPPORTED_ARCHITECTURES = (
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CUDA_DEVICE = re.compile(r"cuda(:(\d+))?")  # what EngineConfig.device may be besides "cpu"
 
 
 class ConfigError(ValueError):
@@ -94,25 +96,32 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache: ``num_blocks`` blocks of ``block_size`` token slots per layer."""
+    """Paged KV cache: ``num_blocks`` blocks of ``block_size`` token slots per layer.
+
+    Sized by the first of: ``num_blocks``; ``gpu_memory_utilization`` (CUDA: the fraction of the device
+    the engine may use in all, engine/device.py); ``kv_cache_bytes``."""
 
     block_size: int = 16
-    num_blocks: int = 0  # 0: derived from kv_cache_bytes
+    num_blocks: int = 0  # 0: derived from gpu_memory_utilization or kv_cache_bytes
     kv_cache_bytes: int = 512 * 1024 * 1024
     enable_prefix_caching: bool = True
+    gpu_memory_utilization: float | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_blocks < 0 or self.kv_cache_bytes <= 0:
             raise ConfigError("num_blocks must be >= 0 and kv_cache_bytes > 0")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
-    def resolve_num_blocks(self, model: ModelConfig, dtype: torch.dtype) -> int:
+    def resolve_num_blocks(self, model: ModelConfig, dtype: torch.dtype, kv_cache_bytes: int | None = None) -> int:
+        """``kv_cache_bytes``: the budget the device gave (``gpu_memory_utilization``), else the config's."""
         if self.num_blocks:
             return self.num_blocks
         itemsize = torch.empty((), dtype=dtype).element_size()
         per_block = 2 * model.num_layers * self.block_size * model.kv_size * itemsize
-        return max(1, self.kv_cache_bytes // per_block)
+        return max(1, (kv_cache_bytes or self.kv_cache_bytes) // per_block)
 
 
 @dataclass(frozen=True)
@@ -130,9 +139,10 @@ class SchedulerConfig:
 
 
 def default_dtype(device: str) -> torch.dtype:
-    """bf16 on CUDA and on CPUs with native bf16 units (AVX512-BF16/AMX), fp32 on other CPUs."""
+    """bf16 on CUDA devices that have it (fp16 on older ones) and on CPUs with native bf16 units
+    (AVX512-BF16/AMX), fp32 on other CPUs."""
     if device.startswith("cuda"):
-        return torch.bfloat16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_features.has("avx512_bf16") or cpu_features.has("amx_bf16") else torch.float32
 
 
@@ -203,7 +213,7 @@ class EngineConfig:
 
     model: str = field(default_factory=default_model_path)
     dtype: str | None = None  # None/"auto": see default_dtype
-    device: str = "cpu"
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"; engine/device.py resolve_device turns "auto" into one
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0
@@ -221,6 +231,11 @@ class EngineConfig:
             raise ConfigError(f"unknown weights {self.weights!r}; choose one of: auto, quantized, dequantized")
         if self.prompt_weights not in PROMPT_WEIGHTS:
             raise ConfigError(f"unknown prompt weights {self.prompt_weights!r}; choose one of: auto, dense, per-call")
+        if self.device != "cpu" and CUDA_DEVICE.fullmatch(self.device) is None:
+            raise ConfigError(f"device must be cpu, cuda or cuda:N (resolve_device makes 'auto' one), got {self.device!r}")
+        if self.cache.gpu_memory_utilization is not None and self.device == "cpu":
+            raise ConfigError("--gpu-memory-utilization sizes the KV cache on a CUDA device; on the CPU use "
+                              "--kv-cache-bytes or --num-kv-blocks")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvferry.engine.config import CacheConfig, EngineConfig, SchedulerConfig, default_model_path
+from kvferry.engine.device import resolve_device
 from kvferry.engine.engine import LLMEngine, RequestOutput
 from kvferry.engine.sampling import SamplingParams, TokenLogprobs
 
@@ -42,12 +43,13 @@ class LLM:
         seed: int = 0,
         weights: str | None = None,  # GGUF: "quantized", "dequantized" or None (auto; see EngineConfig)
         prompt_weights: str | None = None,  # quantized weights: "dense", "per-call" or None (auto)
+        gpu_memory_utilization: float | None = None,  # CUDA: size the KV cache by it (engine/device.py)
     ):
         config = EngineConfig(
             model=model or default_model_path(),
             dtype=dtype,
-            device=device,
-            cache=CacheConfig(block_size, num_blocks, kv_cache_bytes, enable_prefix_caching),
+            device=resolve_device(device),  # "auto" allowed; a CUDA device that is not there: ConfigError
+            cache=CacheConfig(block_size, num_blocks, kv_cache_bytes, enable_prefix_caching, gpu_memory_utilization),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
             seed=seed,
             weights=weights,

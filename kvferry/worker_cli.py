@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import grpc
 
 import kvferry
 from kvferry.engine.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig, default_model_path
+from kvferry.engine.device import add_device_arguments, kv_cache_sizing, resolve_device
 from kvferry.engine.profiles import ProfileError, add_profile_arguments, profile_from_args
 from kvferry.proto import router_pb2, router_pb2_grpc
 from kvferry.transport.base import KVFingerprint
@@ -52,16 +54,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="worker name shown by the router (default: hostname)")
     parser.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct GGUF)")
     parser.add_argument("--dtype", default=None, help="auto, bfloat16, float32, float16 (CUDA)")
-    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--weights", default=None, choices=["auto", "quantized", "dequantized"],
                         help="GGUF weights: quantized (kept in their blocks, multiplied by the quant kernels), dequantized (made --dtype: the exactness path); default auto: quantized on the CPU where the kernels are built")
     parser.add_argument("--prompt-weights", default=None, choices=["auto", "dense", "per-call"],
                         help="quantized GGUF weights, prompt-sized products: dense (a dequantized copy, fast prefill, more memory), per-call (dequantize on every call, the least memory); default auto: dense where the copy takes at most a quarter of the available memory")
     parser.add_argument("--block-size", type=int, default=16,
                         help="tokens per KV cache block; prefill and decode workers must agree (default 16)")
-    parser.add_argument("--num-kv-blocks", type=int, default=0, help="KV cache blocks (0: from --kv-cache-bytes)")
-    parser.add_argument("--kv-cache-bytes", type=int, default=512 * 1024 * 1024,
-                        help="KV cache size in bytes when --num-kv-blocks is 0 (default 512 MiB)")
+    parser.add_argument("--num-kv-blocks", type=int, default=0,
+                        help="KV cache blocks (0: from --gpu-memory-utilization or --kv-cache-bytes)")
+    add_device_arguments(parser)
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="do not reuse the KV of prompt prefixes seen before")
     parser.add_argument("--max-num-seqs", type=int, default=None,
@@ -86,12 +87,12 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model or default_model_path(),
         dtype=args.dtype,
-        device=args.device,
+        device=resolve_device(args.device),
         cache=CacheConfig(
             block_size=args.block_size,
             num_blocks=args.num_kv_blocks,
-            kv_cache_bytes=args.kv_cache_bytes,
             enable_prefix_caching=not args.no_prefix_caching,
+            **kv_cache_sizing(args),
         ),
         scheduler=scheduler_config_from_args(args),
         seed=args.seed,
@@ -258,7 +259,11 @@ def serve(
     """Run a worker process. ``start_worker() -> (worker, server, health, port)`` builds and starts
     them; ``worker`` has ``stats()``, ``drain_wait(timeout_s)`` and ``stop()``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    worker, server, health, port = start_worker()
+    try:
+        worker, server, health, port = start_worker()
+    except ConfigError as exc:  # a bad flag, model or device: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     address = f"{args.advertise_host or args.host}:{port}"
     print(f"kvferry {role} worker serving gRPC on {address}", flush=True)
     registration = None

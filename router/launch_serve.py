@@ -28,6 +28,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from kvferry.engine.config import ConfigError
+from kvferry.engine.device import add_device_arguments, kv_cache_sizing, resolve_device
 from kvferry.engine.profiles import add_profile_arguments, profile_argv
 from kvferry.router.placement import add_placement_arguments
 
@@ -180,6 +182,7 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
         worker_common += ["--weights", args.weights]
     if args.prompt_weights:
         worker_common += ["--prompt-weights", args.prompt_weights]
+    worker_common += device_argv(args)
     if args.colocated:
         workers = [Child("colocated worker", [*python, "decode", *worker_common, "--colocated"])]
     else:
@@ -194,6 +197,18 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(workers))
     cluster.env["KVFERRY_NUM_THREADS"] = str(threads)
     return cluster
+
+
+def device_argv(args: argparse.Namespace) -> list[str]:
+    """The workers' device and KV cache flags; the device resolved here, so a CUDA device that is not
+    there stops `kvferry serve` before anything starts (ConfigError)."""
+    argv = ["--device", resolve_device(args.device)]
+    kv_cache_sizing(args)  # both sizings given: refused here too
+    if args.kv_cache_bytes is not None:
+        argv += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
+    if args.gpu_memory_utilization is not None:
+        argv += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    return argv
 
 
 def curl_example(url: str, model: str) -> str:
@@ -223,6 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-weights", default=None, choices=["auto", "dense", "per-call"],
                         help="quantized GGUF weights, prompt-sized products: dense (a dequantized copy, fast prefill, more memory), per-call (dequantize on every call, the least memory); default auto: dense where the copy takes at most a quarter of the available memory")
     parser.add_argument("--max-model-len", type=int, default=None, help="context limit (router and workers)")
+    add_device_arguments(parser)  # the workers' device and KV cache size
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (KVFERRY_NUM_THREADS; default: the cores split between the workers)")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds in-flight requests get to finish on shutdown")
@@ -235,7 +251,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cluster = build_cluster(args)
+    try:
+        cluster = build_cluster(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     stop = threading.Event()
     force = threading.Event()  # a second SIGINT/SIGTERM while stopping: kill instead of waiting
 
