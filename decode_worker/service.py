@@ -52,6 +52,7 @@ class DecodeWorkerServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 ttft_deadline=self.worker.engine.config.scheduler.profile.ttft_deadline(
                     time.monotonic(), request.ttft_budget_ms
                 ) if request.prefill_locally else None,
+                resume_output_token_ids=list(request.resume_output_token_ids),
             )
         return worker_pb2.ReserveResponse(
             block_ids=reservation.block_ids,

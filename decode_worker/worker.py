@@ -159,18 +159,22 @@ class DecodeWorker:
         lease_s: float | None = None,
         prefill_locally: bool = False,
         ttft_deadline: float | None = None,
+        resume_output_token_ids: list[int] | tuple[int, ...] = (),
     ) -> Reservation:
         """Raises NoRoom (try elsewhere), ValueError (bad request: the message names the problem).
         ``ttft_deadline`` (``time.monotonic()``, local prefill only): the first token is due by then,
-        or the stream ends with finish reason "rejected"."""
+        or the stream ends with finish reason "rejected". ``resume_output_token_ids`` (local prefill
+        only): a stream migrated here; its events go on from output index ``len(...)``."""
         if not request_id:
             raise ValueError("request_id is empty")
         if lease_s is not None and lease_s <= 0:
             raise ValueError(f"lease must be positive, got {lease_s}")
+        if resume_output_token_ids and not prefill_locally:
+            raise ValueError("a resumed stream (resume_output_token_ids) must be prefilled locally")
         lease = lease_s or self.config.lease_s
-        prompt = list(prompt_token_ids)
+        prompt, resumed = list(prompt_token_ids), list(resume_output_token_ids)
         return self._loop.call(
-            lambda: self._reserve(request_id, prompt, params, lease, prefill_locally, ttft_deadline)
+            lambda: self._reserve(request_id, prompt, params, lease, prefill_locally, ttft_deadline, resumed)
         )
 
     def subscribe(self, request_id: str) -> queue.Queue:
@@ -243,6 +247,7 @@ class DecodeWorker:
     def _reserve(
         self, request_id: str, prompt: list[int], params: SamplingParams, lease_s: float, local: bool,
         ttft_deadline: float | None = None,
+        resumed: list[int] | None = None,
     ) -> Reservation:
         if self._draining:
             raise NoRoom("the decode worker is draining (shutting down)")
@@ -258,7 +263,7 @@ class DecodeWorker:
         if not local and active >= cap:
             raise NoRoom(f"batch full for the TPOT target: {active} sequences, {cap} fit a step's target")
         if local:
-            self.engine.add_request(request_id, prompt, params, ttft_deadline)
+            self.engine.add_request(request_id, prompt, params, ttft_deadline, output_token_ids=resumed or ())
             block_ids: list[int] = []
         else:
             blocks = self.engine.reserve(request_id, prompt, params)
@@ -271,7 +276,8 @@ class DecodeWorker:
             block_ids = list(blocks)
             self.receiver.expect(request_id, block_ids)
         self._tracked[request_id] = _Tracked(
-            request_id, len(prompt), lease_s, waiting_for_kv=not local, deadline=self.clock() + lease_s
+            request_id, len(prompt), lease_s, waiting_for_kv=not local, deadline=self.clock() + lease_s,
+            next_index=len(resumed or ()),
         )
         return Reservation(request_id, block_ids, self.instance_id, lease_s)
 

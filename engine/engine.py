@@ -26,6 +26,7 @@ import torch
 
 from kvferry.engine.block_manager import BlockManager
 from kvferry.engine.config import ConfigError, EngineConfig, dense_prompt_weights, num_threads
+from kvferry.engine.device import activation_bytes, cuda_kv_budget_bytes
 from kvferry.engine.loader import load_model
 from kvferry.engine.model import dense_copy_bytes
 from kvferry.engine.model_runner import ModelRunner
@@ -99,7 +100,7 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.dtype = dtype
         self.max_model_len = min(self.model_config.max_model_len, config.scheduler.max_model_len)
-        num_blocks = config.cache.resolve_num_blocks(self.model_config, dtype)
+        num_blocks = config.cache.resolve_num_blocks(self.model_config, dtype, self._device_kv_budget(dtype))
         self.block_manager = BlockManager(
             num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
@@ -119,6 +120,17 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._layer_hook: KVLayerHook | None = None
 
+    def _device_kv_budget(self, dtype: torch.dtype) -> int | None:
+        """KV cache bytes from ``gpu_memory_utilization`` (weights already loaded); None: not so sized."""
+        cache, sched = self.config.cache, self.config.scheduler
+        if cache.num_blocks or cache.gpu_memory_utilization is None:
+            return None
+        activations = activation_bytes(self.model_config, sched.max_num_batched_tokens, sched.max_num_seqs, dtype)
+        budget = cuda_kv_budget_bytes(self.config.device, cache.gpu_memory_utilization, activations)
+        logger.info("KV cache: %.2f GiB of %s (--gpu-memory-utilization %g)", budget / 2**30, self.config.device,
+                    cache.gpu_memory_utilization)
+        return budget
+
     @property
     def kv_caches(self) -> list[torch.Tensor]:
         return self.runner.kv_caches
@@ -130,10 +142,14 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         ttft_deadline: float | None = None,
+        output_token_ids: list[int] | tuple[int, ...] = (),
     ) -> Request:
         """``ttft_deadline`` (``time.monotonic()``): the first token is due by then, or the request is
-        refused while still queued (finish reason "rejected"); None: no target, never refused."""
-        request = self._new_request(request_id, prompt, params or SamplingParams())
+        refused while still queued (finish reason "rejected"); None: no target, never refused.
+        ``output_token_ids``: a stream resumed here (request migration): the tokens it already produced
+        elsewhere count as its output (max_tokens, stop rules, penalties and the seeded random stream go
+        on from them) and the next token it yields is output position ``len(output_token_ids)``."""
+        request = self._new_request(request_id, prompt, params or SamplingParams(), output_token_ids=output_token_ids)
         request.ttft_deadline = ttft_deadline
         self.scheduler.add(request)
         return request
@@ -278,6 +294,7 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         sampling_seed: int | None = None,
+        output_token_ids: list[int] | tuple[int, ...] = (),
     ) -> Request:
         if request_id in self.scheduler.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
@@ -291,10 +308,20 @@ class LLMEngine:
                 f"the prompt has {len(token_ids)} tokens; this model's context is {self.max_model_len} "
                 "tokens, and at least one must remain for the output"
             )
-        request = Request(request_id, token_ids, params, arrival_index=next(self._arrivals))
+        outputs = list(output_token_ids)
+        if outputs:
+            if any(not 0 <= t < self.model_config.vocab_size for t in outputs):
+                raise RequestError(f"resumed output token ids must be in [0, {self.model_config.vocab_size})")
+            if len(outputs) >= params.max_tokens or len(token_ids) + len(outputs) >= self.max_model_len:
+                raise RequestError(
+                    f"nothing left to generate: {len(outputs)} output tokens already, max_tokens "
+                    f"{params.max_tokens}, context {len(token_ids) + len(outputs)} of {self.max_model_len}"
+                )
+        request = Request(request_id, token_ids, params, arrival_index=next(self._arrivals),
+                          output_token_ids=outputs, num_resumed_tokens=len(outputs))
         self._tracked[request_id] = _Tracked(
-            sampling=self.sampler.new_state(params, token_ids, seed=sampling_seed),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids),
+            sampling=self.sampler.new_state(params, token_ids, outputs, seed=sampling_seed),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids + outputs),
         )
         return request
 
@@ -342,7 +369,8 @@ class LLMEngine:
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
             num_cached_tokens=request.num_cached_tokens,
-            prefill_timings=request.prefill_timings if request.num_output_tokens == 1 else None,
+            prefill_timings=(request.prefill_timings
+                             if request.num_output_tokens == request.num_resumed_tokens + 1 else None),
         )
         tracked.emitted_chars = end
         tracked.pending_token_ids, tracked.pending_logprobs = [], []

@@ -78,6 +78,9 @@ class Request:
     first_scheduled_time: float | None = None  # the first step that computed any of its tokens
     first_token_time: float | None = None  # when this engine sampled its first output token
     ttft_deadline: float | None = None  # first token due by then (this process's clock); None: no target
+    # Output tokens it arrived with (a stream resumed here after its first decode worker was lost): the
+    # prompt and these are prefilled together, and the stream goes on from the next output position.
+    num_resumed_tokens: int = 0
 
     @property
     def prefill_timings(self) -> PrefillTimings | None:

@@ -15,7 +15,7 @@ import kvferry
 COMMANDS = {
     "generate": ("kvferry.engine.cli_generate", "generate text for one prompt and print it"),
     "chat": ("kvferry.engine.cli_chat", "interactive chat with the model's chat template"),
-    "serve": ("kvferry.router.launch_serve", "router + one prefill + one decode worker on this machine"),
+    "serve": ("kvferry.router.launch_serve", "router + prefill and decode workers on this machine, supervised"),
     "router": ("kvferry.router.main", "run the router (HTTP OpenAI API + gRPC Generate)"),
     "prefill": ("kvferry.prefill_worker.main", "run a prefill worker that registers with a router"),
     "decode": ("kvferry.decode_worker.main", "run a decode worker that registers with a router"),

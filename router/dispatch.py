@@ -14,6 +14,13 @@ Per request:
    are dropped) and yield ``WorkerEvent``s in order until a finish reason.
 5. Leaving early (client gone, stop string found by the router, error) aborts the request on both
    workers; either way the decode worker's in-flight count is released.
+6. A worker lost under the request (``WorkerLost``: its stream broke or ended unfinished, its lease
+   expired, it reported an error or abort of its own, or the prefill worker failed) moves the request:
+   placed again without the lost worker, and once tokens have streamed, resumed on another decode
+   worker that prefills the prompt plus the tokens so far itself and goes on from the next output
+   index (``resume_output_token_ids``). Token positions key the seeded random stream, so the client
+   sees the same tokens an undisturbed run gives, none twice. At most ``max_migrations`` a request;
+   then the client gets an error naming the last failure.
 With a TTFT target (``ttft_slo_ms``) every Reserve (local prefill) and Prefill carries what is left of it
 (``ttft_budget_ms``); a worker that cannot meet it any more refuses (RESOURCE_EXHAUSTED with refusal
 metadata), and so does the admission queue once it has passed: the client gets a 429 with Retry-After.
@@ -24,6 +31,7 @@ durations on the way (timings.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -54,6 +62,17 @@ class DispatchConfig:
     prefill_timeout_s: float = 300.0  # queueing + prefill + KV push
     stream_timeout_s: float = 3600.0  # the whole decode stream
     ttft_slo_ms: float = 0.0  # the profile's TTFT target: what is left of it goes to the workers; 0 = none
+    max_migrations: int = 2  # times one request may move after a worker was lost under it
+
+
+class WorkerLost(Exception):
+    """A worker failed under a request; it may go on elsewhere. ``cause`` ("decode_worker" or
+    "prefill_worker") labels the metric; ``failed`` are the workers not to place it on again."""
+
+    def __init__(self, cause: str, failed: list[Worker], message: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.failed = failed
 
 
 @dataclass
@@ -75,6 +94,7 @@ class Placement:
     num_blocks: int  # as counted by registry.on_reserved, handed back by on_released
     ticket: int
     decision: PrefillDecision
+    failed: frozenset[str] = frozenset()  # ids of workers lost under this request earlier
 
 
 @dataclass(frozen=True)
@@ -129,6 +149,8 @@ class Dispatcher:
         self.on_transfer = on_transfer
         self.policy = policy
         self.prefill_decisions: Counter[tuple[str, str]] = Counter()  # (local|remote, reason) -> requests
+        self.migrations: Counter[str] = Counter()  # cause (or "exhausted": none left) -> requests moved
+        self._watchers: dict[str, set[Callable[[Worker], None]]] = {}  # address -> requests on that worker
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._users: dict[str, int] = {}  # address -> requests in flight on its channel
         self._retired: set[str] = set()  # addresses of workers that left: close once unused
@@ -152,6 +174,24 @@ class Dispatcher:
         channel = self._channels.pop(address, None)
         if channel is not None:
             await channel.close(grace=None)
+
+    def worker_expired(self, worker: Worker) -> None:
+        """The registry removed ``worker`` for missed heartbeats (dead, stopped, wedged): its requests
+        move now, not when their streams time out."""
+        for on_lost in list(self._watchers.get(worker.address, ())):
+            on_lost(worker)
+
+    def _watch(self, workers: list[Worker], on_lost: Callable[[Worker], None]) -> None:
+        for w in workers:
+            self._watchers.setdefault(w.address, set()).add(on_lost)
+
+    def _unwatch(self, workers: list[Worker], on_lost: Callable[[Worker], None]) -> None:
+        for w in workers:
+            watchers = self._watchers.get(w.address)
+            if watchers is not None:
+                watchers.discard(on_lost)
+                if not watchers:
+                    del self._watchers[w.address]
 
     def _use(self, *workers: Worker | None) -> None:
         for w in workers:
@@ -213,16 +253,41 @@ class Dispatcher:
         sampling = sampling_to_proto(params)
         timeline = timeline or RequestTimeline.now()
         hashes = prompt_block_hashes(prompt_token_ids, self.registry.block_size)
-        try:
-            placement = await self.admission.admit(
-                lambda: self._try_place(request_id, prompt_token_ids, sampling, num_blocks, hashes, timeline),
-                lambda: self._describe(num_blocks),
-                self._ttft_deadline(timeline),
-            )
-        except TTFTExpired as exc:
-            raise slo_rejected(str(exc), exc.retry_after_s) from None
-        async for event in self._generate(request_id, prompt_token_ids, sampling, placement, timeline):
-            yield event
+        produced: list[int] = []  # tokens passed on so far: a migrated stream resumes after them
+        failed: set[str] = set()  # ids of the workers lost under this request
+        last_loss = ""
+        for migration in range(self.config.max_migrations + 1):
+            # Each placement its own id on the workers: a lost worker may still hold the old one.
+            attempt_id = request_id if not migration else f"{request_id}~m{migration}"
+            resumed = tuple(produced)
+            blocks = self.registry.blocks_for(len(prompt_token_ids) + len(resumed) + 1)
+            try:
+                placement = await self.admission.admit(
+                    lambda: self._try_place(attempt_id, prompt_token_ids, sampling, blocks, hashes, timeline,
+                                            resumed, frozenset(failed)),
+                    lambda: self._describe(blocks) + (f"; before that, {last_loss}" if last_loss else ""),
+                    None if resumed else self._ttft_deadline(timeline),  # the first token is out already
+                )
+            except TTFTExpired as exc:
+                raise slo_rejected(str(exc), exc.retry_after_s) from None
+            try:
+                async with contextlib.aclosing(
+                    self._generate(attempt_id, prompt_token_ids, sampling, placement, timeline, resumed)
+                ) as events:
+                    async for event in events:
+                        produced.extend(event.token_ids)
+                        yield event
+                return
+            except WorkerLost as lost:
+                failed.update(w.worker_id for w in lost.failed)
+                last_loss = str(lost)
+                if migration == self.config.max_migrations:
+                    self.migrations["exhausted"] += 1
+                    logger.warning("request %s: %s; no migrations left (%d made)", request_id, lost, migration)
+                    yield WorkerEvent([], finish_reason="error", error=f"{lost} (after {migration} migrations)")
+                    return
+                self.migrations[lost.cause] += 1
+                logger.warning("request %s: %s; moving it after %d tokens", request_id, lost, len(produced))
 
     def _ttft_deadline(self, timeline: RequestTimeline) -> float | None:
         return timeline.start + self.config.ttft_slo_ms / 1000.0 if self.config.ttft_slo_ms else None
@@ -246,11 +311,15 @@ class Dispatcher:
             text += "; no prefill worker is registered"
         return text
 
-    def _decide(self, decode: Worker, num_prompt_tokens: int, hashes: list[int]) -> PrefillDecision:
+    def _decide(
+        self, decode: Worker, num_prompt_tokens: int, hashes: list[int], failed: frozenset[str] = frozenset()
+    ) -> PrefillDecision:
         cached = decode.recent_blocks.num_cached_blocks(hashes) * self.registry.block_size
         if decode.role is WorkerRole.COLOCATED:
             return PrefillDecision(True, "colocated", cached)
-        return decide(self.policy, decode, self.registry.live(WorkerRole.PREFILL), num_prompt_tokens, cached)
+        # Prefill workers lost under this request do not count: with none left it is prefilled locally.
+        prefill = [w for w in self.registry.live(WorkerRole.PREFILL) if w.worker_id not in failed]
+        return decide(self.policy, decode, prefill, num_prompt_tokens, cached)
 
     async def _try_place(
         self,
@@ -260,19 +329,31 @@ class Dispatcher:
         num_blocks: int,
         hashes: list[int],
         timeline: RequestTimeline,
+        resumed: tuple[int, ...] = (),
+        failed: frozenset[str] = frozenset(),
     ) -> Placement | None:
-        exclude: set[str] = set()
+        """``resumed``: tokens a lost decode worker streamed; the new one prefills them with the prompt.
+        ``failed``: workers lost under this request, not tried again."""
+        exclude: set[str] = set(failed)
         for _ in range(len(self.registry.workers) + 1):  # each pass excludes one more worker
             decode = self.registry.pick_decode(num_blocks, frozenset(exclude))
             if decode is None:
                 return None
-            decision = self._decide(decode, len(prompt), hashes)
-            prefill = None if decision.local else self.registry.pick_prefill()
+            if resumed:
+                decision = PrefillDecision(True, "migrated")
+            else:
+                decision = self._decide(decode, len(prompt), hashes, failed)
+            prefill = None if decision.local else self.registry.pick_prefill(failed)
             if prefill is None and not decision.local:
-                return None  # wait for a prefill worker to join
+                if not failed:
+                    return None  # wait for a prefill worker to join
+                # Moved once already: prefilled by its decode worker rather than kept waiting, whatever
+                # the policy says.
+                decision = PrefillDecision(True, "prefill_worker_lost", decision.num_cached_tokens)
             request = worker_pb2.ReserveRequest(
                 request_id=request_id, prompt_token_ids=prompt, sampling=sampling, prefill_locally=decision.local,
-                ttft_budget_ms=self._ttft_budget_ms(timeline) if decision.local else 0,
+                ttft_budget_ms=self._ttft_budget_ms(timeline) if decision.local and not resumed else 0,
+                resume_output_token_ids=resumed,
             )
             # Counted before the Reserve call, not after: requests placed while it is in flight must
             # see this one, or a burst would all pick the same worker. Undone if the worker says no.
@@ -300,8 +381,8 @@ class Dispatcher:
             # Prefilled here or pushed here, the prompt's KV lands in this worker's prefix cache.
             decode.recent_blocks.record(hashes, decode.capacity.total_kv_blocks)
             if decision.local and decode.role is WorkerRole.DECODE:
-                self.registry.on_local_prefill(decode, len(prompt) - decision.num_cached_tokens)
-            return Placement(decode, prefill, reservation, num_blocks, ticket, decision)
+                self.registry.on_local_prefill(decode, len(prompt) + len(resumed) - decision.num_cached_tokens)
+            return Placement(decode, prefill, reservation, num_blocks, ticket, decision, failed)
         return None
 
     async def _generate(
@@ -311,12 +392,15 @@ class Dispatcher:
         sampling: generate_pb2.SamplingParams,
         placement: Placement,
         timeline: RequestTimeline,
+        resumed: tuple[int, ...] = (),
     ) -> AsyncIterator[WorkerEvent]:
+        """Events from output index ``len(resumed)`` on; raises ``WorkerLost`` when a worker fails
+        under the request (the finally aborts what the workers still hold either way)."""
         decode, prefill = placement.decode, placement.prefill
         if prefill is not None:
             # Picked again now and counted at once (no await between): the Reserve that came before
             # let other requests pick meanwhile, and a burst must not all land on one prefill worker.
-            prefill = self.registry.pick_prefill() or prefill
+            prefill = self.registry.pick_prefill(placement.failed) or prefill
             self.registry.on_prefill_sent(prefill, len(prompt))
         self._use(decode, prefill)
         want_logprobs = sampling.HasField("logprobs")
@@ -325,19 +409,28 @@ class Dispatcher:
             worker_pb2.StreamRequest(request_id=request_id), timeout=self.config.stream_timeout_s
         )
 
+        def on_lost(worker: Worker) -> None:
+            queue.put_nowait(("lost", (worker, f"{worker.role.name.lower()} worker {worker.address} missed its "
+                                               "heartbeats")))
+
+        watched = [decode] + ([prefill] if prefill is not None else [])
+        self._watch(watched, on_lost)
+
         async def read_stream() -> None:
             try:
                 async for event in stream:
                     queue.put_nowait(("event", event))
                     if event.finish_reason:
                         return  # the first token (from prefill) may still be on its way
-                queue.put_nowait(("error", f"decode worker {decode.address} ended the stream unfinished"))
+                queue.put_nowait(("lost", (decode, f"decode worker {decode.address} ended the stream unfinished")))
             except grpc.aio.AioRpcError as exc:
                 refusal = refusal_from_metadata(exc.trailing_metadata(), exc.details() or "")
                 if refusal is not None:  # a local prefill refused for its TTFT target
                     queue.put_nowait(("rejected", ("decode_worker", refusal)))
-                else:
+                elif exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     queue.put_nowait(("error", _rpc_error(decode, exc)))
+                else:
+                    queue.put_nowait(("lost", (decode, _rpc_error(decode, exc))))
 
         prefill_started = False  # run_prefill took over the accounting of the send counted above
 
@@ -357,7 +450,7 @@ class Dispatcher:
             for attempt in range(PREFILL_ATTEMPTS):
                 if attempt:
                     await asyncio.sleep(min(2.0, 0.05 * 2 ** (attempt - 1)))
-                    worker = self.registry.pick_prefill(frozenset({worker.worker_id})) or worker
+                    worker = self.registry.pick_prefill(placement.failed | {worker.worker_id}) or worker
                     self.registry.on_prefill_sent(worker, len(prompt))
                 request.ttft_budget_ms = self._ttft_budget_ms(timeline)
                 try:
@@ -369,8 +462,11 @@ class Dispatcher:
                     if refusal is not None:  # its TTFT target is lost: answered 429, not retried elsewhere
                         queue.put_nowait(("rejected", ("prefill_worker", refusal)))
                         return
-                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt + 1 == PREFILL_ATTEMPTS:
+                    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                         queue.put_nowait(("error", _rpc_error(worker, exc)))
+                        return
+                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt + 1 == PREFILL_ATTEMPTS:
+                        queue.put_nowait(("lost", (worker, _rpc_error(worker, exc))))
                         return
                 finally:
                     self.registry.on_prefill_done(worker)
@@ -381,7 +477,7 @@ class Dispatcher:
         prefill_done = prefill is None
         finished = False  # the decode worker reported the end and every token was passed on
         tokens: dict[int, tuple[int, TokenLogprob | None]] = {}  # output index -> token, by arrival
-        next_index = 0
+        next_index = len(resumed)
         end_index: int | None = None  # set by the finishing event: all tokens before it, then finish
         finish_reason: str | None = None
         finish_error: str | None = None
@@ -397,6 +493,12 @@ class Dispatcher:
                 if kind == "error":  # not `finished`: the finally aborts whatever the workers still hold
                     yield WorkerEvent([], finish_reason="error", error=str(item))
                     return
+                if kind == "lost":
+                    worker, message = item  # type: ignore[misc]
+                    if worker is decode or not prefill_done:  # a prefill worker lost after its answer is no loss
+                        cause = "decode_worker" if worker is decode else "prefill_worker"
+                        raise WorkerLost(cause, [worker], message)
+                    continue
                 if kind == "first":
                     prefill_done = True
                     first: worker_pb2.PrefillResponse = item  # type: ignore[assignment]
@@ -412,6 +514,17 @@ class Dispatcher:
                     if event.HasField("prefill_queue_seconds"):  # the decode worker prefilled it
                         timeline.prefill = prefill_timings_from_proto(event)
                         num_cached_tokens = event.num_cached_tokens
+                    if event.finish_reason in ("abort", "error"):
+                        # The router did not ask for it (it would not be reading): the worker failed
+                        # the request — a KV push that broke (the prefill worker's fault while it has
+                        # not answered), its engine, or its shutdown.
+                        culprit = decode if prefill_done else prefill
+                        raise WorkerLost(
+                            "decode_worker" if culprit is decode else "prefill_worker", [culprit],
+                            f"decode worker {decode.address} ended the request: {event.error or event.finish_reason}",
+                        )
+                    if event.token_ids:
+                        prefill_done = True  # the KV is committed: the prefill worker did its part
                     for j, token_id in enumerate(event.token_ids):
                         lp = None
                         if want_logprobs and j < len(event.logprobs):
@@ -424,10 +537,7 @@ class Dispatcher:
                 while next_index in tokens:
                     ready.append(tokens.pop(next_index))
                     next_index += 1
-                # An abort or error ends the request even if a token before it never came.
-                done = finish_reason is not None and (
-                    finish_reason in ("abort", "error") or (end_index is not None and next_index >= end_index)
-                )
+                done = finish_reason is not None and end_index is not None and next_index >= end_index
                 if ready or done:
                     finished = done
                     yield WorkerEvent(
@@ -438,6 +548,7 @@ class Dispatcher:
                         num_cached_tokens,
                     )
         finally:
+            self._unwatch(watched, on_lost)
             for task in tasks:
                 task.cancel()
             stream.cancel()

@@ -1,11 +1,14 @@
-"""`kvferry serve`: a whole cluster on this machine — the router, one prefill worker and one decode
-worker as real subprocesses on the default model (or, with ``--colocated``, one worker doing both
-phases behind the same router: the baseline that disaggregation is measured against).
+"""`kvferry serve`: a whole cluster on this machine — the router, ``--num-prefill`` prefill workers and
+``--num-decode`` decode workers (1 and 1 by default) as real subprocesses on the default model (or,
+with ``--colocated``, ``--num-decode`` workers doing both phases behind the same router: the baseline
+that disaggregation is measured against).
 
 Lifecycle:
 1. Start the router; wait until its gRPC port answers health checks.
 2. Start the workers with ``--router``; wait until the router's ``/health`` says it can serve.
-3. Print the URL and a curl example; then watch: if any process dies, stop the rest and exit non-zero.
+3. Print the URL and a curl example; then supervise (supervisor.py): a process that exits is started
+   again with backoff and rejoins, the rest serving meanwhile (the router moves the requests of a lost
+   worker, dispatch.py); one that keeps dying is given up on and reported.
 4. On SIGINT/SIGTERM: stop the router first (it refuses new requests and lets in-flight ones finish for
    ``--shutdown-grace`` seconds), then the workers; anything still alive after its grace is killed.
    Children run in their own process group (a terminal's Ctrl-C reaches only this launcher, which stops
@@ -32,6 +35,7 @@ from kvferry.engine.config import ConfigError
 from kvferry.engine.device import add_device_arguments, kv_cache_sizing, resolve_device
 from kvferry.engine.profiles import add_profile_arguments, profile_argv
 from kvferry.router.placement import add_placement_arguments
+from kvferry.router.supervisor import RestartPolicy, Supervisor
 
 logger = logging.getLogger("kvferry.serve")
 
@@ -63,6 +67,10 @@ class Child:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
 
     def terminate(self) -> None:
         if self.alive:
@@ -125,9 +133,6 @@ class Cluster:
             time.sleep(POLL_S)
         raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
-    def first_dead(self) -> Child | None:
-        return next((c for c in self.children if c.process is not None and not c.alive), None)
-
     def stop(self, force: threading.Event | None = None) -> None:
         """Router first (in-flight requests finish), then the workers; kill what outlives its grace
         (or everything at once when ``force`` is set)."""
@@ -172,7 +177,7 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
     if args.max_model_len:
         common += ["--max-model-len", str(args.max_model_len)]
     router_argv += common + profile_argv(args)  # the router sends what is left of the TTFT target
-    for flag in ("local_prefill", "local_prefill_max_tokens", "local_prefill_cached_fraction"):
+    for flag in ("local_prefill", "local_prefill_max_tokens", "local_prefill_cached_fraction", "max_migrations"):
         if getattr(args, flag, None) is not None:
             router_argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     worker_common = [*common, *profile_argv(args), "--router", router_addr, "--host", args.host, "--port", "0"]
@@ -183,13 +188,19 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
     if args.prompt_weights:
         worker_common += ["--prompt-weights", args.prompt_weights]
     worker_common += device_argv(args)
+    if args.num_decode < 1 or args.num_prefill < (0 if args.colocated else 1):
+        raise ConfigError(f"need at least one decode worker and (without --colocated) one prefill worker; got "
+                          f"--num-decode {args.num_decode} --num-prefill {args.num_prefill}")
+
+    def worker(role: str, name: str, *extra: str) -> Child:
+        # A stable name across restarts: the router's /health tells a worker that came back from one lost.
+        return Child(name, [*python, role, *worker_common, "--name", name, *extra])
+
     if args.colocated:
-        workers = [Child("colocated worker", [*python, "decode", *worker_common, "--colocated"])]
+        workers = [worker("decode", f"colocated-{i + 1}", "--colocated") for i in range(args.num_decode)]
     else:
-        workers = [
-            Child("prefill worker", [*python, "prefill", *worker_common]),
-            Child("decode worker", [*python, "decode", *worker_common]),
-        ]
+        workers = [worker("prefill", f"prefill-{i + 1}") for i in range(args.num_prefill)]
+        workers += [worker("decode", f"decode-{i + 1}") for i in range(args.num_decode)]
     cluster = Cluster(Child("router", router_argv), workers, f"http://{args.host}:{args.port}", router_addr,
                       args.shutdown_grace)
     # Workers on one box share its cores: split them, since OpenMP threads that outnumber the cores
@@ -231,7 +242,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the OpenAI API (default 8000)")
     parser.add_argument("--grpc-port", type=int, default=50051, help="router gRPC port (default 50051)")
     parser.add_argument("--colocated", action="store_true",
-                        help="one worker does prefill and decode (the baseline to compare against)")
+                        help="workers that do prefill and decode both (the baseline to compare against)")
+    parser.add_argument("--num-prefill", type=int, default=1, help="prefill workers (default 1; none with --colocated)")
+    parser.add_argument("--num-decode", type=int, default=1,
+                        help="decode workers, or colocated ones with --colocated (default 1)")
+    parser.add_argument("--max-migrations", type=int, default=None,
+                        help="times one request may move to another worker after the one it ran on was lost "
+                             "(the router's flag; default 2)")
+    parser.add_argument("--max-restarts", type=int, default=RestartPolicy.max_restarts,
+                        help="a process that exits this many times within --restart-window is not started again "
+                             f"(default {RestartPolicy.max_restarts})")
+    parser.add_argument("--restart-window", type=float, default=RestartPolicy.window_s,
+                        help=f"seconds over which exits are counted (default {RestartPolicy.window_s:g})")
     parser.add_argument("--dtype", default=None, help="model dtype for the workers (default: auto)")
     parser.add_argument("--weights", default=None, choices=["auto", "quantized", "dequantized"],
                         help="GGUF weights of the workers: quantized or dequantized (default: auto)")
@@ -268,16 +290,17 @@ def run(args: argparse.Namespace) -> int:
     code = 0
     try:
         cluster.start(args.startup_timeout, stop)
-        mode = "colocated (one worker, both phases)" if args.colocated else "1 prefill + 1 decode worker"
+        if args.colocated:
+            mode = f"{args.num_decode} colocated worker{'s' * (args.num_decode > 1)} (both phases)"
+        else:
+            mode = f"{args.num_prefill} prefill + {args.num_decode} decode worker{'s' * (args.num_decode > 1)}"
         print(f"\nkvferry is serving at {cluster.http_url}/v1 ({mode}); gRPC Generate at {cluster.grpc_address}\n"
               f"try:\n  {curl_example(cluster.http_url, _model_name(cluster.http_url))}\n"
               f"stop with Ctrl-C\n", flush=True)
+        policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window)
+        supervisor = Supervisor(cluster.children, cluster.env, policy)
         while not stop.wait(POLL_S):
-            dead = cluster.first_dead()
-            if dead is not None:
-                logger.error("%s exited with code %s: stopping the cluster", dead.name, dead.process.returncode)
-                code = 1
-                break
+            supervisor.poll()
     except RuntimeError as exc:
         if not stop.is_set():
             logger.error("%s", exc)

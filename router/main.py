@@ -121,6 +121,7 @@ async def serve(
             for worker in registry.expire():
                 logger.warning("worker %s (%s at %s) missed its heartbeats: removed",
                                worker.worker_id, worker.role.name.lower(), worker.address)
+                dispatcher.worker_expired(worker)  # its requests move now
                 await dispatcher.forget(worker.address)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), config.registry.heartbeat_interval_s)
@@ -175,6 +176,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s)")
     parser.add_argument("--worker-lease", type=float, default=RegistryConfig.lease_s,
                         help="seconds without a heartbeat before a worker is removed")
+    parser.add_argument("--max-migrations", type=int, default=DispatchConfig.max_migrations,
+                        help="times one request may move to another worker after the one it ran on was lost "
+                             f"(default {DispatchConfig.max_migrations}; 0: fail it at once)")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds in-flight requests get to finish on SIGTERM before they are cut "
                              "(default %(default)s)")
@@ -200,6 +204,8 @@ def _profile(args: argparse.Namespace) -> SLOProfile:
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    if args.max_migrations < 0:
+        raise ConfigError(f"--max-migrations must be 0 or more, got {args.max_migrations}")
     return RouterConfig(
         model=args.model or default_model_path(),
         served_model_name=args.served_model_name,
@@ -211,7 +217,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         shutdown_grace_s=args.shutdown_grace,
         registry=RegistryConfig(args.heartbeat_interval, args.worker_lease),
         admission=AdmissionConfig(max_waiting=args.max_queue, timeout_s=args.queue_timeout),
-        dispatch=DispatchConfig(ttft_slo_ms=_profile(args).ttft_slo_ms),
+        dispatch=DispatchConfig(ttft_slo_ms=_profile(args).ttft_slo_ms, max_migrations=args.max_migrations),
         placement=_placement(args),
     )
 

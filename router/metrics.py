@@ -3,8 +3,9 @@
 Request-level figures are observed as requests run (TTFT, inter-token latency, end-to-end latency,
 tokens, request outcomes, KV transfers as the prefill workers report them, and each request's phases:
 ``kvferry_router_request_phase_seconds{model_name,phase}``, phases as in timings.py). Where prefill ran
-(``kvferry_router_prefill_decisions_total{decision,reason}``, placement.py) is read from the
-dispatcher's counts at scrape time. Worker-level figures (KV
+(``kvferry_router_prefill_decisions_total{decision,reason}``, placement.py) and requests moved after a
+worker was lost (``kvferry_router_migrations_total{cause}``) are read from the dispatcher's counts at
+scrape time. Worker-level figures (KV
 blocks used/free per worker, queued prefill tokens, cumulative transfer bytes and seconds) are read from
 the worker registry at scrape time by a collector, so they are never staler than the last heartbeat.
 """
@@ -36,11 +37,13 @@ class _WorkerCollector(Collector):
         admission: AdmissionQueue,
         running: Callable[[], int],
         decisions: Mapping[tuple[str, str], int],
+        migrations: Mapping[str, int],
     ):
         self.workers = workers
         self.admission = admission
         self.running = running
         self.decisions = decisions
+        self.migrations = migrations
 
     def collect(self) -> Iterable[Metric]:
         labels = ["worker_id", "role", "address"]
@@ -110,6 +113,13 @@ class _WorkerCollector(Collector):
         for key in dict.fromkeys([*DECISIONS, *self.decisions]):
             placed.add_metric(list(key), self.decisions.get(key, 0))
         yield placed
+        moved = CounterMetricFamily(
+            "kvferry_router_migrations", "requests moved to other workers after a worker was lost under them, "
+            "by the lost worker's role; exhausted: failed with no migration left", labels=["cause"],
+        )
+        for cause in ("decode_worker", "prefill_worker", "exhausted"):
+            moved.add_metric([cause], self.migrations.get(cause, 0))
+        yield moved
 
 
 class RouterMetrics:
@@ -119,6 +129,7 @@ class RouterMetrics:
         admission: AdmissionQueue,
         running: Callable[[], int],
         decisions: Mapping[tuple[str, str], int] | None = None,
+        migrations: Mapping[str, int] | None = None,
     ):
         self.registry = CollectorRegistry()
         r = self.registry
@@ -151,7 +162,8 @@ class RouterMetrics:
             "(router_queue, reserve, prefill_queue, prefill_compute, kv_transfer, first_token, decode, e2e)",
             ["model_name", "phase"], buckets=PHASE_BUCKETS, registry=r,
         )
-        r.register(_WorkerCollector(workers, admission, running, decisions if decisions is not None else {}))
+        r.register(_WorkerCollector(workers, admission, running, decisions if decisions is not None else {},
+                                    migrations if migrations is not None else {}))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

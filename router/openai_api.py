@@ -209,6 +209,12 @@ def create_app(service: RouterService) -> FastAPI:
             "workers": {"prefill": len(prefill), "decode": len(decode), "colocated": len(colocated)},
             "queued": service.admission.num_waiting,
             "running": service.num_running,
+            # Workers whose heartbeats stopped and that have not registered again under their name.
+            "lost_workers": [
+                {"name": w.name, "role": w.role.name.lower(), "address": w.address,
+                 "seconds_ago": round(reg.clock() - w.lost_at, 1), "times_lost": w.times_lost}
+                for w in reg.lost.values()
+            ],
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 

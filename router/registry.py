@@ -1,7 +1,8 @@
 """The router's view of its workers: who they are, whether they are alive, how loaded they are.
 
 Workers register (role, address, compatibility fingerprint, capacity) and heartbeat their capacity; a
-worker whose lease runs out without a heartbeat is removed; new ones join at any time. Between
+worker whose lease runs out without a heartbeat is removed and listed in ``lost`` by name until a worker
+of that name registers again; new ones join at any time. Between
 heartbeats the router keeps its own accounting of what it has sent each worker (blocks reserved,
 prompt tokens queued, requests in flight) so that a burst of requests does not all land on the worker
 that looked emptiest at the last heartbeat.
@@ -27,12 +28,15 @@ from __future__ import annotations
 
 import enum
 import itertools
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from kvferry.proto import router_pb2
+
+logger = logging.getLogger(__name__)
 
 
 class WorkerRole(enum.Enum):
@@ -178,6 +182,17 @@ class Worker:
         return self.kv_address or self.address
 
 
+@dataclass
+class LostWorker:
+    """A worker whose lease ran out and that has not come back under its name (shown by /health)."""
+
+    name: str
+    role: WorkerRole
+    address: str
+    lost_at: float  # registry clock
+    times_lost: int = 1
+
+
 @dataclass(frozen=True)
 class RegistryConfig:
     heartbeat_interval_s: float = 0.5
@@ -196,6 +211,8 @@ class WorkerRegistry:
     clock: Callable[[], float] = time.monotonic
     on_change: Callable[[], None] | None = None  # capacity may have grown: wake queued requests
     workers: dict[str, Worker] = field(default_factory=dict)
+    lost: dict[str, LostWorker] = field(default_factory=dict)  # name -> worker that expired, not back yet
+    _times_lost: dict[str, int] = field(default_factory=dict)  # name -> expiries so far (a flapping worker)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     # --- membership -------------------------------------------------------------------------------
@@ -224,6 +241,8 @@ class WorkerRegistry:
         # entry: stale peers must not linger next to their successors.
         for old in [w for w in self.workers.values() if w.address == address]:
             del self.workers[old.worker_id]
+        if name and self.lost.pop(name, None) is not None:
+            logger.info("worker %s is back at %s", name, address)
         worker_id = f"{role.name.lower()}-{next(self._ids)}"
         worker = Worker(
             worker_id=worker_id,
@@ -268,6 +287,8 @@ class WorkerRegistry:
         dead = [w for w in self.workers.values() if w.last_heartbeat < deadline]
         for w in dead:
             del self.workers[w.worker_id]
+            times = self._times_lost[w.name] = self._times_lost.get(w.name, 0) + 1
+            self.lost[w.name] = LostWorker(w.name, w.role, w.address, self.clock(), times)
         return dead
 
     def live(self, *roles: WorkerRole) -> list[Worker]:

@@ -37,7 +37,8 @@ class RouterService:
         self.dispatcher = dispatcher
         self.num_running = 0
         self.shutting_down = False  # set on SIGTERM: new requests are refused, running ones finish
-        self.metrics = RouterMetrics(registry, admission, lambda: self.num_running, dispatcher.prefill_decisions)
+        self.metrics = RouterMetrics(registry, admission, lambda: self.num_running, dispatcher.prefill_decisions,
+                                     dispatcher.migrations)
         for phase in PHASES:  # every phase's series exists from the start, at zero
             self.metrics.phase_seconds.labels(model.name, phase)
         dispatcher.on_transfer = self._on_transfer

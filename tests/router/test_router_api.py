@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvferry.proto import generate_pb2, generate_pb2_grpc, router_pb2
 from kvferry.router.admission import AdmissionConfig
+from kvferry.router.dispatch import DispatchConfig
 from waiting import wait_until
 from router_test_workers import ScriptedDecode, ScriptedPrefill, WorkerProcess
 
@@ -244,13 +245,27 @@ def test_client_disconnect_mid_stream_aborts_and_frees_blocks(cluster):
     assert wait_until(lambda: cluster.router.service.num_running == 0)
 
 
-def test_failed_prefill_is_a_502_and_frees_the_reservation(cluster):
+@pytest.mark.parametrize("cluster", [{"router": {"dispatch": DispatchConfig(max_migrations=0)}}], indirect=True)
+def test_failed_prefill_without_migrations_is_a_502_and_frees_the_reservation(cluster):
     cluster.prefills[0].fail_with = "KV push to 127.0.0.1:1 failed: connection refused"
     for stream in (False, True):
         r = post(cluster, "/v1/completions", {"prompt": "x", "max_tokens": 5, "stream": stream})
         assert r.status_code == 502, r.text
         assert "connection refused" in r.json()["error"]["message"]
     assert wait_until(lambda: cluster.decode.used_blocks == 0 and len(cluster.decode.aborted) == 2)
+
+
+def test_failed_prefill_is_retried_on_the_decode_worker_when_no_other_prefill_worker_is_left(cluster):
+    # The router's policy here is never to prefill locally; a request moved once is prefilled there anyway.
+    cluster.prefills[0].fail_with = "KV push to 127.0.0.1:1 failed: connection refused"
+    r = post(cluster, "/v1/completions", {"prompt": "x", "max_tokens": 50})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == TEXT
+    assert len(cluster.decode.served) == 2  # the first reservation, then the local retry
+    metrics = httpx.get(cluster.router.url + "/metrics").text
+    assert 'kvferry_router_migrations_total{cause="prefill_worker"} 1.0' in metrics
+    assert 'kvferry_router_prefill_decisions_total{decision="local",reason="prefill_worker_lost"} 1.0' in metrics
+    assert wait_until(lambda: cluster.decode.used_blocks == 0)
 
 
 @pytest.mark.parametrize("cluster", [{"token_delay": 0.05}], indirect=True)
