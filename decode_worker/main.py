@@ -23,11 +23,17 @@ def run(args: argparse.Namespace) -> int:
         from kvferry.decode_worker.service import create_decode_server
         from kvferry.decode_worker.worker import DecodeWorker, DecodeWorkerConfig
         from kvferry.engine.engine import LLMEngine
+        from kvferry.transport.metrics import start_metrics_server
+        from kvferry.transport.negotiation import start_receiver_transports, transports_for
 
+        transports_for(args.kv_transport)  # ConfigError before the model loads
         engine = LLMEngine(engine_config_from_args(args), role="decode")
         if not args.no_warm_up:
             engine.warm_up()  # seeds the step-time model the scheduler plans with
         worker = DecodeWorker(engine, DecodeWorkerConfig(lease_s=args.lease), worker_id=args.name or "decode")
+        start_receiver_transports(worker.receiver, args.kv_transport, args.host, args.advertise_host)
+        if args.metrics_port is not None:
+            start_metrics_server(args.metrics_port, args.host, worker.receiver.pair_stats, "receiver")
         server, health, port = create_decode_server(worker, args.host, args.port, args.advertise_host)
         worker.start()
         server.start()

@@ -31,6 +31,7 @@ from kvferry.engine.device import add_device_arguments, kv_cache_sizing, resolve
 from kvferry.engine.profiles import ProfileError, add_profile_arguments, profile_from_args
 from kvferry.proto import router_pb2, router_pb2_grpc
 from kvferry.transport.base import KVFingerprint
+from kvferry.transport.negotiation import KV_TRANSPORT_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-kv-blocks", type=int, default=0,
                         help="KV cache blocks (0: from --gpu-memory-utilization or --kv-cache-bytes)")
     add_device_arguments(parser)
+    parser.add_argument("--kv-transport", default="auto", choices=KV_TRANSPORT_CHOICES,
+                        help="data plane for KV caches between prefill and decode workers: auto (shm on one host, else tcp, else grpc; docs/KV_TRANSFER.md) or one forced, which fails clearly where it cannot work")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve this worker's KV transfer metrics (Prometheus /metrics: transport and throughput per peer) on this port (default: off)")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="do not reuse the KV of prompt prefixes seen before")
     parser.add_argument("--max-num-seqs", type=int, default=None,

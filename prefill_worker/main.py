@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--transfer-timeout", type=float, default=30.0,
                         help="deadline of one request's KV transfer (handshake to acknowledgement)")
-    parser.add_argument("--chunk-bytes", type=int, default=1 << 20, help="KV bytes per gRPC message")
+    parser.add_argument("--chunk-bytes", type=int, default=1 << 20, help="KV bytes per message (gRPC) or frame (tcp, shm)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,13 +20,19 @@ def run(args: argparse.Namespace) -> int:
         from kvferry.prefill_worker.service import create_prefill_server
         from kvferry.prefill_worker.worker import PrefillWorker
         from kvferry.transport.base import KVFingerprint
-        from kvferry.transport.grpc_transport import GrpcKVSender
+        from kvferry.transport.metrics import start_metrics_server
+        from kvferry.transport.negotiation import NegotiatedKVSender, transports_for
 
+        transports_for(args.kv_transport)  # ConfigError before the model loads
         engine = LLMEngine(engine_config_from_args(args), role="prefill")
         if not args.no_warm_up:
             engine.warm_up()  # seeds the step-time model the scheduler plans with
         fingerprint = KVFingerprint.from_model(engine.model_config, engine.dtype, engine.config.cache.block_size)
-        sender = GrpcKVSender(fingerprint, sender_id=args.name or "prefill", chunk_bytes=args.chunk_bytes)
+        sender = NegotiatedKVSender(
+            fingerprint, sender_id=args.name or "prefill", kv_transport=args.kv_transport, chunk_bytes=args.chunk_bytes
+        )
+        if args.metrics_port is not None:
+            start_metrics_server(args.metrics_port, args.host, sender.stats, "sender")
         worker = PrefillWorker(engine, sender, worker_id=args.name or "prefill")
         server, health, port = create_prefill_server(worker, args.host, args.port, args.transfer_timeout)
         worker.start()

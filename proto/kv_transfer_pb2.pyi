@@ -29,28 +29,46 @@ class Fingerprint(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_config_hash: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_layout: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
-    __slots__ = ("fingerprint", "sender_id")
+    __slots__ = ("fingerprint", "sender_id", "transports", "boot_id")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     fingerprint: Fingerprint
     sender_id: str
-    def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., sender_id: _Optional[str] = ...) -> None: ...
+    transports: _containers.RepeatedScalarFieldContainer[str]
+    boot_id: str
+    def __init__(self, fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., sender_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., boot_id: _Optional[str] = ...) -> None: ...
+
+class TransportOffer(_message.Message):
+    __slots__ = ("name", "address", "boot_id", "ticket")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    boot_id: str
+    ticket: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., boot_id: _Optional[str] = ..., ticket: _Optional[str] = ...) -> None: ...
 
 class HandshakeResponse(_message.Message):
-    __slots__ = ("compatible", "mismatches", "fingerprint", "receiver_id", "receiver_instance_id", "max_chunk_bytes")
+    __slots__ = ("compatible", "mismatches", "fingerprint", "receiver_id", "receiver_instance_id", "max_chunk_bytes", "transports")
     COMPATIBLE_FIELD_NUMBER: _ClassVar[int]
     MISMATCHES_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_ID_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     compatible: bool
     mismatches: _containers.RepeatedScalarFieldContainer[str]
     fingerprint: Fingerprint
     receiver_id: str
     receiver_instance_id: str
     max_chunk_bytes: int
-    def __init__(self, compatible: _Optional[bool] = ..., mismatches: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., receiver_id: _Optional[str] = ..., receiver_instance_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    transports: _containers.RepeatedCompositeFieldContainer[TransportOffer]
+    def __init__(self, compatible: _Optional[bool] = ..., mismatches: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., receiver_id: _Optional[str] = ..., receiver_instance_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., transports: _Optional[_Iterable[_Union[TransportOffer, _Mapping]]] = ...) -> None: ...
 
 class TokenLogprobs(_message.Message):
     __slots__ = ("logprob", "top_token_ids", "top_logprobs", "token_id")
@@ -93,14 +111,18 @@ class KVData(_message.Message):
     def __init__(self, layer_idx: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class KVTrailer(_message.Message):
-    __slots__ = ("first_token_id", "first_logprobs", "total_bytes")
+    __slots__ = ("first_token_id", "first_logprobs", "total_bytes", "layer_checksums", "checksum_algorithm")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     first_logprobs: TokenLogprobs
     total_bytes: int
-    def __init__(self, first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    layer_checksums: _containers.RepeatedScalarFieldContainer[int]
+    checksum_algorithm: str
+    def __init__(self, first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., total_bytes: _Optional[int] = ..., layer_checksums: _Optional[_Iterable[int]] = ..., checksum_algorithm: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("header", "data", "trailer")

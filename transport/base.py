@@ -10,7 +10,8 @@ in its blocks.
 Sender side (this module): ``KVSender.open(target, request_id, num_blocks) -> KVSendHandle``, then
 ``send_layer(layer_idx, kv_cache_layer, block_ids)`` per layer as layers finish, ``finish(first_token)``, and ``poll()``/``wait()`` until
 DONE or FAILED. Receiver side: ``kvferry.transport.receiver.KVReceiver``, shared by every transport.
-Implementations: ``inprocess`` (also the test transport) and ``grpc_transport``.
+Implementations: ``inprocess`` (also the test transport), ``grpc_transport``, ``tcp_transport``,
+``shm_transport``; ``negotiation`` picks one per peer at the handshake.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from kvferry.engine.sampling import TokenLogprobs
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: trailers carry per-layer checksums; data planes negotiated at handshake
 KV_LAYOUT = "[2,num_blocks,block_size,num_kv_heads,head_dim]"
 
 
@@ -43,6 +44,7 @@ class TransferErrorCode(enum.Enum):
     INVALID = "invalid"  # malformed transfer (sizes, layers, duplicate chunks)
     DEADLINE = "deadline"  # did not complete within its deadline
     ABORTED = "aborted"  # aborted by either side
+    CORRUPT = "corrupt"  # a layer's checksum differs: the bytes changed in transit
 
 
 class TransferError(Exception):
@@ -106,6 +108,16 @@ class KVFingerprint:
 
 
 @dataclass(frozen=True)
+class TransportOffer:
+    """A data plane the receiver accepts KV over (see ``transport/negotiation.py``)."""
+
+    name: str  # "shm", "tcp", "gloo", "nccl", "grpc"
+    address: str = ""  # tcp: host:port of the data socket; shm: the Unix socket's abstract name
+    boot_id: str = ""  # the receiver host's boot id; shm needs the sender's to be the same
+    ticket: str = ""  # secret of the receiver instance; data-plane connections open with it
+
+
+@dataclass(frozen=True)
 class HandshakeResult:
     compatible: bool
     mismatches: tuple[str, ...]
@@ -113,6 +125,7 @@ class HandshakeResult:
     receiver_id: str
     receiver_instance_id: str
     max_chunk_bytes: int
+    transports: tuple[TransportOffer, ...] = ()
 
     def mismatch_error(self, address: str) -> TransferError:
         return TransferError(
@@ -135,6 +148,16 @@ class KVTransferHeader:
 class FirstToken:
     token_id: int
     logprobs: TokenLogprobs | None = None
+
+
+@dataclass(frozen=True)
+class KVTrailer:
+    """What ends a transfer: the first token, the byte count and each layer's checksum (integrity.py)."""
+
+    first_token: FirstToken
+    total_bytes: int
+    layer_checksums: tuple[int, ...]
+    checksum_algorithm: str
 
 
 @dataclass(frozen=True)

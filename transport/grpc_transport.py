@@ -2,9 +2,10 @@
 
 Sender: one channel per peer address, one ``Handshake`` per peer (cached; dropped when a push is refused
 as incompatible, so a restarted peer is re-checked), then one ``PushKV`` client stream per request:
-header, per-layer chunks as layers finish, trailer with the first token. ``send_layer`` queues chunk
-descriptions (which block rows, no copy) and returns at once: the engine thread never waits for the
-network, whatever the peer does. The stream's thread turns one description at a time into a message,
+header, per-layer chunks as layers finish, trailer with the first token and each layer's checksum.
+``send_layer`` queues chunk descriptions (``send_queue.py``: which block rows, no copy) and returns at
+once: the engine thread never waits for the network, whatever the peer does. The stream's thread turns
+one description at a time into a message,
 copying the rows out of a CPU cache straight into it (a GPU cache is gathered to the host first), and
 gRPC takes the next only once the previous is on its way: flow control is HTTP/2's, and a transfer
 holds at most one encoded chunk plus the HTTP/2 window (``window_bytes``) in flight. Every transfer
@@ -17,9 +18,7 @@ kv_transfer.proto) whose messages name the problem.
 from __future__ import annotations
 
 import dataclasses
-import queue
 import threading
-import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -38,13 +37,16 @@ from kvferry.transport.base import (
     KVSendHandle,
     KVSender,
     KVTarget,
+    KVTrailer,
     KVTransferHeader,
     TransferError,
     TransferErrorCode,
     TransferState,
-    gather_blocks,
+    TransportOffer,
 )
+from kvferry.transport.host import boot_id
 from kvferry.transport.receiver import KVReceiver
+from kvferry.transport.send_queue import QueuedSendHandle
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024  # a whole layer of a 2k-token SmolLM2 request in one message
 DEFAULT_WINDOW_BYTES = 16 * 1024 * 1024  # HTTP/2 flow-control window per stream
@@ -83,6 +85,41 @@ def fingerprint_from_proto(msg: pb.Fingerprint) -> KVFingerprint:
     return _from_proto(KVFingerprint, msg)
 
 
+def header_to_proto(header: KVTransferHeader) -> pb.KVHeader:
+    return pb.KVHeader(**dataclasses.asdict(header))
+
+
+def header_from_proto(msg: pb.KVHeader) -> KVTransferHeader:
+    return _from_proto(KVTransferHeader, msg)
+
+
+def trailer_to_proto(trailer: KVTrailer) -> pb.KVTrailer:
+    msg = pb.KVTrailer(
+        first_token_id=trailer.first_token.token_id,
+        total_bytes=trailer.total_bytes,
+        layer_checksums=list(trailer.layer_checksums),
+        checksum_algorithm=trailer.checksum_algorithm,
+    )
+    if trailer.first_token.logprobs is not None:
+        msg.first_logprobs.CopyFrom(logprobs_to_proto(trailer.first_token.logprobs))
+    return msg
+
+
+def trailer_from_proto(msg: pb.KVTrailer) -> KVTrailer:
+    lp = logprobs_from_proto(msg.first_logprobs) if msg.HasField("first_logprobs") else None
+    return KVTrailer(
+        FirstToken(msg.first_token_id, lp), msg.total_bytes, tuple(msg.layer_checksums), msg.checksum_algorithm
+    )
+
+
+def offer_to_proto(offer: TransportOffer) -> pb.TransportOffer:
+    return pb.TransportOffer(**dataclasses.asdict(offer))
+
+
+def offer_from_proto(msg: pb.TransportOffer) -> TransportOffer:
+    return _from_proto(TransportOffer, msg)
+
+
 _STATUS_FOR = {
     TransferErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     TransferErrorCode.INCOMPATIBLE: grpc.StatusCode.FAILED_PRECONDITION,
@@ -90,6 +127,7 @@ _STATUS_FOR = {
     TransferErrorCode.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     TransferErrorCode.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
     TransferErrorCode.ABORTED: grpc.StatusCode.ABORTED,
+    TransferErrorCode.CORRUPT: grpc.StatusCode.DATA_LOSS,
 }
 _CODE_FOR = {status: code for code, status in _STATUS_FOR.items()}
 _CODE_FOR[grpc.StatusCode.CANCELLED] = TransferErrorCode.ABORTED
@@ -192,15 +230,16 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             receiver_id=result.receiver_id,
             receiver_instance_id=result.receiver_instance_id,
             max_chunk_bytes=result.max_chunk_bytes,
+            transports=[offer_to_proto(o) for o in result.transports],
         )
 
     def PushKV(self, request_iterator, context: grpc.ServicerContext) -> pb.PushKVResponse:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "header":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PushKV stream must start with a KVHeader")
-        header = _from_proto(KVTransferHeader, first.header)
+        header = header_from_proto(first.header)
         try:
-            session = self.receiver.open(header)
+            session = self.receiver.open(header, transport="grpc")
         except TransferError as e:
             context.abort(status_for(e.code), e.message)
         error: TransferError | None = None
@@ -214,9 +253,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
                 if kind == "data":
                     session.write(msg.data.layer_idx, msg.data.offset, msg.data.data)
                 elif kind == "trailer":
-                    t = msg.trailer
-                    lp = logprobs_from_proto(t.first_logprobs) if t.HasField("first_logprobs") else None
-                    session.finish(FirstToken(t.first_token_id, lp), t.total_bytes)
+                    session.finish(trailer_from_proto(msg.trailer))
                     finished = True
                     break
                 else:
@@ -232,8 +269,8 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             context.abort(status_for(error.code), error.message)
         return pb.PushKVResponse(
             request_id=header.request_id,
-            bytes_received=session._res.bytes_received,
-            receive_seconds=session._res.seconds,
+            bytes_received=session.bytes_received,
+            receive_seconds=session.seconds,
         )
 
 
@@ -289,142 +326,59 @@ def create_server(
 
 
 # ---- sender side -----------------------------------------------------------------------------------
-_TRAILER = object()
+def push_kv(sender: GrpcKVSender, handle: QueuedSendHandle) -> None:
+    """The gRPC data plane: one PushKV stream fed from ``handle``'s queue; returns once the decode
+    worker acknowledged (the KV is in its blocks), raises ``TransferError`` otherwise."""
+    address = handle.target.address
+    push = sender.channel(address).stream_unary(
+        f"/{SERVICE_NAME}/PushKV",
+        request_serializer=None,  # the generator yields encoded bytes
+        response_deserializer=pb.PushKVResponse.FromString,
+    )
+    try:
+        call = push.future(_requests(sender, handle), timeout=handle.remaining())
+        handle.set_interrupt(call.cancel)
+        call.result()
+    except grpc.RpcError as e:
+        error = error_from_rpc(e, f"PushKV {handle.request_id!r} to {address}")
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            error = TransferError(TransferErrorCode.DEADLINE, handle.deadline_message())
+        if error.code is TransferErrorCode.INCOMPATIBLE:
+            sender.forget_handshake(address)
+        raise error from None
+    except grpc.FutureCancelledError:  # cancelled by a failure elsewhere: that error is already recorded
+        raise TransferError(TransferErrorCode.ABORTED, "cancelled") from None
+    finally:
+        handle.set_interrupt(None)
 
 
-class GrpcSendHandle(KVSendHandle):
-    def __init__(self, sender: GrpcKVSender, target: KVTarget, request_id: str, num_blocks: int):
-        self.request_id = request_id
-        self._sender = sender
-        self._target = target
-        self._num_blocks = num_blocks
-        self._opened = time.monotonic()
-        self._deadline = self._opened + target.timeout_s
-        self._queue: queue.Queue = queue.Queue()  # chunk descriptions: row references, not copies
-        self._lock = threading.Lock()
-        self._state = TransferState.PENDING
-        self._finished = threading.Event()
-        self._call: grpc.Future | None = None
-        self._first_token: FirstToken | None = None
-        self._thread = threading.Thread(target=self._run, name=f"kv-send-{request_id}", daemon=True)
-        self._thread.start()
-
-    # ---- the producer's side (engine thread) ----
-    def send_layer(self, layer_idx: int, kv_cache_layer: torch.Tensor, block_ids: list[int]) -> None:
-        # The payload is 2 * n rows (K rows, then V rows), one cache block each. Chunks are whole rows;
-        # each queued item names its rows, and the stream thread copies them into the message.
-        if kv_cache_layer.is_cuda:  # gather on the GPU, then read the packed copy on the host
-            source = gather_blocks(kv_cache_layer, block_ids).cpu()
-            row_ids = list(range(2 * len(block_ids)))
-        else:  # read the blocks in place: no gather copy
-            source = kv_cache_layer
-            num_cache_blocks = kv_cache_layer.shape[1]
-            row_ids = list(block_ids) + [num_cache_blocks + b for b in block_ids]
-        assert source.is_contiguous()
-        rows = source.view(torch.uint8).view(source.shape[0] * source.shape[1], -1)  # [2 * blocks, row_bytes]
-        row_bytes = rows.shape[1]
-        rows_per_chunk = max(1, self._sender.chunk_bytes // row_bytes)
-        for i in range(0, len(row_ids), rows_per_chunk):
-            if not self._put((layer_idx, i * row_bytes, rows, row_ids[i : i + rows_per_chunk])):
-                return
-
-    def finish(self, first_token: FirstToken) -> None:
-        self._first_token = first_token
-        self._put(_TRAILER)
-
-    def abort(self, reason: str) -> None:
-        self._fail(TransferError(TransferErrorCode.ABORTED, f"sender aborted: {reason}"))
-
-    def poll(self) -> TransferState:
-        return self._state
-
-    def wait(self, timeout: float | None = None) -> TransferState:
-        self._finished.wait(timeout)
-        return self._state
-
-    def _put(self, item) -> bool:
-        """Queue an item for the stream; False once the transfer cannot succeed."""
-        if self._state is not TransferState.PENDING:
-            return False
-        self._queue.put(item)
-        return True
-
-    # ---- the transfer thread ----
-    def _run(self) -> None:
-        address = self._target.address
+def _requests(sender: GrpcKVSender, handle: QueuedSendHandle):
+    header = sender.header(handle.target, handle.request_id, handle.num_blocks)
+    yield pb.KVChunk(header=header_to_proto(header)).SerializeToString()
+    while True:
         try:
-            handshake = self._sender.handshake(address, timeout=self._remaining())
-            if not handshake.compatible:
-                raise handshake.mismatch_error(address)
-            with self._lock:
-                if self._state is not TransferState.PENDING:
-                    return
-                push = self._sender.channel(address).stream_unary(
-                    f"/{SERVICE_NAME}/PushKV",
-                    request_serializer=None,  # _requests yields encoded bytes
-                    response_deserializer=pb.PushKVResponse.FromString,
-                )
-                self._call = push.future(self._requests(), timeout=self._remaining())
-            self._call.result()  # the acknowledgement: the KV is in the decode worker's blocks
-            with self._lock:
-                if self._state is TransferState.PENDING:
-                    self.seconds = time.monotonic() - self._opened
-                    self._state = TransferState.DONE
-        except grpc.RpcError as e:
-            error = error_from_rpc(e, f"PushKV {self.request_id!r} to {address}")
-            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                error = TransferError(TransferErrorCode.DEADLINE, self._deadline_message())
-            if error.code is TransferErrorCode.INCOMPATIBLE:
-                self._sender.forget_handshake(address)
-            self._fail(error)
-        except TransferError as e:
-            self._fail(e)
-        except grpc.FutureCancelledError:  # we cancelled it in _fail: the error is already recorded
-            self._fail(TransferError(TransferErrorCode.ABORTED, "cancelled"))
-        finally:
-            self._finished.set()
+            item = handle.next_item()
+        except TransferError:
+            return  # aborted or out of time: the stream ends without a trailer; the call fails
+        if isinstance(item, KVTrailer):
+            yield pb.KVChunk(trailer=trailer_to_proto(item)).SerializeToString()
+            return
+        chunk = encode_data_chunk(item.layer_idx, item.offset, item.rows, item.row_ids)
+        handle.checksums.update(item.layer_idx, memoryview(chunk)[len(chunk) - item.nbytes :])
+        handle.bytes_sent += item.nbytes
+        yield chunk
 
-    def _requests(self):
-        header = self._sender.header(self._target, self.request_id, self._num_blocks)
-        yield pb.KVChunk(header=pb.KVHeader(**dataclasses.asdict(header))).SerializeToString()
-        total = 0
-        while self._state is TransferState.PENDING and time.monotonic() < self._deadline:
-            try:
-                item = self._queue.get(timeout=min(max(self._remaining(), 0.001), 0.1))
-            except queue.Empty:
-                continue
-            if item is _TRAILER:
-                ft = self._first_token
-                trailer = pb.KVTrailer(first_token_id=ft.token_id, total_bytes=total)
-                if ft.logprobs is not None:
-                    trailer.first_logprobs.CopyFrom(logprobs_to_proto(ft.logprobs))
-                yield pb.KVChunk(trailer=trailer).SerializeToString()
-                return
-            layer_idx, offset, rows, row_ids = item
-            chunk = encode_data_chunk(layer_idx, offset, rows, row_ids)
-            total += len(row_ids) * rows.shape[1]
-            self.bytes_sent = total
-            yield chunk
-        # Aborted or out of time: returning ends the stream without a trailer; the call fails.
 
-    def _remaining(self) -> float:
-        return max(self._deadline - time.monotonic(), 0.0)
+class GrpcSendHandle(QueuedSendHandle):
+    def __init__(self, sender: GrpcKVSender, target: KVTarget, request_id: str, num_blocks: int):
+        self._sender = sender
+        super().__init__(target, request_id, num_blocks, sender.fingerprint.num_layers, sender.chunk_bytes)
 
-    def _deadline_message(self) -> str:
-        return (
-            f"KV transfer of {self.request_id!r} to {self._target.address} did not complete within "
-            f"{self._target.timeout_s:.1f}s"
-        )
-
-    def _fail(self, error: TransferError) -> None:
-        with self._lock:
-            if self._state is not TransferState.PENDING:
-                return
-            self.error = error
-            self._state = TransferState.FAILED
-            call = self._call
-        if call is not None:
-            call.cancel()
+    def _transfer(self) -> None:
+        handshake = self._sender.handshake(self.target.address, timeout=self.remaining())
+        if not handshake.compatible:
+            raise handshake.mismatch_error(self.target.address)
+        push_kv(self._sender, self)
 
 
 class GrpcKVSender(KVSender):
@@ -436,9 +390,12 @@ class GrpcKVSender(KVSender):
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         handshake_timeout_s: float = 5.0,
         security: ClusterSecurity = ClusterSecurity(),  # the cluster token and TLS of every channel
+        transports: tuple[str, ...] = ("grpc",),
     ):
+        """``transports``: what the handshake says this sender accepts (the negotiating sender's list)."""
         super().__init__(fingerprint, sender_id)
         self.security = security
+        self.transports = transports
         self.chunk_bytes = chunk_bytes
         self.window_bytes = window_bytes
         self.handshake_timeout_s = handshake_timeout_s
@@ -461,7 +418,10 @@ class GrpcKVSender(KVSender):
             return cached
         timeout = self.handshake_timeout_s if timeout is None else min(timeout, self.handshake_timeout_s)
         stub = pb_grpc.KVTransferStub(self.channel(address))
-        request = pb.HandshakeRequest(fingerprint=fingerprint_to_proto(self.fingerprint), sender_id=self.sender_id)
+        request = pb.HandshakeRequest(
+            fingerprint=fingerprint_to_proto(self.fingerprint), sender_id=self.sender_id,
+            transports=list(self.transports), boot_id=boot_id(),
+        )
         try:
             resp = stub.Handshake(request, timeout=max(timeout, 0.001))
         except grpc.RpcError as e:
@@ -473,6 +433,7 @@ class GrpcKVSender(KVSender):
             receiver_id=resp.receiver_id,
             receiver_instance_id=resp.receiver_instance_id,
             max_chunk_bytes=resp.max_chunk_bytes,
+            transports=tuple(offer_from_proto(o) for o in resp.transports),
         )
         if result.max_chunk_bytes and result.max_chunk_bytes < self.chunk_bytes:
             raise TransferError(

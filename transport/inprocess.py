@@ -16,18 +16,23 @@ from kvferry.transport.base import (
     KVSendHandle,
     KVSender,
     KVTarget,
+    KVTrailer,
     TransferError,
     TransferErrorCode,
     TransferState,
     gather_blocks,
 )
+from kvferry.transport.integrity import CHECKSUM_ALGORITHM, LayerChecksums
 from kvferry.transport.receiver import KVReceiver, ReceiveSession
 
 
 class InProcessSendHandle(KVSendHandle):
-    def __init__(self, request_id: str, session: ReceiveSession | None, error: TransferError | None):
+    def __init__(
+        self, request_id: str, session: ReceiveSession | None, error: TransferError | None, num_layers: int = 0
+    ):
         self.request_id = request_id
         self._session = session
+        self._checksums = LayerChecksums(num_layers)
         self.error = error
         self._state = TransferState.FAILED if error else TransferState.PENDING
         self._opened = time.monotonic()
@@ -36,13 +41,15 @@ class InProcessSendHandle(KVSendHandle):
         if self._state is not TransferState.PENDING:
             return
         data = gather_blocks(kv_cache_layer, block_ids).cpu().view(torch.uint8).reshape(-1).numpy()
+        self._checksums.update(layer_idx, data)
         self._run(lambda: self._session.write(layer_idx, 0, data))
         self.bytes_sent += data.nbytes if self._state is TransferState.PENDING else 0
 
     def finish(self, first_token: FirstToken) -> None:
         if self._state is not TransferState.PENDING:
             return
-        self._run(lambda: self._session.finish(first_token, self.bytes_sent))
+        trailer = KVTrailer(first_token, self.bytes_sent, tuple(self._checksums.digests()), CHECKSUM_ALGORITHM)
+        self._run(lambda: self._session.finish(trailer))
         if self._state is TransferState.PENDING:
             self._state = TransferState.DONE
             self.seconds = time.monotonic() - self._opened
@@ -83,7 +90,7 @@ class InProcessKVSender(KVSender):
         if not handshake.compatible:
             return InProcessSendHandle(request_id, None, handshake.mismatch_error(target.address))
         try:
-            session = receiver.open(self.header(target, request_id, num_blocks))
+            session = receiver.open(self.header(target, request_id, num_blocks), transport="inprocess")
         except TransferError as e:
             return InProcessSendHandle(request_id, None, e)
-        return InProcessSendHandle(request_id, session, None)
+        return InProcessSendHandle(request_id, session, None, self.fingerprint.num_layers)

@@ -27,11 +27,15 @@ from kvferry.transport.base import (
     FirstToken,
     HandshakeResult,
     KVFingerprint,
+    KVTrailer,
     KVTransferHeader,
     TransferError,
     TransferErrorCode,
     TransferState,
+    TransportOffer,
 )
+from kvferry.transport.integrity import CHECKSUM_ALGORITHM, LayerChecksums, mismatched_layers
+from kvferry.transport.metrics import PairStats
 
 DEFAULT_MAX_CHUNK_BYTES = 64 * 1024 * 1024
 
@@ -49,6 +53,7 @@ class _Reservation:
     opened: bool = False
     layers_done: set[int] = field(default_factory=set)
     progress: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # layer -> (bytes in, partial row)
+    checksums: LayerChecksums | None = None  # of the bytes received, per layer; made at open
     bytes_received: int = 0
     created: float = field(default_factory=time.monotonic)
     last_activity: float = field(default_factory=time.monotonic)
@@ -83,9 +88,13 @@ class KVReceiver:
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-copy")
         self._lock = threading.Lock()  # guards the dict; each reservation has its own lock for writes
         self._reservations: dict[str, _Reservation] = {}
+        self._offers: dict[str, TransportOffer] = {"grpc": TransportOffer("grpc")}
+        self._data_planes: list = []  # closed with the receiver
         self.bytes_received_total = 0
         self.transfers_total = 0
         self.transfer_seconds_total = 0.0
+        self.checksum_failures_total = 0
+        self.pair_stats = PairStats()  # per (sender id, transport); exported by transport/metrics.py
 
     # ---- the decode worker's side ----------------------------------------------------------------
     def expect(self, request_id: str, block_ids: list[int]) -> None:
@@ -115,8 +124,35 @@ class KVReceiver:
         return None if res is None else res.last_activity
 
     def close(self) -> None:
-        """Stop the copy thread (pending copies finish first)."""
+        """Close the data planes (their connections fail their sessions), then stop the copy thread."""
+        for plane in self._data_planes:
+            plane.close()
         self._copier.shutdown(wait=True)
+
+    # ---- data planes -----------------------------------------------------------------------------
+    def set_offers(self, offers: list[TransportOffer], data_planes: list) -> None:
+        """The data planes this receiver accepts KV over (the handshake lists them, in this order);
+        ``data_planes`` (objects with ``close()``) are closed with the receiver. Without a call: gRPC."""
+        self._offers = {o.name: o for o in offers}
+        self._data_planes = list(data_planes)
+
+    @property
+    def offers(self) -> tuple[TransportOffer, ...]:
+        return tuple(self._offers.values())
+
+    @property
+    def data_planes(self) -> tuple:
+        return tuple(self._data_planes)
+
+    def check_accepts(self, transport: str) -> None:
+        """Raise INCOMPATIBLE when KV may not arrive over ``transport`` here (--kv-transport). The
+        in-process sender is no network path and is never negotiated: always accepted."""
+        if transport != "inprocess" and transport not in self._offers:
+            raise TransferError(
+                TransferErrorCode.INCOMPATIBLE,
+                f"this decode worker accepts KV over {', '.join(self._offers) or 'nothing'}, not {transport} "
+                "(its --kv-transport)",
+            )
 
     @property
     def num_pending(self) -> int:
@@ -132,9 +168,12 @@ class KVReceiver:
             receiver_id=self.receiver_id,
             receiver_instance_id=self.instance_id,
             max_chunk_bytes=self.max_chunk_bytes,
+            transports=self.offers,
         )
 
-    def open(self, header: KVTransferHeader) -> ReceiveSession:
+    def open(self, header: KVTransferHeader, transport: str = "grpc") -> ReceiveSession:
+        """``transport``: the data plane the session's bytes come over (refused unless offered)."""
+        self.check_accepts(transport)
         fp = self.fingerprint
         if header.fingerprint_digest != fp.digest:
             raise TransferError(
@@ -171,16 +210,26 @@ class KVReceiver:
                 raise TransferError(TransferErrorCode.INVALID, f"request {header.request_id!r} already has a transfer")
             res.opened = True
             res.started = res.last_activity = time.monotonic()
-        return ReceiveSession(self, res, header.layer_nbytes)
+            res.checksums = LayerChecksums(fp.num_layers)
+        return ReceiveSession(self, res, header.layer_nbytes, (header.sender_id, transport))
 
-    def _end(self, res: _Reservation, first_token: FirstToken | None, error: TransferError | None) -> None:
+    def _end(
+        self, res: _Reservation, first_token: FirstToken | None, error: TransferError | None, pair: tuple[str, str]
+    ) -> None:
         with self._lock:  # the transfer is over: the engine owns the blocks from here
             if self._reservations.get(res.request_id) is res:
                 del self._reservations[res.request_id]
+            if error is None:
+                self.bytes_received_total += res.bytes_received
+                self.transfers_total += 1
+                self.transfer_seconds_total += res.seconds
+            elif error.code is TransferErrorCode.CORRUPT:
+                self.checksum_failures_total += 1
+        sender, transport = pair[0] or "unnamed", pair[1]
         if error is None:
-            self.bytes_received_total += res.bytes_received
-            self.transfers_total += 1
-            self.transfer_seconds_total += res.seconds
+            self.pair_stats.record(sender, transport, res.bytes_received, res.seconds)
+        else:
+            self.pair_stats.record_failure(sender, transport)
         if self.on_transfer_end is not None:
             self.on_transfer_end(res.request_id, res.state, first_token, error)
 
@@ -188,10 +237,11 @@ class KVReceiver:
 class ReceiveSession:
     """One incoming transfer. Every method raises ``TransferError`` once the transfer cannot succeed."""
 
-    def __init__(self, receiver: KVReceiver, res: _Reservation, layer_nbytes: int):
+    def __init__(self, receiver: KVReceiver, res: _Reservation, layer_nbytes: int, pair: tuple[str, str]):
         self._receiver = receiver
         self._res = res
         self.layer_nbytes = layer_nbytes
+        self._pair = pair  # (sender id, transport)
         cache = receiver.kv_caches[0]  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         self._row_bytes = receiver.cache_rows[0].shape[1]  # one K or V block
         ids = torch.tensor(res.block_ids, dtype=torch.int64)
@@ -205,6 +255,25 @@ class ReceiveSession:
     @property
     def request_id(self) -> str:
         return self._res.request_id
+
+    @property
+    def bytes_received(self) -> int:
+        return self._res.bytes_received
+
+    @property
+    def seconds(self) -> float:
+        """Open to trailer, once finished."""
+        return self._res.seconds
+
+    @property
+    def copies_inline(self) -> bool:
+        """True when ``write`` is done with its buffer on return (a CPU cache); otherwise call
+        ``flush`` before reusing the buffer."""
+        return self._copy_inline
+
+    def flush(self) -> None:
+        """Wait for the queued copies into the blocks (re-raises their errors)."""
+        self._wait_copies(keep=0)
 
     def write(self, layer_idx: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Bytes ``[offset, offset + len(data))`` of the layer's payload; a layer's chunks come in order.
@@ -223,6 +292,7 @@ class ReceiveSession:
             filled, carry = res.progress.get(layer_idx, (0, b""))
             if offset != filled or offset + n > self.layer_nbytes:
                 raise self._invalid(f"layer {layer_idx}: chunk at {offset}+{n}, expected offset {filled}")
+            res.checksums.update(layer_idx, data)  # chunks of a layer come in order: the payload's order
             if carry:
                 data = bytes(carry) + bytes(data)
             row_start = (offset - len(carry)) // self._row_bytes
@@ -260,7 +330,9 @@ class ReceiveSession:
         while len(self._pending) > keep:
             self._pending.popleft().result()
 
-    def finish(self, first_token: FirstToken, total_bytes: int) -> None:
+    def finish(self, trailer: KVTrailer) -> None:
+        """The sender's trailer: every layer must be complete and match its checksum before the KV
+        counts as received (the decode worker commits only then). A mismatch raises CORRUPT."""
         res = self._res
         self._wait_copies(keep=0)  # the acknowledgement means: the KV is in the blocks
         with res.lock:
@@ -268,11 +340,22 @@ class ReceiveSession:
             missing = sorted(set(range(len(self._receiver.kv_caches))) - res.layers_done)
             if missing:
                 raise self._invalid(f"trailer before layers {missing[:8]}{'...' if len(missing) > 8 else ''}")
-            if total_bytes != res.bytes_received:
-                raise self._invalid(f"trailer says {total_bytes} bytes, received {res.bytes_received}")
+            if trailer.total_bytes != res.bytes_received:
+                raise self._invalid(f"trailer says {trailer.total_bytes} bytes, received {res.bytes_received}")
+            if trailer.checksum_algorithm != CHECKSUM_ALGORITHM:
+                raise self._invalid(
+                    f"trailer checksums are {trailer.checksum_algorithm or 'missing'!r}, expected {CHECKSUM_ALGORITHM}"
+                )
+            bad = mismatched_layers(list(trailer.layer_checksums), res.checksums.digests())
+            if bad:
+                raise TransferError(
+                    TransferErrorCode.CORRUPT,
+                    f"request {res.request_id!r}: checksum mismatch in layer(s) {bad[:8]} "
+                    f"({self._pair[1]} from {self._pair[0] or 'an unnamed sender'}): the KV changed in transit",
+                )
             res.state = TransferState.DONE
             res.seconds = time.monotonic() - (res.started or res.created)
-        self._receiver._end(res, first_token, None)
+        self._receiver._end(res, trailer.first_token, None, self._pair)
 
     def fail(self, error: TransferError) -> None:
         """The transport lost the stream (or the sender aborted): the reservation's transfer failed."""
@@ -281,7 +364,7 @@ class ReceiveSession:
             if res.state is not TransferState.PENDING:
                 return
             res.state = TransferState.FAILED
-        self._receiver._end(res, None, error)
+        self._receiver._end(res, None, error, self._pair)
 
     def _check_pending(self) -> None:
         if self._res.state is not TransferState.PENDING:

@@ -11,7 +11,6 @@ import grpc
 import pytest
 import torch
 
-from kvferry.engine.config import ModelConfig
 from kvferry.engine.sampling import TokenLogprobs
 from kvferry.transport.base import (
     FirstToken,
@@ -25,42 +24,7 @@ from kvferry.transport.grpc_transport import GrpcKVSender, add_kv_transfer_servi
 from kvferry.transport.inprocess import InProcessKVSender
 from kvferry.transport.receiver import KVReceiver
 
-NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 3, 2, 8, 4, 16
-
-
-def model_config(**overrides) -> ModelConfig:
-    fields = dict(
-        architecture="LlamaForCausalLM", vocab_size=100, hidden_size=32, intermediate_size=64,
-        num_layers=NUM_LAYERS, num_heads=4, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, rms_norm_eps=1e-5,
-        rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=True, name="tiny",
-    )
-    fields.update(overrides)
-    return ModelConfig(**fields)
-
-
-def kv_caches(dtype=torch.bfloat16, fill: float | None = None, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    shape = (2, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    if fill is not None:
-        return [torch.full(shape, fill, dtype=dtype) for _ in range(NUM_LAYERS)]
-    return [torch.randn(shape, generator=g).to(dtype) for _ in range(NUM_LAYERS)]
-
-
-def fingerprint(dtype=torch.bfloat16, **overrides) -> KVFingerprint:
-    return KVFingerprint.from_model(model_config(**overrides), dtype, BLOCK_SIZE)
-
-
-class Ends:
-    """Collects the receiver's on_transfer_end calls."""
-
-    def __init__(self):
-        self.events = []
-        self.done = threading.Event()
-
-    def __call__(self, request_id, state, first_token, error):
-        self.events.append((request_id, state, first_token, error))
-        self.done.set()
-
+from kv_helpers import BLOCK_SIZE, HEAD_DIM, NUM_BLOCKS, NUM_KV_HEADS, NUM_LAYERS, Ends, fingerprint, kv_caches
 
 @pytest.fixture
 def grpc_receiver():
@@ -265,16 +229,19 @@ def test_receiver_accepts_chunks_cut_anywhere():
     receiver = KVReceiver(kv_caches(fill=0.0), fingerprint())
     receiver.expect("r9", [9, 1, 4])
     fp = fingerprint()
-    from kvferry.transport.base import KVTransferHeader
+    from kvferry.transport.base import KVTrailer, KVTransferHeader
+    from kvferry.transport.integrity import CHECKSUM_ALGORITHM, LayerChecksums
 
     session = receiver.open(KVTransferHeader("r9", NUM_LAYERS, 3, fp.layer_nbytes(3), fp.digest))
     total = 0
+    checksums = LayerChecksums(NUM_LAYERS)
     for layer_idx, layer in enumerate(src):
         data = gather_blocks(layer, [0, 2, 3]).view(torch.uint8).reshape(-1).numpy().tobytes()
+        checksums.update(layer_idx, data)
         for offset in range(0, len(data), 100):
             session.write(layer_idx, offset, data[offset : offset + 100])
             total += len(data[offset : offset + 100])
-    session.finish(FirstToken(1), total)
+    session.finish(KVTrailer(FirstToken(1), total, tuple(checksums.digests()), CHECKSUM_ALGORITHM))
     assert_blocks_equal(src, [0, 2, 3], receiver.kv_caches, [9, 1, 4])
 
 

@@ -1,0 +1,178 @@
+"""The sending half every streaming data plane shares: ``send_layer`` queues row references, one thread
+per transfer turns them into the wire's messages, and the poll state, deadline and checksums live here.
+
+``send_layer`` runs on the engine thread and never waits for the network: it only records which rows of
+the cache make up the layer (a CPU cache is read in place later; a GPU cache is gathered on the GPU and
+copied to the host here, since its blocks are read by the device). The transfer thread
+(``QueuedSendHandle._transfer``, one per data plane) takes the items in order: ``Chunk``s of whole rows,
+then the trailer. Every wait in it is bounded by the transfer's deadline (``KVTarget.timeout_s``).
+"""
+
+from __future__ import annotations
+
+import abc
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvferry.kernels.cpu_kv_copy import row_runs
+from kvferry.transport.base import (
+    FirstToken,
+    KVSendHandle,
+    KVTarget,
+    KVTrailer,
+    TransferError,
+    TransferErrorCode,
+    TransferState,
+    gather_blocks,
+)
+from kvferry.transport.integrity import CHECKSUM_ALGORITHM, LayerChecksums
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Bytes ``[offset, offset + len(row_ids) * row_bytes)`` of a layer's payload: ``rows[row_ids]``."""
+
+    layer_idx: int
+    offset: int
+    rows: torch.Tensor  # [num_rows, row_bytes] uint8, contiguous, on the host
+    row_ids: list[int]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.row_ids) * self.rows.shape[1]
+
+    def views(self) -> list[memoryview]:
+        """The chunk as memoryviews of the rows, one per run of adjacent rows: no copy."""
+        data = memoryview(self.rows.numpy()).cast("B")
+        row_bytes = self.rows.shape[1]
+        return [data[r * row_bytes : (r + k) * row_bytes] for r, k in row_runs(self.row_ids)]
+
+
+_TRAILER = object()
+
+
+class QueuedSendHandle(KVSendHandle):
+    """Subclasses implement ``_transfer`` (runs on the transfer thread; returns once acknowledged,
+    raises ``TransferError``). What it blocks on registers ``set_interrupt(fn)``: a failure from any
+    thread (abort, the deadline) calls ``fn`` so that the blocked call returns at once."""
+
+    def __init__(self, target: KVTarget, request_id: str, num_blocks: int, num_layers: int, chunk_bytes: int):
+        self.request_id = request_id
+        self.target = target
+        self.num_blocks = num_blocks
+        self.chunk_bytes = chunk_bytes
+        self.checksums = LayerChecksums(num_layers)  # of the bytes sent; the transfer thread feeds it
+        self._opened = time.monotonic()
+        self._deadline = self._opened + target.timeout_s
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._state = TransferState.PENDING
+        self._finished = threading.Event()
+        self._first_token: FirstToken | None = None
+        self._interrupter = None
+        self._thread = threading.Thread(target=self._run, name=f"kv-send-{request_id}", daemon=True)
+        self._thread.start()
+
+    # ---- the producer's side (engine thread) ----
+    def send_layer(self, layer_idx: int, kv_cache_layer: torch.Tensor, block_ids: list[int]) -> None:
+        # The payload is 2 * n rows (K rows, then V rows), one cache block each; chunks are whole rows.
+        if self._state is not TransferState.PENDING:
+            return
+        if kv_cache_layer.is_cuda:  # gather on the GPU, then read the packed copy on the host
+            source = gather_blocks(kv_cache_layer, block_ids).cpu()
+            row_ids = list(range(2 * len(block_ids)))
+        else:  # read the blocks in place: no gather copy
+            source = kv_cache_layer
+            num_cache_blocks = kv_cache_layer.shape[1]
+            row_ids = list(block_ids) + [num_cache_blocks + b for b in block_ids]
+        assert source.is_contiguous()
+        rows = source.view(torch.uint8).view(source.shape[0] * source.shape[1], -1)  # [2 * blocks, row_bytes]
+        row_bytes = rows.shape[1]
+        rows_per_chunk = max(1, self.chunk_bytes // row_bytes)
+        for i in range(0, len(row_ids), rows_per_chunk):
+            self._queue.put(Chunk(layer_idx, i * row_bytes, rows, row_ids[i : i + rows_per_chunk]))
+
+    def finish(self, first_token: FirstToken) -> None:
+        self._first_token = first_token
+        self._queue.put(_TRAILER)
+
+    def abort(self, reason: str) -> None:
+        self._fail(TransferError(TransferErrorCode.ABORTED, f"sender aborted: {reason}"))
+
+    def poll(self) -> TransferState:
+        return self._state
+
+    def wait(self, timeout: float | None = None) -> TransferState:
+        self._finished.wait(timeout)
+        return self._state
+
+    # ---- the transfer thread ----
+    @abc.abstractmethod
+    def _transfer(self) -> None: ...
+
+    def set_interrupt(self, fn) -> None:
+        """``fn()`` (or None to clear) unblocks the wire the transfer thread waits on: a call's cancel,
+        a socket's shutdown. Called at once if the transfer already failed."""
+        with self._lock:
+            self._interrupter = fn
+            failed = self._state is TransferState.FAILED
+        if failed and fn is not None:
+            fn()
+
+    def _interrupt(self) -> None:
+        with self._lock:
+            fn = self._interrupter
+        if fn is not None:
+            fn()
+
+    def _run(self) -> None:
+        try:
+            self._transfer()
+            with self._lock:
+                if self._state is TransferState.PENDING:
+                    self.seconds = time.monotonic() - self._opened
+                    self._state = TransferState.DONE
+        except TransferError as e:
+            self._fail(e)
+        except Exception as e:  # a bug or an unexpected socket error: fail the transfer, never hang it
+            self._fail(TransferError(TransferErrorCode.UNAVAILABLE, f"{type(e).__name__}: {e}"))
+        finally:
+            self._finished.set()
+
+    def next_item(self) -> Chunk | KVTrailer:
+        """The next chunk, or the trailer once every chunk was taken; raises when the transfer failed
+        or its deadline passed."""
+        while True:
+            if self._state is not TransferState.PENDING:
+                raise self.error or TransferError(TransferErrorCode.ABORTED, "aborted")
+            remaining = self.remaining()
+            if remaining <= 0:
+                raise TransferError(TransferErrorCode.DEADLINE, self.deadline_message())
+            try:
+                item = self._queue.get(timeout=min(remaining, 0.1))
+            except queue.Empty:
+                continue
+            if item is _TRAILER:
+                return KVTrailer(self._first_token, self.bytes_sent, tuple(self.checksums.digests()), CHECKSUM_ALGORITHM)
+            return item
+
+    def remaining(self) -> float:
+        return max(self._deadline - time.monotonic(), 0.0)
+
+    def deadline_message(self) -> str:
+        return (
+            f"KV transfer of {self.request_id!r} to {self.target.address} did not complete within "
+            f"{self.target.timeout_s:.1f}s"
+        )
+
+    def _fail(self, error: TransferError) -> None:
+        with self._lock:
+            if self._state is not TransferState.PENDING:
+                return
+            self.error = error
+            self._state = TransferState.FAILED
+        self._interrupt()

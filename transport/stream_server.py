@@ -1,0 +1,211 @@
+"""The receiving end of the socket data planes: accept connections, serve their transfers into a
+``KVReceiver``. The tcp plane reads each DATA frame's payload off the socket; the shm plane's frames
+name a slot of shared memory the sender already filled (``shm_transport.py``); everything else
+(hello and ticket, header, trailer, acknowledgement, errors, deadlines) is this one loop.
+
+A connection's lifecycle (one thread each, at most ``max_connections``):
+1. HELLO with the ticket the receiver handed out in its (authenticated) gRPC handshake; a wrong one
+   is refused. ``on_hello`` answers HELLO_OK (shm: with the slots' memfd attached).
+2. Transfers, one after another (senders pool connections): OPEN -> ``receiver.open`` (refusals go
+   back as ERROR), DATA / SLOT_DATA -> ``session.write`` (whole rows go straight into their blocks),
+   FINISH -> ``session.finish`` (checksums verified) -> ACK.
+3. Any failure fails the session (the decode worker frees its blocks) and ends the connection. A
+   sender gone mid-transfer is seen at once (EOF), a stalled one after ``io_timeout_s``.
+Received bytes land in a staging buffer or a slot first, never straight in the blocks: a receiver's
+``cancel`` must be able to stop every write at once, which a ``recv_into`` that blocks on a slow
+sender could not.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import threading
+import time
+
+from kvferry.proto import kv_transfer_pb2 as pb
+from kvferry.transport import framing
+from kvferry.transport.base import TransferError, TransferErrorCode
+from kvferry.transport.grpc_transport import header_from_proto, trailer_from_proto
+from kvferry.transport.receiver import KVReceiver
+
+logger = logging.getLogger(__name__)
+
+
+class ConnectionPayload:
+    """Where a connection's chunk bytes come from; one per connection."""
+
+    def on_hello(self, conn: socket.socket, hello: tuple[int, int, int, int, int], deadline: float) -> None:
+        framing.send_control(conn, framing.HELLO_OK, b"", deadline, "hello")
+
+    def data(self, conn: socket.socket, frame: tuple[int, int, int, int, int], deadline: float) -> memoryview:
+        raise TransferError(TransferErrorCode.INVALID, f"unexpected frame kind {frame[0]}")
+
+    def done_with(self, conn: socket.socket, frame: tuple[int, int, int, int, int], deadline: float) -> None:
+        """The chunk is in the blocks; its buffer may be reused."""
+
+    def close(self) -> None: ...
+
+
+class SocketPayload(ConnectionPayload):
+    """tcp: DATA frames carry their payload; it is read into one staging buffer, reused."""
+
+    def __init__(self, max_chunk_bytes: int):
+        self.max_chunk_bytes = max_chunk_bytes
+        self._staging = bytearray(0)
+
+    def data(self, conn, frame, deadline) -> memoryview:
+        kind, _, _, nbytes, _ = frame
+        if kind != framing.DATA:
+            return super().data(conn, frame, deadline)
+        if nbytes == 0 or nbytes > self.max_chunk_bytes:
+            raise TransferError(TransferErrorCode.INVALID, f"chunk of {nbytes} bytes (limit {self.max_chunk_bytes})")
+        if len(self._staging) < nbytes:
+            self._staging = bytearray(nbytes)
+        view = memoryview(self._staging)[:nbytes]
+        framing.recv_into(conn, view, deadline, "KV chunk")
+        return view
+
+
+class StreamDataServer:
+    def __init__(
+        self,
+        receiver: KVReceiver,
+        listener: socket.socket,  # bound and listening
+        transport: str,
+        ticket: str,
+        make_payload,  # () -> ConnectionPayload
+        io_timeout_s: float = 30.0,
+        idle_timeout_s: float = 300.0,
+        max_connections: int = 64,
+    ):
+        self.receiver = receiver
+        self.transport = transport
+        self.ticket = ticket
+        self._listener = listener
+        self._make_payload = make_payload
+        self.io_timeout_s = io_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_connections = max_connections
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self.connections_total = 0  # accepted since start (pooled senders keep this low)
+        self._closed = False
+        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"kv-{transport}-accept", daemon=True)
+        self._accept_thread.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            connections = list(self._connections)
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        for conn in connections:  # unblocks their threads: each fails its session and exits
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._accept_thread.join(timeout=2.0)
+
+    @property
+    def num_connections(self) -> int:
+        return len(self._connections)
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                full = len(self._connections) >= self.max_connections
+                if self._closed:
+                    conn.close()
+                    return
+                if not full:
+                    self._connections.add(conn)
+                    self.connections_total += 1
+            if full:
+                error = TransferError(TransferErrorCode.UNAVAILABLE, f"{self.max_connections} KV connections open")
+                threading.Thread(target=framing.send_error_and_close, args=(conn, error), daemon=True).start()
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name=f"kv-{self.transport}-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        payload = None
+        try:
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hello = framing.recv_frame(conn, self._deadline(), "hello")
+            kind, nbytes = hello[0], hello[3]
+            ticket = framing.recv_payload(conn, nbytes, self._deadline(), "hello")
+            if kind != framing.HELLO or not hmac.compare_digest(ticket, self.ticket.encode()):
+                raise TransferError(
+                    TransferErrorCode.INCOMPATIBLE,
+                    "data-plane connection without this receiver's ticket (handshake with it over gRPC first)",
+                )
+            payload = self._make_payload()
+            payload.on_hello(conn, hello, self._deadline())
+            while self._serve_transfer(conn, payload):
+                pass
+        except TransferError as e:
+            framing.send_error_and_close(conn, e)
+        except Exception:
+            logger.exception("KV %s connection failed", self.transport)
+        finally:
+            conn.close()
+            if payload is not None:
+                payload.close()
+            with self._lock:
+                self._connections.discard(conn)
+
+    def _serve_transfer(self, conn: socket.socket, payload: ConnectionPayload) -> bool:
+        """One transfer; False when the connection ended (cleanly, between transfers)."""
+        try:
+            kind, _, _, nbytes, _ = framing.recv_frame(conn, time.monotonic() + self.idle_timeout_s, "idle")
+        except TransferError:
+            return False  # the sender closed its pooled connection, or it sat idle too long
+        if kind != framing.OPEN:
+            raise TransferError(TransferErrorCode.INVALID, f"expected a transfer's OPEN frame, got kind {kind}")
+        header = header_from_proto(pb.KVHeader.FromString(framing.recv_payload(conn, nbytes, self._deadline(), "open")))
+        session = self.receiver.open(header, transport=self.transport)  # a refusal goes back as ERROR
+        try:
+            while True:
+                frame = framing.recv_frame(conn, self._deadline(), f"KV of {header.request_id!r}")
+                kind, a, offset, nbytes, _ = frame
+                if kind == framing.FINISH:
+                    trailer = pb.KVTrailer.FromString(framing.recv_payload(conn, nbytes, self._deadline(), "finish"))
+                    session.finish(trailer_from_proto(trailer))
+                    ack = pb.PushKVResponse(
+                        request_id=header.request_id, bytes_received=session.bytes_received,
+                        receive_seconds=session.seconds,
+                    )
+                    framing.send_control(conn, framing.ACK, ack.SerializeToString(), self._deadline(), "ack")
+                    return True
+                if kind == framing.ABORT:
+                    reason = framing.recv_payload(conn, nbytes, self._deadline(), "abort").decode(errors="replace")
+                    raise TransferError(TransferErrorCode.ABORTED, f"sender aborted: {reason}")
+                data = payload.data(conn, frame, self._deadline())
+                session.write(a, offset, data)
+                if not session.copies_inline:
+                    session.flush()  # the copy thread must be done with the buffer before it is reused
+                payload.done_with(conn, frame, self._deadline())
+        except TransferError as e:
+            session.fail(_sender_side(e))
+            raise
+        except Exception as e:
+            session.fail(TransferError(TransferErrorCode.UNAVAILABLE, f"{type(e).__name__}: {e}"))
+            raise
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.io_timeout_s
+
+
+def _sender_side(error: TransferError) -> TransferError:
+    if isinstance(error, framing.PeerClosed):
+        return TransferError(TransferErrorCode.UNAVAILABLE, f"the sender went away mid-transfer ({error.message})")
+    return error

@@ -1,0 +1,114 @@
+"""The tcp data plane: KV bytes over a plain socket, for two boxes without NCCL (and the fallback on
+one box where shared memory cannot be had). gRPC stays the control plane: the handshake hands out the
+data socket's address and a ticket; the reservation is the decode worker's ``Reserve``.
+
+Sender: per chunk, a 32-byte frame header and the chunk's rows go out in one ``sendmsg`` straight from
+the cache (one iovec per run of adjacent rows: no copy in Python; a GPU cache is gathered to the host
+first), and the layer's checksum is fed from the same views. Receiver: ``recv_into`` one staging buffer
+per connection, then ``session.write`` scatters whole rows into the reserved blocks (streaming
+stores). The frames and the loop are ``framing.py``, ``stream_client.py`` and ``stream_server.py``.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from kvferry.transport import framing
+from kvferry.transport.base import TransferError, TransferErrorCode, TransportOffer
+from kvferry.transport.integrity import LayerChecksums
+from kvferry.transport.receiver import KVReceiver
+from kvferry.transport.send_queue import Chunk, QueuedSendHandle
+from kvferry.transport.stream_client import Connection, ConnectionPool, hello, stream_transfer
+from kvferry.transport.stream_server import SocketPayload, StreamDataServer
+
+NAME = "tcp"
+
+
+def start_tcp_server(
+    receiver: KVReceiver, ticket: str, host: str = "127.0.0.1", advertise_host: str | None = None, port: int = 0
+) -> tuple[StreamDataServer, TransportOffer]:
+    """Listen for KV data connections on ``host:port`` (0: any free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(64)
+    bound = listener.getsockname()[1]
+    server = StreamDataServer(
+        receiver, listener, NAME, ticket, lambda: SocketPayload(receiver.max_chunk_bytes)
+    )
+    shown = advertise_host or host
+    address = f"[{shown}]:{bound}" if ":" in shown else f"{shown}:{bound}"
+    return server, TransportOffer(NAME, address=address, ticket=ticket)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class TcpSenderPlane:
+    name = NAME
+
+    def __init__(self, max_idle_per_peer: int = 8):
+        self.pool = ConnectionPool(self._connect, max_idle_per_peer)
+
+    def _connect(self, offer: TransportOffer, deadline: float) -> Connection:
+        what = f"tcp KV connection to {offer.address}"
+        try:
+            sock = socket.create_connection(split_address(offer.address), timeout=framing._timeout(deadline, what))
+        except OSError as e:
+            raise TransferError(TransferErrorCode.UNAVAILABLE, f"{what}: {e}") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hello(sock, offer.ticket, deadline, what)
+        except BaseException:
+            sock.close()
+            raise
+        return Connection(sock)
+
+    def probe(self, offer: TransportOffer, deadline: float) -> None:
+        """Connect once (the connection is pooled for the first transfer)."""
+        self.pool.give_back(offer, self.pool.take(offer, deadline))
+
+    def transfer(self, handle: QueuedSendHandle, offer: TransportOffer, header) -> None:
+        conn = self.pool.take(offer, _deadline(handle))
+        handle.set_interrupt(lambda: _shutdown(conn.sock))
+        ok = False
+        try:
+            stream_transfer(conn, handle, header, _send_chunk)
+            ok = True
+        finally:
+            handle.set_interrupt(None)
+            if ok:
+                self.pool.give_back(offer, conn)
+            else:
+                conn.close()
+
+    def forget(self, address: str) -> None:
+        self.pool.forget(address)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _send_chunk(conn: Connection, chunk: Chunk, deadline: float, checksums: LayerChecksums) -> None:
+    views = chunk.views()
+    for view in views:
+        checksums.update(chunk.layer_idx, view)
+    framing.send_buffers(
+        conn.sock, [framing.pack(framing.DATA, chunk.layer_idx, chunk.offset, chunk.nbytes), *views], deadline,
+        f"KV chunk of layer {chunk.layer_idx}",
+    )
+
+
+def _deadline(handle: QueuedSendHandle) -> float:
+    return time.monotonic() + handle.remaining()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
