@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
         from kvferry.decode_worker.service import create_decode_server
         from kvferry.decode_worker.worker import DecodeWorker, DecodeWorkerConfig
         from kvferry.engine.engine import LLMEngine
+        from kvferry.proto.cluster_security import security_from_args
         from kvferry.transport.metrics import start_metrics_server
         from kvferry.transport.negotiation import start_receiver_transports, transports_for
 
@@ -34,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
         start_receiver_transports(worker.receiver, args.kv_transport, args.host, args.advertise_host)
         if args.metrics_port is not None:
             start_metrics_server(args.metrics_port, args.host, worker.receiver.pair_stats, "receiver")
-        server, health, port = create_decode_server(worker, args.host, args.port, args.advertise_host)
+        server, health, port = create_decode_server(worker, args.host, args.port, args.advertise_host,
+                                                    security_from_args(args))
         worker.start()
         server.start()
         return worker, server, health, port

@@ -10,11 +10,12 @@ import grpc
 
 from kvferry.decode_worker.worker import DecodeWorker, NoRoom, TokenEvent
 from kvferry.proto import worker_pb2, worker_pb2_grpc
+from kvferry.proto.cluster_security import ClusterSecurity
 from kvferry.engine.profiles import SLORefusal
 from kvferry.proto.convert import logprobs_to_proto, prefill_timings_fields, refusal_metadata, sampling_from_proto
 from kvferry.transport.grpc_transport import SERVICE_NAME as KV_TRANSFER_SERVICE
 from kvferry.transport.grpc_transport import add_kv_transfer_service, create_server
-from kvferry.worker_service import worker_errors
+from kvferry.worker_service import check_request_id, worker_errors
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
 MAX_STREAM_S = 24 * 3600.0  # a stream's hard bound; the router's own deadline is normally shorter
@@ -42,6 +43,7 @@ class DecodeWorkerServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
     def Reserve(self, request: worker_pb2.ReserveRequest, context: grpc.ServicerContext) -> worker_pb2.ReserveResponse:
         with worker_errors(context, NoRoom, "decode"):
+            check_request_id(request.request_id)
             params = sampling_from_proto(request.sampling)
             reservation = self.worker.reserve(
                 request.request_id,
@@ -95,11 +97,15 @@ class DecodeWorkerServicer(worker_pb2_grpc.DecodeWorkerServicer):
         return worker_pb2.WorkerStats(**self.worker.stats())
 
 
-def create_decode_server(worker: DecodeWorker, host: str, port: int, advertise_host: str | None = None):
-    """(server, health servicer, bound port); not started. The KV address is this server's."""
+def create_decode_server(
+    worker: DecodeWorker, host: str, port: int, advertise_host: str | None = None,
+    security: ClusterSecurity = ClusterSecurity(),
+):
+    """(server, health servicer, bound port); not started. The KV address is this server's. ``security``:
+    the cluster token every call needs (KV pushes included; health and reflection aside) and mutual TLS."""
     max_workers = 2 * worker.max_num_seqs + 16  # a stream and a KV push per sequence, plus unary calls
     server, health, bound = create_server(
-        f"{host}:{port}", [SERVICE_NAME, KV_TRANSFER_SERVICE], max_workers=max_workers
+        f"{host}:{port}", [SERVICE_NAME, KV_TRANSFER_SERVICE], max_workers=max_workers, security=security
     )
     servicer = DecodeWorkerServicer(worker, kv_address=f"{advertise_host or host}:{bound}")
     worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, server)

@@ -288,7 +288,7 @@ class DecodeWorker:
         tracked.waiting_for_kv = False
         try:
             output = self.engine.commit_kv(request_id, first_token.token_id, first_token.logprobs)
-        except KeyError as exc:
+        except (KeyError, ValueError) as exc:  # ValueError: a first token id out of the vocabulary
             self._abort(request_id, "error", f"commit failed: {exc}")
             return
         self._publish(output)

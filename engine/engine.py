@@ -235,8 +235,11 @@ class LLMEngine:
         """Decode role: the KV is in the reserved blocks; decoding starts after ``first_token_id``.
 
         Returns the output for the first token (usually already streamed by the prefill worker); if it
-        finishes the request (EOS, max_tokens=1) the blocks are freed at once.
+        finishes the request (EOS, max_tokens=1) the blocks are freed at once. A token id outside the
+        vocabulary (it came over the network) raises RequestError and changes nothing.
         """
+        if not 0 <= first_token_id < self.model_config.vocab_size:
+            raise RequestError(f"first token id {first_token_id} is not in [0, {self.model_config.vocab_size})")
         request = self.scheduler.commit_kv(request_id, first_token_id)
         tracked = self._tracked[request_id]
         tracked.sampling.append(first_token_id)

@@ -40,6 +40,7 @@ MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 512
 MAX_STOP_TOKEN_IDS = 256
+MAX_TOP_K = (1 << 31) - 1  # int32 on the wire; any k above the vocabulary keeps every token
 _MASK64 = (1 << 64) - 1
 
 
@@ -58,8 +59,11 @@ def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None
 
 
 def _check_float(name: str, value: object, lo: float, hi: float, lo_open: bool = False, allowed: str = "") -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (lo < value if lo_open else lo <= value) and value <= hi)
+    try:  # an integer too large for a float (10**400) is out of range, not an OverflowError
+        ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+              and (lo < value if lo_open else lo <= value) and value <= hi)
+    except OverflowError:
+        ok = False
     if not ok:
         allowed = allowed or f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
         raise SamplingParamsError(name, f"{name} must be a number in {allowed}, got {value!r}")
@@ -87,8 +91,9 @@ class SamplingParams:
         _check_int("max_tokens", self.max_tokens, 1)
         _check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
         _check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
-            raise SamplingParamsError("top_k", f"top_k must be -1 or 0 (off) or an integer >= 1, got {self.top_k!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not -1 <= self.top_k <= MAX_TOP_K:
+            raise SamplingParamsError(
+                "top_k", f"top_k must be -1 or 0 (off) or an integer in [1, {MAX_TOP_K}], got {self.top_k!r}")
         _check_float("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
             _check_int("seed", self.seed, -(1 << 63), _MASK64)

@@ -5,7 +5,8 @@ shutdown, draining first), and serving until SIGINT/SIGTERM.
 Lifecycle of a worker process:
 1. Load the engine, start the gRPC server (port 0 = any free port) and the worker loop.
 2. Register with the router (retried with backoff until ``--register-timeout``); a fingerprint the
-   router refuses (FAILED_PRECONDITION) ends the process with the router's message and exit code 2.
+   router refuses (FAILED_PRECONDITION), or a missing or wrong cluster token (UNAUTHENTICATED), ends
+   the process with the router's message and exit code 2.
 3. Heartbeat with fresh capacity; a router that restarted answers known=false: register again.
 4. SIGINT/SIGTERM: Deregister(draining), health NOT_SERVING, let in-flight requests finish for
    ``--shutdown-grace`` seconds, abort the rest (their blocks return), Deregister, stop the server.
@@ -30,6 +31,7 @@ from kvferry.engine.config import CacheConfig, ConfigError, EngineConfig, Schedu
 from kvferry.engine.device import add_device_arguments, kv_cache_sizing, resolve_device
 from kvferry.engine.profiles import ProfileError, add_profile_arguments, profile_from_args
 from kvferry.proto import router_pb2, router_pb2_grpc
+from kvferry.proto.cluster_security import TOKEN_ENV, ClusterSecurity, add_security_arguments, security_from_args
 from kvferry.transport.base import KVFingerprint
 from kvferry.transport.negotiation import KV_TRANSPORT_CHOICES
 
@@ -86,6 +88,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--register-timeout", type=float, default=60.0,
                         help="give up if the router cannot be reached for this long at start")
     parser.add_argument("--rpc-timeout", type=float, default=3.0, help="deadline of each call to the router")
+    add_security_arguments(parser)  # the cluster token (server and every client) and mutual TLS
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -154,6 +157,7 @@ class RouterRegistration:
         capacity: Callable[[], router_pb2.WorkerCapacity],
         name: str,
         rpc_timeout_s: float = 3.0,
+        security: ClusterSecurity = ClusterSecurity(),
     ):
         self.router_address = router_address
         self.request = router_pb2.RegisterWorkerRequest(
@@ -164,7 +168,7 @@ class RouterRegistration:
         self.rpc_timeout_s = rpc_timeout_s
         self.worker_id = ""
         self.interval_s = 0.5
-        self._channel = grpc.insecure_channel(router_address)
+        self._channel = security.channel(router_address)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -177,6 +181,8 @@ class RouterRegistration:
                 self._register()
                 break
             except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise RegistrationRefused(f"{exc.details()} (--cluster-token or ${TOKEN_ENV})") from None
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION or exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise RegistrationRefused(exc.details()) from None
                 if time.monotonic() + delay > end:
@@ -278,7 +284,7 @@ def serve(
             fp = router_fingerprint(worker.fingerprint, engine.model_config.vocab_size, engine.max_model_len)
             registration = RouterRegistration(
                 args.router, role, address, fp, lambda: capacity_from_stats(worker.stats()),
-                args.name or socket.gethostname(), args.rpc_timeout,
+                args.name or socket.gethostname(), args.rpc_timeout, security_from_args(args),
             )
             registration.start(args.register_timeout)
         signum = wait_for_signal()

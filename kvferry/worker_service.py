@@ -9,6 +9,16 @@ from contextlib import contextmanager
 import grpc
 
 
+MAX_REQUEST_ID_CHARS = 512  # the router's ids are ~40 characters; a longer one is not the router's
+
+
+def check_request_id(request_id: str) -> str:
+    """A request id from the wire, non-empty and bounded (it keys tables and log lines); ValueError else."""
+    if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise ValueError(f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
+    return request_id
+
+
 @contextmanager
 def worker_errors(context: grpc.ServicerContext, no_room: type[Exception], role: str) -> Iterator[None]:
     """Around a call into a worker: its refusal (``no_room``: try elsewhere) ends the RPC with

@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
         from kvferry.engine.engine import LLMEngine
         from kvferry.prefill_worker.service import create_prefill_server
         from kvferry.prefill_worker.worker import PrefillWorker
+        from kvferry.proto.cluster_security import security_from_args
         from kvferry.transport.base import KVFingerprint
         from kvferry.transport.metrics import start_metrics_server
         from kvferry.transport.negotiation import NegotiatedKVSender, transports_for
@@ -28,13 +29,15 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_warm_up:
             engine.warm_up()  # seeds the step-time model the scheduler plans with
         fingerprint = KVFingerprint.from_model(engine.model_config, engine.dtype, engine.config.cache.block_size)
+        security = security_from_args(args)  # the KV handshakes and pushes carry the token too
         sender = NegotiatedKVSender(
-            fingerprint, sender_id=args.name or "prefill", kv_transport=args.kv_transport, chunk_bytes=args.chunk_bytes
+            fingerprint, sender_id=args.name or "prefill", kv_transport=args.kv_transport, chunk_bytes=args.chunk_bytes,
+            security=security,
         )
         if args.metrics_port is not None:
             start_metrics_server(args.metrics_port, args.host, sender.stats, "sender")
         worker = PrefillWorker(engine, sender, worker_id=args.name or "prefill")
-        server, health, port = create_prefill_server(worker, args.host, args.port, args.transfer_timeout)
+        server, health, port = create_prefill_server(worker, args.host, args.port, args.transfer_timeout, security)
         worker.start()
         server.start()
         return worker, server, health, port

@@ -15,10 +15,11 @@ import grpc
 
 from kvferry.prefill_worker.worker import NoRoom, PrefillAborted, PrefillWorker, SLORejected
 from kvferry.proto import worker_pb2, worker_pb2_grpc
+from kvferry.proto.cluster_security import ClusterSecurity
 from kvferry.proto.convert import logprobs_to_proto, prefill_timings_fields, refusal_metadata, sampling_from_proto
 from kvferry.transport.base import KVTarget, TransferError
 from kvferry.transport.grpc_transport import create_server, status_for
-from kvferry.worker_service import worker_errors
+from kvferry.worker_service import check_request_id, worker_errors
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name
 MAX_PREFILL_S = 3600.0  # hard bound on one Prefill call; the router's deadline is normally shorter
@@ -35,6 +36,7 @@ class PrefillWorkerServicer(worker_pb2_grpc.PrefillWorkerServicer):
         timeout_s = self.transfer_timeout_s if remaining is None else min(self.transfer_timeout_s, remaining)
         target = KVTarget(request.kv_address, request.receiver_instance_id, timeout_s=max(timeout_s, 0.001))
         with worker_errors(context, NoRoom, "prefill"):
+            check_request_id(request.request_id)
             params = sampling_from_proto(request.sampling)
             future = self.worker.prefill(
                 request.request_id,
@@ -86,9 +88,14 @@ class PrefillWorkerServicer(worker_pb2_grpc.PrefillWorkerServicer):
         return worker_pb2.WorkerStats(**self.worker.stats())
 
 
-def create_prefill_server(worker: PrefillWorker, host: str, port: int, transfer_timeout_s: float = 30.0):
-    """(server, health servicer, bound port); not started."""
+def create_prefill_server(
+    worker: PrefillWorker, host: str, port: int, transfer_timeout_s: float = 30.0,
+    security: ClusterSecurity = ClusterSecurity(),
+):
+    """(server, health servicer, bound port); not started. ``security``: the cluster token every call
+    needs (health and reflection aside) and mutual TLS."""
     max_workers = worker.config.max_queued_requests + 16  # a Prefill call waits on a thread per request
-    server, health, bound = create_server(f"{host}:{port}", [SERVICE_NAME], max_workers=max_workers)
+    server, health, bound = create_server(f"{host}:{port}", [SERVICE_NAME], max_workers=max_workers,
+                                          security=security)
     worker_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillWorkerServicer(worker, transfer_timeout_s), server)
     return server, health, bound

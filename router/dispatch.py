@@ -43,6 +43,7 @@ import grpc
 
 from kvferry.engine.sampling import SamplingParams
 from kvferry.proto import generate_pb2, kv_transfer_pb2, worker_pb2, worker_pb2_grpc
+from kvferry.proto.cluster_security import ClusterSecurity
 from kvferry.proto.convert import prefill_timings_from_proto, refusal_from_metadata
 from kvferry.router.admission import AdmissionQueue, TTFTExpired
 from kvferry.router.placement import DisaggregationPolicy, PrefillDecision, decide
@@ -142,7 +143,9 @@ class Dispatcher:
         config: DispatchConfig = DispatchConfig(),
         on_transfer: Callable[[TransferStats], None] | None = None,
         policy: DisaggregationPolicy = DisaggregationPolicy(),
+        security: ClusterSecurity = ClusterSecurity(),  # the cluster token and TLS of every worker channel
     ) -> None:
+        self.security = security
         self.registry = registry
         self.admission = admission
         self.config = config
@@ -161,7 +164,7 @@ class Dispatcher:
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = self.security.aio_channel(address)
             self._retired.discard(address)
         return channel
 

@@ -6,10 +6,14 @@ input is INVALID_ARGUMENT, no room within the queue timeout RESOURCE_EXHAUSTED, 
 its TTFT target RESOURCE_EXHAUSTED with ``retry-after`` (seconds) in the trailing metadata, a worker
 failure UNAVAILABLE. A cancelled call (client gone, deadline passed) aborts the request on its workers. A
 finished call's phase timings are in its trailing metadata, ``x-kvferry-timings`` (router/timings.py).
+A client's ``request_id`` is echoed in the response, never sent to a worker (those ids are the router's).
+With an API key, ``Generate`` needs it as ``authorization: Bearer`` metadata (router/auth.py); with a
+cluster token, so does the ``Router`` control plane, with that token (proto/cluster_security.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import AsyncIterator
@@ -19,6 +23,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvferry.proto import generate_pb2, generate_pb2_grpc, router_pb2, router_pb2_grpc
+from kvferry.proto.cluster_security import ClusterSecurity
+from kvferry.router.auth import generate_interceptor
 from kvferry.router.openai_protocol import ChoiceResult, usage_of
 from kvferry.router.registry import Capacity, Fingerprint, RegistrationError, WorkerRole
 from kvferry.router.request import (
@@ -27,6 +33,7 @@ from kvferry.router.request import (
     GenerationRequest,
     ServedModel,
     TokenLogprob,
+    check_client_request_id,
     check_context,
     check_token_ids,
     encode_text,
@@ -56,6 +63,8 @@ def status_of(exc: APIError) -> grpc.StatusCode:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if exc.status in (502, 503):
         return grpc.StatusCode.UNAVAILABLE
+    if exc.status == 504:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.INTERNAL
 
 
@@ -66,6 +75,7 @@ def trailing_of(exc: APIError) -> tuple[tuple[str, str], ...]:
 
 
 def parse_generate(msg: generate_pb2.GenerateRequest, model: ServedModel) -> GenerationRequest:
+    client_request_id = check_client_request_id(msg.request_id, "request_id")
     if msg.model and msg.model != model.name:
         raise APIError(f"unknown model {msg.model!r}; this server serves {model.name!r}", param="model",
                        code="model_not_found")
@@ -103,7 +113,7 @@ def parse_generate(msg: generate_pb2.GenerateRequest, model: ServedModel) -> Gen
         raise APIError("n must be in [1, 16]", param="n")
     params = check_context(model, [prompt], make_sampling_params(**fields_), max_tokens_given)
     return GenerationRequest(
-        request_id=msg.request_id or f"gen-{uuid.uuid4().hex}", prompts=(prompt,), params=params
+        request_id=f"gen-{uuid.uuid4().hex}", prompts=(prompt,), params=params, client_request_id=client_request_id
     )
 
 
@@ -124,8 +134,8 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
 
     async def _deltas(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
                       api: str) -> tuple[GenerationRequest, AsyncIterator[ChoiceDelta]]:
-        try:
-            gen = parse_generate(request, self.service.model)
+        try:  # tokenizing on a thread: other streams keep flowing meanwhile
+            gen = await asyncio.to_thread(parse_generate, request, self.service.model)
         except APIError as exc:
             self.service.metrics.requests.labels(api, "invalid").inc()
             await context.abort(status_of(exc), exc.message, trailing_metadata=trailing_of(exc))
@@ -154,7 +164,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         usage = usage_of(gen, sum(len(c.token_ids) for c in choices))
         model = self.service.model
         return generate_pb2.GenerateResponse(
-            request_id=gen.request_id,
+            request_id=gen.client_request_id or gen.request_id,
             model=model.name,
             choices=[
                 generate_pb2.Choice(index=c.index, text=c.text, token_ids=c.token_ids,
@@ -181,7 +191,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
                 if remaining == 0 and delta.timings is not None:
                     context.set_trailing_metadata((("x-kvferry-timings", format_timings(delta.timings)),))
                 chunk = generate_pb2.GenerateChunk(
-                    request_id=gen.request_id, index=delta.index, token_ids=delta.token_ids, text=delta.text,
+                    request_id=gen.client_request_id or gen.request_id, index=delta.index, token_ids=delta.token_ids, text=delta.text,
                     logprobs=_logprobs(delta.logprobs, model), finish_reason=FINISH_REASONS.get(delta.finish_reason, 0),
                 )
                 if remaining == 0:
@@ -270,9 +280,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         )
 
 
-def create_grpc_server(service: RouterService, address: str) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """The server (not started), its health servicer, and the bound port."""
-    server = grpc.aio.server()
+def create_grpc_server(
+    service: RouterService, address: str, security: ClusterSecurity = ClusterSecurity(), api_key: str = ""
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """The server (not started), its health servicer, and the bound port. ``api_key`` guards Generate,
+    ``security.token`` the Router control plane; ``security.tls``: mutual TLS on the port."""
+    router_service = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+    interceptors = [i for i in (generate_interceptor(api_key), security.aio_server_interceptor((router_service,)))
+                    if i is not None]
+    server = grpc.aio.server(interceptors=interceptors)
     generate_pb2_grpc.add_GenerateServicer_to_server(GenerateServicer(service), server)
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(service), server)
     health_servicer = health.aio.HealthServicer()
@@ -284,7 +300,7 @@ def create_grpc_server(service: RouterService, address: str) -> tuple[grpc.aio.S
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
+    port = security.add_port(server, address)
     if port == 0:
         raise OSError(f"cannot bind the gRPC server to {address}")
     return server, health_servicer, port

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from kvferry.engine.config import ConfigError
 from kvferry.engine.device import add_device_arguments, kv_cache_sizing, resolve_device
 from kvferry.engine.profiles import add_profile_arguments, profile_argv
+from kvferry.proto.cluster_security import TOKEN_ENV
+from kvferry.router.auth import API_KEY_ENV
 from kvferry.router.placement import add_placement_arguments
 from kvferry.router.supervisor import RestartPolicy, Supervisor
 
@@ -207,6 +209,11 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
     # spin at barriers and make a decode step tens of times slower.
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(workers))
     cluster.env["KVFERRY_NUM_THREADS"] = str(threads)
+    # Secrets travel in the environment, not on command lines (which every local user can read).
+    if args.api_key:
+        cluster.env[API_KEY_ENV] = args.api_key
+    if args.cluster_token:
+        cluster.env[TOKEN_ENV] = args.cluster_token
     return cluster
 
 
@@ -267,6 +274,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S,
                         help=f"seconds the router and workers get to start and register before serve gives up "
                              f"(default {STARTUP_TIMEOUT_S:g}; model loading on a small CPU box)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"key clients must send (Authorization: Bearer); given to the router as ${API_KEY_ENV} "
+                             f"(default: ${API_KEY_ENV} if set, inherited; none: the API is open)")
+    parser.add_argument("--cluster-token", default=None,
+                        help=f"secret the router and workers check on each other's calls; given to them as "
+                             f"${TOKEN_ENV} (default: ${TOKEN_ENV} if set, inherited)")
     add_placement_arguments(parser)  # the router's own flags, passed on to it
     add_profile_arguments(parser)  # router and workers alike
 

@@ -25,7 +25,10 @@ from grpc_health.v1 import health_pb2
 
 from kvferry.engine.config import ConfigError, SchedulerConfig, default_model_path
 from kvferry.engine.profiles import ProfileError, SLOProfile, add_profile_arguments, profile_from_args
+from kvferry.proto.cluster_security import ClusterSecurity, add_security_arguments, security_from_args
 from kvferry.router.admission import AdmissionConfig, AdmissionQueue
+from kvferry.router.auth import API_KEY_ENV, api_key_from
+from kvferry.router.body_limit import DEFAULT_MAX_BODY_BYTES
 from kvferry.router.dispatch import DispatchConfig, Dispatcher
 from kvferry.router.grpc_api import create_grpc_server
 from kvferry.router.openai_api import create_app
@@ -51,12 +54,18 @@ class RouterConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     placement: DisaggregationPolicy = field(default_factory=DisaggregationPolicy)
+    api_key: str = field(default="", repr=False)  # clients' key; "" = open (router/auth.py)
+    security: ClusterSecurity = field(default_factory=ClusterSecurity)  # cluster token and mutual TLS
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    request_timeout_s: float = 3600.0  # a request not finished by then is aborted: 504; 0 = no deadline
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536 or not 0 <= self.grpc_port < 65536:
             raise ConfigError("ports must be in [0, 65535] (0 = any free port)")
         if self.max_model_len <= 0 or self.shutdown_grace_s < 0:
             raise ConfigError("max_model_len must be positive and shutdown_grace_s >= 0")
+        if self.max_body_bytes <= 0 or self.request_timeout_s < 0:
+            raise ConfigError("max_body_bytes must be positive and request_timeout_s >= 0 (0: no deadline)")
 
 
 def load_served_model(path: str, served_name: str | None, max_model_len: int) -> ServedModel:
@@ -97,17 +106,17 @@ async def serve(
     model = model or load_served_model(config.model, config.served_model_name, config.max_model_len)
     registry = WorkerRegistry(config.registry)
     admission = AdmissionQueue(config.admission)
-    dispatcher = Dispatcher(registry, admission, config.dispatch, policy=config.placement)
-    service = RouterService(model, registry, admission, dispatcher)
+    dispatcher = Dispatcher(registry, admission, config.dispatch, policy=config.placement, security=config.security)
+    service = RouterService(model, registry, admission, dispatcher, request_timeout_s=config.request_timeout_s)
 
     grpc_server, health_servicer, grpc_port = create_grpc_server(
-        service, f"{config.grpc_host}:{config.grpc_port}"
+        service, f"{config.grpc_host}:{config.grpc_port}", config.security, config.api_key
     )
     await grpc_server.start()
     for name in ("", "kvferry.generate.v1.Generate", "kvferry.router.v1.Router"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     http = _Server(uvicorn.Config(
-        create_app(service), host=config.host, port=config.port, log_level="warning",
+        create_app(service, config.api_key, config.max_body_bytes), host=config.host, port=config.port, log_level="warning",
         timeout_graceful_shutdown=int(config.shutdown_grace_s) or None, lifespan="off",
     ))
     stop = stop or asyncio.Event()
@@ -182,6 +191,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds in-flight requests get to finish on SIGTERM before they are cut "
                              "(default %(default)s)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"key clients must send as 'Authorization: Bearer <key>' (HTTP) or authorization "
+                             f"metadata (gRPC Generate); default: ${API_KEY_ENV}; none: the API is open")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="largest HTTP request body; larger ones get 413 (default %(default)s)")
+    parser.add_argument("--request-timeout", type=float, default=RouterConfig.request_timeout_s,
+                        help="seconds a request may take in all before it is aborted with 504 / "
+                             "DEADLINE_EXCEEDED (default %(default)s; 0: no deadline)")
+    add_security_arguments(parser)  # the cluster token workers must present, and mutual TLS
     add_placement_arguments(parser)
     add_profile_arguments(parser)  # the router uses the TTFT target and the local prefill threshold
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error (default info)")
@@ -219,6 +237,10 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         admission=AdmissionConfig(max_waiting=args.max_queue, timeout_s=args.queue_timeout),
         dispatch=DispatchConfig(ttft_slo_ms=_profile(args).ttft_slo_ms, max_migrations=args.max_migrations),
         placement=_placement(args),
+        api_key=api_key_from(args.api_key),
+        security=security_from_args(args),
+        max_body_bytes=args.max_body_bytes,
+        request_timeout_s=args.request_timeout,
     )
 
 

@@ -9,11 +9,16 @@ cancels its request, which aborts it on every worker.
 Where the time went (router/timings.py) comes back to the client as ``kvferry_timings`` (phase ->
 seconds) in the response body, or in the last SSE chunk before ``[DONE]``; a non-streaming response also
 has it in the ``x-kvferry-timings`` header (a stream's headers leave before the timings exist).
+
+Before any handler: the API key (router/auth.py) and the body-size limit (router/body_limit.py). A
+request's body is parsed and tokenized on a worker thread, off the event loop. A client's
+``X-Request-Id`` header comes back on the response; the ids workers see are the router's own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -22,10 +27,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kvferry.router.auth import APIKeyMiddleware
+from kvferry.router.body_limit import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from kvferry.router.openai_extras import add_routes, model_card, parse_json
 from kvferry.router.openai_protocol import ChoiceResult, Formatter, parse_chat, parse_completion, usage_of
 from kvferry.router.registry import WorkerRole
-from kvferry.router.request import APIError, ChoiceDelta, GenerationRequest
+from kvferry.router.request import APIError, ChoiceDelta, GenerationRequest, check_client_request_id
 from kvferry.router.service import RouterService
 from kvferry.router.timings import format_timings
 
@@ -69,8 +76,16 @@ async def race_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
     return work.result()
 
 
-def create_app(service: RouterService) -> FastAPI:
+def _parse(parse: Callable, raw: bytes, service: RouterService, client_request_id: str) -> GenerationRequest:
+    gen = parse(parse_json(raw), service.model)
+    return dataclasses.replace(gen, client_request_id=client_request_id) if client_request_id else gen
+
+
+def create_app(service: RouterService, api_key: str = "", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="kvferry router", docs_url=None, redoc_url=None)
+    app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)  # added last: runs first, before the body is read
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -87,10 +102,18 @@ def create_app(service: RouterService) -> FastAPI:
 
     async def serve(request: Request, parse: Callable, chat: bool, api: str) -> Response:
         try:
-            gen = parse(parse_json(await request.body()), service.model)
+            client_id = check_client_request_id(request.headers.get("x-request-id", ""), "X-Request-Id")
+            # Tokenizing a long prompt takes milliseconds: on a thread, other requests' streams keep flowing.
+            gen = await asyncio.to_thread(_parse, parse, await request.body(), service, client_id)
         except APIError:
             service.metrics.requests.labels(api, "invalid").inc()
             raise
+        response = await _generate(request, gen, chat, api)
+        if gen.client_request_id:
+            response.headers["x-request-id"] = gen.client_request_id
+        return response
+
+    async def _generate(request: Request, gen: GenerationRequest, chat: bool, api: str) -> Response:
         formatter = Formatter(gen, service.model, chat)
         deltas = service.generate(gen)
         try:

@@ -73,11 +73,46 @@ def detokenize(body: Any, model: ServedModel) -> dict:
     return {"prompt": model.tokenizer.decode(list(ids))}
 
 
+MAX_JSON_DEPTH = 32  # the deepest request shape (chat content parts) nests 5 levels
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_json(raw: bytes) -> Any:
+    """The body as JSON, or a 400 ``invalid_json``: malformed, not UTF-8, NaN/Infinity, integers of more
+    digits than Python converts, nesting deeper than ``MAX_JSON_DEPTH``, lone UTF-16 surrogates."""
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        value = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int_max_str_digits, NaN
         raise APIError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    _check_json_value(value)
+    return value
+
+
+def _check_json_value(value: Any) -> None:
+    """Depth and strings, without recursion; a lone surrogate (``"\\ud800"``) is valid JSON but no text
+    the tokenizer, the chat template or a response can carry."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError("the request body has a string with a lone UTF-16 surrogate (not text)",
+                               code="invalid_json") from None
+        elif isinstance(item, (list, dict)):
+            if depth > MAX_JSON_DEPTH:
+                raise APIError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+            if isinstance(item, dict):
+                stack.extend((k, depth) for k in item)
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
 
 
 def add_routes(app: FastAPI, served_model: Callable[[], ServedModel]) -> None:

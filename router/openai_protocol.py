@@ -24,6 +24,7 @@ from kvferry.router.request import (
 )
 
 MAX_N = 16
+MAX_CHOICES = 64  # prompts x n in one request: each choice is a request of its own on the workers
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 _NUMBER = (int, float)
 
@@ -112,6 +113,9 @@ def _finish(
     n = fields_.get("n")
     if n is not None and not 1 <= n <= MAX_N:
         raise APIError(f"n must be an integer in [1, {MAX_N}], got {n}", param="n", code="invalid_value")
+    if len(prompts) * (n or 1) > MAX_CHOICES:
+        raise APIError(f"{len(prompts)} prompts x n={n or 1} is {len(prompts) * (n or 1)} choices; at most "
+                       f"{MAX_CHOICES} in one request", param="n", code="invalid_value")
     max_tokens_given = fields_["max_tokens"] is not None
     if not max_tokens_given and default_max_tokens is not None:
         fields_["max_tokens"] = default_max_tokens
@@ -147,6 +151,9 @@ def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
     if "prompt" not in body or body["prompt"] is None:
         raise APIError("prompt is required", param="prompt", code="missing_required_parameter")
     raw = body["prompt"]
+    if isinstance(raw, list) and raw and isinstance(raw[0], (str, list)) and len(raw) > MAX_CHOICES:
+        raise APIError(f"prompt: at most {MAX_CHOICES} prompts in one request, got {len(raw)}", param="prompt",
+                       code="invalid_value")  # checked before tokenizing any of them
     prompts: list[tuple[int, ...]]
     if isinstance(raw, str):
         prompts = [encode_text(model, raw, "prompt")]

@@ -45,6 +45,12 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def deadline_exceeded(timeout_s: float) -> APIError:
+    """The router's per-request deadline (``--request-timeout``) passed; the request is aborted."""
+    return APIError(f"the request did not finish within the router's {timeout_s:g} s deadline",
+                    code="timeout", status=504, type="server_error")
+
+
 def unavailable(message: str, code: str = "no_capacity") -> APIError:
     return APIError(message, code=code, status=503, type="service_unavailable")
 
@@ -79,6 +85,9 @@ class GenerationRequest:
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False  # streaming: a last chunk with usage (OpenAI stream_options)
+    # The client's own id (gRPC request_id, HTTP X-Request-Id): echoed back, never sent to a worker,
+    # where two clients' equal ids would collide; ``request_id`` is always the router's.
+    client_request_id: str = ""
 
     @property
     def num_choices(self) -> int:
@@ -159,6 +168,17 @@ def check_context(
             )
         params = params.with_(max_tokens=room)
     return params
+
+
+MAX_CLIENT_REQUEST_ID_CHARS = 256
+
+
+def check_client_request_id(value: str, param: str) -> str:
+    """A client's request id, to echo: printable ASCII, at most ``MAX_CLIENT_REQUEST_ID_CHARS``."""
+    if len(value) > MAX_CLIENT_REQUEST_ID_CHARS or not (value.isascii() and value.isprintable()):
+        raise APIError(f"{param} must be at most {MAX_CLIENT_REQUEST_ID_CHARS} printable ASCII characters",
+                       param=param, code="invalid_value")
+    return value
 
 
 def check_token_ids(model: ServedModel, ids: Sequence[object], param: str) -> tuple[int, ...]:

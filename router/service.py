@@ -21,7 +21,9 @@ from kvferry.router.dispatch import Dispatcher, TransferStats
 from kvferry.router.metrics import RouterMetrics
 from kvferry.router.output import ChoiceState
 from kvferry.router.registry import WorkerRegistry
-from kvferry.router.request import APIError, ChoiceDelta, GenerationRequest, ServedModel, unavailable
+from kvferry.router.request import (
+    APIError, ChoiceDelta, GenerationRequest, ServedModel, deadline_exceeded, unavailable,
+)
 from kvferry.router.timings import PHASES, RequestTimeline, format_timings
 
 logger = logging.getLogger(__name__)
@@ -29,9 +31,11 @@ logger = logging.getLogger(__name__)
 
 class RouterService:
     def __init__(
-        self, model: ServedModel, registry: WorkerRegistry, admission: AdmissionQueue, dispatcher: Dispatcher
+        self, model: ServedModel, registry: WorkerRegistry, admission: AdmissionQueue, dispatcher: Dispatcher,
+        request_timeout_s: float = 0.0,
     ) -> None:
         self._model = model
+        self.request_timeout_s = request_timeout_s  # a request not done by then is aborted (504); 0 = none
         self.registry = registry
         self.admission = admission
         self.dispatcher = dispatcher
@@ -70,9 +74,16 @@ class RouterService:
             self.metrics.prompt_tokens.inc(len(p))
         self.num_running += 1
         remaining = request.num_choices
+        deadline = arrival + self.request_timeout_s if self.request_timeout_s else None
         try:
             while remaining:
-                item = await queue.get()
+                if deadline is None:
+                    item = await queue.get()
+                else:
+                    try:
+                        item = await asyncio.wait_for(queue.get(), max(deadline - time.perf_counter(), 0.0))
+                    except TimeoutError:  # the finally below cancels every choice: aborted on its workers
+                        raise deadline_exceeded(self.request_timeout_s) from None
                 if isinstance(item, BaseException):
                     raise item
                 if item.finish_reason is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from kvferry.proto import kv_transfer_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from kvferry.proto.cluster_security import ClusterSecurity
 
 BLOCK_SIZE = 16
 FINGERPRINT = router_pb2.ModelFingerprint(
@@ -170,21 +171,24 @@ class ScriptedPrefill(worker_pb2_grpc.PrefillWorkerServicer):
 
 
 class WorkerProcess:
-    """A scripted worker's gRPC server plus its registration and heartbeat thread."""
+    """A scripted worker's gRPC server plus its registration and heartbeat thread; ``security``: the
+    cluster token its server checks and its router channel sends, and mutual TLS, as a real worker's."""
 
     def __init__(self, servicer, role: int, router_address: str, heartbeat: bool = True,
-                 fingerprint: router_pb2.ModelFingerprint = FINGERPRINT) -> None:
+                 fingerprint: router_pb2.ModelFingerprint = FINGERPRINT,
+                 security: ClusterSecurity = ClusterSecurity()) -> None:
         self.servicer = servicer
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
+                                  interceptors=security.server_interceptors())
         if isinstance(servicer, ScriptedDecode):
             worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, self.server)
         else:
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server(servicer, self.server)
-        port = self.server.add_insecure_port("127.0.0.1:0")
+        port = security.add_port(self.server, "127.0.0.1:0")
         self.address = f"127.0.0.1:{port}"
         servicer.address = self.address
         self.server.start()
-        self.channel = grpc.insecure_channel(router_address)
+        self.channel = security.channel(router_address)
         self.router = router_pb2_grpc.RouterStub(self.channel)
         self.role = role
         self.fingerprint = fingerprint
