@@ -31,6 +31,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from kvferry.deploy.ray_args import add_ray_arguments
 from kvferry.engine.config import ConfigError
 from kvferry.engine.device import add_device_arguments, kv_cache_sizing, resolve_device
 from kvferry.engine.profiles import add_profile_arguments, profile_argv
@@ -179,7 +180,8 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
     if args.max_model_len:
         common += ["--max-model-len", str(args.max_model_len)]
     router_argv += common + profile_argv(args)  # the router sends what is left of the TTFT target
-    for flag in ("local_prefill", "local_prefill_max_tokens", "local_prefill_cached_fraction", "max_migrations"):
+    for flag in ("local_prefill", "local_prefill_max_tokens", "local_prefill_cached_fraction", "max_migrations",
+                 "worker_lease"):
         if getattr(args, flag, None) is not None:
             router_argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     worker_common = [*common, *profile_argv(args), "--router", router_addr, "--host", args.host, "--port", "0"]
@@ -256,6 +258,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-migrations", type=int, default=None,
                         help="times one request may move to another worker after the one it ran on was lost "
                              "(the router's flag; default 2)")
+    parser.add_argument("--worker-lease", type=float, default=None,
+                        help="seconds without a heartbeat before the router drops a worker and moves its "
+                             "requests (the router's flag; default 3)")
     parser.add_argument("--max-restarts", type=int, default=RestartPolicy.max_restarts,
                         help="a process that exits this many times within --restart-window is not started again "
                              f"(default {RestartPolicy.max_restarts})")
@@ -268,6 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="quantized GGUF weights, prompt-sized products: dense (a dequantized copy, fast prefill, more memory), per-call (dequantize on every call, the least memory); default auto: dense where the copy takes at most a quarter of the available memory")
     parser.add_argument("--max-model-len", type=int, default=None, help="context limit (router and workers)")
     add_device_arguments(parser)  # the workers' device and KV cache size
+    add_ray_arguments(parser)  # --ray: the same cluster on a Ray cluster (deploy/ray_serve.py)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (KVFERRY_NUM_THREADS; default: the cores split between the workers)")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds in-flight requests get to finish on shutdown")
@@ -285,6 +291,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray:  # Ray is imported only then
+        from kvferry.deploy.ray_serve import serve_on_ray
+
+        return serve_on_ray(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cluster = build_cluster(args)

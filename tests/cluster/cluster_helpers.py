@@ -96,6 +96,9 @@ class Serve:
             raise
         if self.process.poll() is not None:
             raise AssertionError(f"kvferry serve exited: {self.output()[-3000:]}")
+        # The router answers before the launcher has seen it ready; only then does it supervise.
+        wait_for(lambda: "kvferry is serving at" in self.output() or self.process.poll() is not None, 30,
+                 "kvferry serve to print its URL")
         self.pids = children_of(self.process.pid)
 
     def workers(self) -> list[router_pb2.WorkerInfo]:
