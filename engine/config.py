@@ -62,6 +62,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = "model"
+    # SHA-256 of the weight files (loader/digest.py), set when the weights are loaded; "" when only the
+    # config was read. Part of the KV fingerprint: same config, other weights is another model.
+    weights_digest: str = ""
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -176,6 +179,12 @@ def default_model_path() -> str:
         )
     # Not imported: its __init__ needs the `llm` and `llama_cpp` packages, which we do not use.
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def cache_dir() -> str:
+    """Where kvferry keeps what it can recompute (weight digests): ``$XDG_CACHE_HOME/kvferry``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kvferry")
 
 
 def num_threads() -> int | None:

@@ -16,6 +16,7 @@ exact as blocks run along a row. Anything else (norms, F16 or other quant types)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import mmap
 import os
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from kvferry.engine.config import ConfigError, ModelConfig, RopeScaling
 from kvferry.engine.loader import LoadedModel, build_model, checkpoint_shapes
+from kvferry.engine.loader.digest import weights_digest
 from kvferry.engine.tokenizer import Tokenizer
 from kvferry.kernels import quant
 from kvferry.kernels.quant import QuantWeight
@@ -326,7 +328,7 @@ def load_gguf(
     path: str, dtype: torch.dtype, device: str = "cpu", weights: str | None = "dequantized"
 ) -> LoadedModel:
     gf = read_gguf(path)
-    config = config_from_gguf(gf)
+    config = dataclasses.replace(config_from_gguf(gf), weights_digest=weights_digest([path]))
     quantized = resolve_weights(weights, device) == "quantized"
     model = build_model(config, load_gguf_weights(gf, config, dtype, quantized), dtype, device)
     tokenizer = Tokenizer.from_gguf(path, config.eos_token_ids)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from kvferry.engine.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig, RopeScaling
 from kvferry.engine.loader import LoadedModel, build_model, checkpoint_shapes
+from kvferry.engine.loader.digest import weights_digest
 from kvferry.engine.tokenizer import Tokenizer
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -149,6 +151,8 @@ def read_hf_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
 def load_hf(path: str, dtype: torch.dtype, device: str = "cpu") -> LoadedModel:
     config, generation_config = read_hf_config(path)
     model = build_model(config, load_hf_weights(path, config, dtype), dtype, device)
+    # After loading, which names a missing or unreadable shard better than a failed hash would.
+    config = dataclasses.replace(config, weights_digest=weights_digest(_weight_files(path)))
     tokenizer = Tokenizer.from_dir(path, config.eos_token_ids)
     generation_config["eos_token_id"] = list(tokenizer.eos_token_ids)
     return LoadedModel(model, config, tokenizer, generation_config)
