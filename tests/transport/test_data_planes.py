@@ -152,9 +152,10 @@ def test_receiver_cancel_mid_transfer_fails_the_sender_fast_and_stops_writes(ser
 
 class FlippingProxy:
     """A TCP proxy that flips one bit in the first run of 64 ``marker`` bytes it forwards towards the
-    receiver: corruption on the wire, past the framing."""
+    receiver (corruption on the wire, past the framing); with ``marker`` None, the byte 4096 bytes into
+    the stream (inside the first chunk of a large enough payload)."""
 
-    def __init__(self, upstream: tuple[str, int], marker: int):
+    def __init__(self, upstream: tuple[str, int], marker: int | None):
         self.upstream, self.marker = upstream, marker
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
@@ -172,14 +173,19 @@ class FlippingProxy:
             threading.Thread(target=self._pump, args=(up, client, False), daemon=True).start()
 
     def _pump(self, src, dst, towards_receiver):
+        seen = 0
         try:
             while data := src.recv(1 << 16):
                 if towards_receiver and not self.flipped.is_set():
-                    at = bytes(data).find(bytes([self.marker]) * 64)
+                    if self.marker is None:
+                        at = 4096 - seen if seen <= 4096 < seen + len(data) else -1
+                    else:
+                        at = bytes(data).find(bytes([self.marker]) * 64) + 32 if bytes([self.marker]) * 64 in data else -1
                     if at >= 0:
                         data = bytearray(data)
-                        data[at + 32] ^= 0x01
+                        data[at] ^= 0x01
                         self.flipped.set()
+                seen += len(data)
                 dst.sendall(data)
         except OSError:
             pass
