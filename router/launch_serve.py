@@ -39,6 +39,7 @@ from kvferry.proto.cluster_security import TOKEN_ENV
 from kvferry.router.auth import API_KEY_ENV
 from kvferry.router.placement import add_placement_arguments
 from kvferry.router.supervisor import RestartPolicy, Supervisor
+from kvferry.transport.negotiation import KV_TRANSPORT_CHOICES
 
 logger = logging.getLogger("kvferry.serve")
 
@@ -192,6 +193,8 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
     if args.prompt_weights:
         worker_common += ["--prompt-weights", args.prompt_weights]
     worker_common += device_argv(args)
+    if args.kv_transport:
+        worker_common += ["--kv-transport", args.kv_transport]
     if args.num_decode < 1 or args.num_prefill < (0 if args.colocated else 1):
         raise ConfigError(f"need at least one decode worker and (without --colocated) one prefill worker; got "
                           f"--num-decode {args.num_decode} --num-prefill {args.num_prefill}")
@@ -269,6 +272,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="model dtype for the workers (default: auto)")
     parser.add_argument("--weights", default=None, choices=["auto", "quantized", "dequantized"],
                         help="GGUF weights of the workers: quantized or dequantized (default: auto)")
+    parser.add_argument("--kv-transport", default=None, choices=KV_TRANSPORT_CHOICES,
+                        help="data plane for KV between the workers, passed to each (default auto: shm on this one host)")
     parser.add_argument("--prompt-weights", default=None, choices=["auto", "dense", "per-call"],
                         help="quantized GGUF weights, prompt-sized products: dense (a dequantized copy, fast prefill, more memory), per-call (dequantize on every call, the least memory); default auto: dense where the copy takes at most a quarter of the available memory")
     parser.add_argument("--max-model-len", type=int, default=None, help="context limit (router and workers)")
