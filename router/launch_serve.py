@@ -234,15 +234,17 @@ def device_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def curl_example(url: str, model: str) -> str:
+def curl_example(url: str, model: str, api_key: str = "") -> str:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello in French."}],
                        "max_tokens": 32})
-    return f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
+    auth = " -H 'Authorization: Bearer <your API key>'" if api_key else ""  # the key itself stays off the screen
+    return f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
 
 
-def _model_name(url: str) -> str:
+def _model_name(url: str, api_key: str = "") -> str:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
+        with urllib.request.urlopen(urllib.request.Request(url + "/v1/models", headers=headers), timeout=5) as r:
             return json.load(r)["data"][0]["id"]
     except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError):
         return "default"
@@ -322,8 +324,9 @@ def run(args: argparse.Namespace) -> int:
             mode = f"{args.num_decode} colocated worker{'s' * (args.num_decode > 1)} (both phases)"
         else:
             mode = f"{args.num_prefill} prefill + {args.num_decode} decode worker{'s' * (args.num_decode > 1)}"
+        key = cluster.env.get(API_KEY_ENV, "")  # given with --api-key, or inherited
         print(f"\nkvferry is serving at {cluster.http_url}/v1 ({mode}); gRPC Generate at {cluster.grpc_address}\n"
-              f"try:\n  {curl_example(cluster.http_url, _model_name(cluster.http_url))}\n"
+              f"try:\n  {curl_example(cluster.http_url, _model_name(cluster.http_url, key), key)}\n"
               f"stop with Ctrl-C\n", flush=True)
         policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window)
         supervisor = Supervisor(cluster.children, cluster.env, policy)
