@@ -96,6 +96,10 @@ class DecodeWorkerServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def GetStats(self, request: worker_pb2.StatsRequest, context: grpc.ServicerContext) -> worker_pb2.WorkerStats:
         return worker_pb2.WorkerStats(**self.worker.stats())
 
+    def Renew(self, request: worker_pb2.RenewRequest, context: grpc.ServicerContext) -> worker_pb2.RenewResponse:
+        with worker_errors(context, NoRoom, "decode"):
+            return worker_pb2.RenewResponse(found=self.worker.renew(request.request_id))
+
 
 def create_decode_server(
     worker: DecodeWorker, host: str, port: int, advertise_host: str | None = None,

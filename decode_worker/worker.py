@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvferry.engine.engine import LLMEngine, RequestOutput
-from kvferry.engine.engine_loop import EngineLoop
+from kvferry.engine.engine_loop import EngineLoop, busy_ms
 from kvferry.engine.request import PrefillTimings
 from kvferry.engine.sampling import SamplingParams, TokenLogprobs
 from kvferry.transport.base import FirstToken, KVFingerprint, TransferError, TransferState
@@ -191,6 +191,11 @@ class DecodeWorker:
         """The subscriber is gone (it read the last event, or it disconnected: then abort)."""
         self._loop.post(lambda: self._finish_subscription(request_id))
 
+    def renew(self, request_id: str) -> bool:
+        """Restart the lease of a reservation still waiting for its KV (its prompt is queued or running
+        on a prefill worker); False if there is none under that id."""
+        return self._loop.call(lambda: self._renew(request_id))
+
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
         return bool(self._loop.call(lambda: self._abort(request_id, "abort", reason)))
 
@@ -216,6 +221,7 @@ class DecodeWorker:
             kv_transfer_failures_total=self.counters.transfers_failed_total,
             leases_expired_total=self.counters.leases_expired_total,
             requests_rejected_total=self.engine.scheduler.num_rejected,
+            engine_busy_ms=busy_ms(self._loop),
         )
 
     def _queued_local_prefill_tokens(self, tracked: list[_Tracked]) -> int:
@@ -280,6 +286,13 @@ class DecodeWorker:
             next_index=len(resumed or ()),
         )
         return Reservation(request_id, block_ids, self.instance_id, lease_s)
+
+    def _renew(self, request_id: str) -> bool:
+        tracked = self._tracked.get(request_id)
+        if tracked is None or tracked.finished or not tracked.waiting_for_kv:
+            return False
+        tracked.deadline = self.clock() + tracked.lease_s
+        return True
 
     def _commit(self, request_id: str, first_token: FirstToken) -> None:
         tracked = self._tracked.get(request_id)

@@ -12,12 +12,18 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
 logger = logging.getLogger(__name__)
 
 MAX_COMMANDS_PER_TURN = 1024  # bounded: the step must not starve
+
+
+def busy_ms(loop: EngineLoop) -> int:
+    """``loop.busy_seconds()`` in whole milliseconds, capped to fit a uint32 (a dead loop: the cap)."""
+    return int(min(loop.busy_seconds() * 1000.0, 2**32 - 1))
 
 
 class EngineLoop:
@@ -38,6 +44,7 @@ class EngineLoop:
         self._commands: queue.Queue[tuple[Callable[[], object], Future | None]] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._turn_started: float | None = None  # set while a turn (or a command) runs
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -45,6 +52,15 @@ class EngineLoop:
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def busy_seconds(self) -> float:
+        """How long the loop has been inside its current turn or command (0 while it waits for work): a
+        loop that is wedged, or whose thread died, shows it here while the worker's heartbeat thread
+        still answers."""
+        if not self.is_alive():
+            return float("inf") if self._thread is not None else 0.0
+        started = self._turn_started
+        return 0.0 if started is None else max(0.0, time.monotonic() - started)
 
     def stop(self, timeout_s: float = 5.0, last: Callable[[], object] | None = None) -> None:
         """Run ``last`` on the loop (if it still runs; waits up to ``timeout_s``), then end the thread."""
@@ -78,12 +94,16 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                self._turn_started = time.monotonic()
                 busy = self._run_commands(wait_s=0.0)
                 wait_s = self._turn()
+                self._turn_started = None
                 if not busy and wait_s > 0:
                     self._run_commands(wait_s=wait_s)
             except Exception:  # a bug in a turn must not end the thread: the worker fails its requests
                 self._on_error()
+            finally:
+                self._turn_started = None
 
     def _run_commands(self, wait_s: float) -> bool:
         """Run queued commands; with ``wait_s`` > 0 wait that long for the first. True if any ran."""
@@ -94,6 +114,7 @@ class EngineLoop:
             except queue.Empty:
                 break
             ran = True
+            self._turn_started = time.monotonic()
             if future is not None and not future.set_running_or_notify_cancel():
                 continue  # the caller gave up waiting; do not act on a stale command
             try:

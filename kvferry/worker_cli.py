@@ -142,6 +142,7 @@ def capacity_from_stats(stats: dict) -> router_pb2.WorkerCapacity:
         kv_transfer_seconds_total=stats["kv_transfer_seconds_total"],
         kv_transfers_total=stats["kv_transfers_total"],
         max_running_requests=stats["max_running_requests"],
+        engine_busy_ms=stats.get("engine_busy_ms", 0),
     )
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from kvferry.engine.engine import LLMEngine, RequestOutput
-from kvferry.engine.engine_loop import EngineLoop
+from kvferry.engine.engine_loop import EngineLoop, busy_ms
 from kvferry.engine.profiles import SLORefusal
 from kvferry.engine.request import PrefillTimings
 from kvferry.engine.sampling import SamplingParams, TokenLogprobs
@@ -202,6 +202,7 @@ class PrefillWorker:
             kv_transfers_total=self.kv_transfers_total,
             kv_transfer_failures_total=self.kv_transfer_failures_total,
             requests_rejected_total=self.engine.scheduler.num_rejected,
+            engine_busy_ms=busy_ms(self._loop),
         )
 
     # ---- the loop (its thread) -------------------------------------------------------------------

@@ -45,7 +45,7 @@ class ModelFingerprint(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_digest: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_layout: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class WorkerCapacity(_message.Message):
-    __slots__ = ("total_kv_blocks", "free_kv_blocks", "queued_prefill_tokens", "running_requests", "waiting_requests", "kv_bytes_sent_total", "kv_bytes_received_total", "kv_transfer_seconds_total", "kv_transfers_total", "max_running_requests")
+    __slots__ = ("total_kv_blocks", "free_kv_blocks", "queued_prefill_tokens", "running_requests", "waiting_requests", "kv_bytes_sent_total", "kv_bytes_received_total", "kv_transfer_seconds_total", "kv_transfers_total", "max_running_requests", "engine_busy_ms")
     TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class WorkerCapacity(_message.Message):
     KV_TRANSFER_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_BUSY_MS_FIELD_NUMBER: _ClassVar[int]
     total_kv_blocks: int
     free_kv_blocks: int
     queued_prefill_tokens: int
@@ -66,7 +67,8 @@ class WorkerCapacity(_message.Message):
     kv_transfer_seconds_total: float
     kv_transfers_total: int
     max_running_requests: int
-    def __init__(self, total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_bytes_sent_total: _Optional[int] = ..., kv_bytes_received_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., kv_transfers_total: _Optional[int] = ..., max_running_requests: _Optional[int] = ...) -> None: ...
+    engine_busy_ms: int
+    def __init__(self, total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_bytes_sent_total: _Optional[int] = ..., kv_bytes_received_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., kv_transfers_total: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., engine_busy_ms: _Optional[int] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
     __slots__ = ("role", "address", "fingerprint", "capacity", "worker_name", "kv_address", "version")

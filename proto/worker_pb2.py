@@ -26,7 +26,7 @@ from kvferry.proto import generate_pb2 as generate__pb2
 from kvferry.proto import kv_transfer_pb2 as kv__transfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x0ekvferry.worker\x1a\x0egenerate.proto\x1a\x11kv_transfer.proto\"\xd9\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x35\n\x08sampling\x18\x03 \x01(\x0b\x32#.kvferry.generate.v1.SamplingParams\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x17\n\x0fprefill_locally\x18\x05 \x01(\x08\x12\x16\n\x0ettft_budget_ms\x18\x06 \x01(\r\x12\x1f\n\x17resume_output_token_ids\x18\x07 \x03(\r\"h\n\x0fReserveResponse\x12\x11\n\tblock_ids\x18\x01 \x03(\r\x12\x1c\n\x14receiver_instance_id\x18\x02 \x01(\t\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\x12\x12\n\nkv_address\x18\x04 \x01(\t\"#\n\rStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xef\x02\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x34\n\x08logprobs\x18\x04 \x03(\x0b\x32\".kvferry.kv_transfer.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\"\n\x15prefill_queue_seconds\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12$\n\x17prefill_compute_seconds\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x11num_cached_tokens\x18\n \x01(\rH\x02\x88\x01\x01\x42\x18\n\x16_prefill_queue_secondsB\x1a\n\x18_prefill_compute_secondsB\x14\n\x12_num_cached_tokens\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xde\x03\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x04 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x05 \x01(\r\x12\x16\n\x0eused_kv_blocks\x18\x06 \x01(\r\x12\x18\n\x10running_requests\x18\x07 \x01(\r\x12\x18\n\x10waiting_requests\x18\x08 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\t \x01(\r\x12\x1c\n\x14max_running_requests\x18\n \x01(\r\x12\x1b\n\x13kv_bytes_sent_total\x18\x0b \x01(\x04\x12\x1f\n\x17kv_bytes_received_total\x18\x0c \x01(\x04\x12!\n\x19kv_transfer_seconds_total\x18\r \x01(\x01\x12\x1a\n\x12kv_transfers_total\x18\x0e \x01(\x04\x12\"\n\x1akv_transfer_failures_total\x18\x0f \x01(\x04\x12\x1c\n\x14leases_expired_total\x18\x10 \x01(\x04\x12\x1f\n\x17requests_rejected_total\x18\x11 \x01(\x04\"\xd2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x35\n\x08sampling\x18\x03 \x01(\x0b\x32#.kvferry.generate.v1.SamplingParams\x12\x12\n\nkv_address\x18\x04 \x01(\t\x12\x11\n\tblock_ids\x18\x05 \x03(\r\x12\x1c\n\x14receiver_instance_id\x18\x06 \x01(\t\x12\x16\n\x0ettft_budget_ms\x18\x07 \x01(\r\"\x8f\x03\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12:\n\x0e\x66irst_logprobs\x18\x03 \x01(\x0b\x32\".kvferry.kv_transfer.TokenLogprobs\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x04\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x07 \x01(\x01\x12\"\n\x15prefill_queue_seconds\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12$\n\x17prefill_compute_seconds\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x11num_cached_tokens\x18\n \x01(\rH\x02\x88\x01\x01\x42\x18\n\x16_prefill_queue_secondsB\x1a\n\x18_prefill_compute_secondsB\x14\n\x12_num_cached_tokens2\xae\x02\n\x0c\x44\x65\x63odeWorker\x12J\n\x07Reserve\x12\x1e.kvferry.worker.ReserveRequest\x1a\x1f.kvferry.worker.ReserveResponse\x12\x45\n\x06Stream\x12\x1d.kvferry.worker.StreamRequest\x1a\x1a.kvferry.worker.TokenEvent0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.kvferry.worker.AbortRequest\x1a\x1d.kvferry.worker.AbortResponse\x12\x45\n\x08GetStats\x12\x1c.kvferry.worker.StatsRequest\x1a\x1b.kvferry.worker.WorkerStats2\xe8\x01\n\rPrefillWorker\x12J\n\x07Prefill\x12\x1e.kvferry.worker.PrefillRequest\x1a\x1f.kvferry.worker.PrefillResponse\x12\x44\n\x05\x41\x62ort\x12\x1c.kvferry.worker.AbortRequest\x1a\x1d.kvferry.worker.AbortResponse\x12\x45\n\x08GetStats\x12\x1c.kvferry.worker.StatsRequest\x1a\x1b.kvferry.worker.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x0ekvferry.worker\x1a\x0egenerate.proto\x1a\x11kv_transfer.proto\"\xd9\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x35\n\x08sampling\x18\x03 \x01(\x0b\x32#.kvferry.generate.v1.SamplingParams\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x17\n\x0fprefill_locally\x18\x05 \x01(\x08\x12\x16\n\x0ettft_budget_ms\x18\x06 \x01(\r\x12\x1f\n\x17resume_output_token_ids\x18\x07 \x03(\r\"h\n\x0fReserveResponse\x12\x11\n\tblock_ids\x18\x01 \x03(\r\x12\x1c\n\x14receiver_instance_id\x18\x02 \x01(\t\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\x12\x12\n\nkv_address\x18\x04 \x01(\t\"\"\n\x0cRenewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rRenewResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"#\n\rStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xef\x02\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x34\n\x08logprobs\x18\x04 \x03(\x0b\x32\".kvferry.kv_transfer.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\"\n\x15prefill_queue_seconds\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12$\n\x17prefill_compute_seconds\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x11num_cached_tokens\x18\n \x01(\rH\x02\x88\x01\x01\x42\x18\n\x16_prefill_queue_secondsB\x1a\n\x18_prefill_compute_secondsB\x14\n\x12_num_cached_tokens\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xf6\x03\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x04 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x05 \x01(\r\x12\x16\n\x0eused_kv_blocks\x18\x06 \x01(\r\x12\x18\n\x10running_requests\x18\x07 \x01(\r\x12\x18\n\x10waiting_requests\x18\x08 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\t \x01(\r\x12\x1c\n\x14max_running_requests\x18\n \x01(\r\x12\x1b\n\x13kv_bytes_sent_total\x18\x0b \x01(\x04\x12\x1f\n\x17kv_bytes_received_total\x18\x0c \x01(\x04\x12!\n\x19kv_transfer_seconds_total\x18\r \x01(\x01\x12\x1a\n\x12kv_transfers_total\x18\x0e \x01(\x04\x12\"\n\x1akv_transfer_failures_total\x18\x0f \x01(\x04\x12\x1c\n\x14leases_expired_total\x18\x10 \x01(\x04\x12\x1f\n\x17requests_rejected_total\x18\x11 \x01(\x04\x12\x16\n\x0e\x65ngine_busy_ms\x18\x12 \x01(\r\"\xd2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x35\n\x08sampling\x18\x03 \x01(\x0b\x32#.kvferry.generate.v1.SamplingParams\x12\x12\n\nkv_address\x18\x04 \x01(\t\x12\x11\n\tblock_ids\x18\x05 \x03(\r\x12\x1c\n\x14receiver_instance_id\x18\x06 \x01(\t\x12\x16\n\x0ettft_budget_ms\x18\x07 \x01(\r\"\x8f\x03\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12:\n\x0e\x66irst_logprobs\x18\x03 \x01(\x0b\x32\".kvferry.kv_transfer.TokenLogprobs\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x04\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x07 \x01(\x01\x12\"\n\x15prefill_queue_seconds\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12$\n\x17prefill_compute_seconds\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x11num_cached_tokens\x18\n \x01(\rH\x02\x88\x01\x01\x42\x18\n\x16_prefill_queue_secondsB\x1a\n\x18_prefill_compute_secondsB\x14\n\x12_num_cached_tokens2\xf4\x02\n\x0c\x44\x65\x63odeWorker\x12J\n\x07Reserve\x12\x1e.kvferry.worker.ReserveRequest\x1a\x1f.kvferry.worker.ReserveResponse\x12\x45\n\x06Stream\x12\x1d.kvferry.worker.StreamRequest\x1a\x1a.kvferry.worker.TokenEvent0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.kvferry.worker.AbortRequest\x1a\x1d.kvferry.worker.AbortResponse\x12\x45\n\x08GetStats\x12\x1c.kvferry.worker.StatsRequest\x1a\x1b.kvferry.worker.WorkerStats\x12\x44\n\x05Renew\x12\x1c.kvferry.worker.RenewRequest\x1a\x1d.kvferry.worker.RenewResponse2\xe8\x01\n\rPrefillWorker\x12J\n\x07Prefill\x12\x1e.kvferry.worker.PrefillRequest\x1a\x1f.kvferry.worker.PrefillResponse\x12\x44\n\x05\x41\x62ort\x12\x1c.kvferry.worker.AbortRequest\x1a\x1d.kvferry.worker.AbortResponse\x12\x45\n\x08GetStats\x12\x1c.kvferry.worker.StatsRequest\x1a\x1b.kvferry.worker.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,24 +37,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESERVEREQUEST']._serialized_end=285
   _globals['_RESERVERESPONSE']._serialized_start=287
   _globals['_RESERVERESPONSE']._serialized_end=391
-  _globals['_STREAMREQUEST']._serialized_start=393
-  _globals['_STREAMREQUEST']._serialized_end=428
-  _globals['_TOKENEVENT']._serialized_start=431
-  _globals['_TOKENEVENT']._serialized_end=798
-  _globals['_ABORTREQUEST']._serialized_start=800
-  _globals['_ABORTREQUEST']._serialized_end=834
-  _globals['_ABORTRESPONSE']._serialized_start=836
-  _globals['_ABORTRESPONSE']._serialized_end=866
-  _globals['_STATSREQUEST']._serialized_start=868
-  _globals['_STATSREQUEST']._serialized_end=882
-  _globals['_WORKERSTATS']._serialized_start=885
-  _globals['_WORKERSTATS']._serialized_end=1363
-  _globals['_PREFILLREQUEST']._serialized_start=1366
-  _globals['_PREFILLREQUEST']._serialized_end=1576
-  _globals['_PREFILLRESPONSE']._serialized_start=1579
-  _globals['_PREFILLRESPONSE']._serialized_end=1978
-  _globals['_DECODEWORKER']._serialized_start=1981
-  _globals['_DECODEWORKER']._serialized_end=2283
-  _globals['_PREFILLWORKER']._serialized_start=2286
-  _globals['_PREFILLWORKER']._serialized_end=2518
+  _globals['_RENEWREQUEST']._serialized_start=393
+  _globals['_RENEWREQUEST']._serialized_end=427
+  _globals['_RENEWRESPONSE']._serialized_start=429
+  _globals['_RENEWRESPONSE']._serialized_end=459
+  _globals['_STREAMREQUEST']._serialized_start=461
+  _globals['_STREAMREQUEST']._serialized_end=496
+  _globals['_TOKENEVENT']._serialized_start=499
+  _globals['_TOKENEVENT']._serialized_end=866
+  _globals['_ABORTREQUEST']._serialized_start=868
+  _globals['_ABORTREQUEST']._serialized_end=902
+  _globals['_ABORTRESPONSE']._serialized_start=904
+  _globals['_ABORTRESPONSE']._serialized_end=934
+  _globals['_STATSREQUEST']._serialized_start=936
+  _globals['_STATSREQUEST']._serialized_end=950
+  _globals['_WORKERSTATS']._serialized_start=953
+  _globals['_WORKERSTATS']._serialized_end=1455
+  _globals['_PREFILLREQUEST']._serialized_start=1458
+  _globals['_PREFILLREQUEST']._serialized_end=1668
+  _globals['_PREFILLRESPONSE']._serialized_start=1671
+  _globals['_PREFILLRESPONSE']._serialized_end=2070
+  _globals['_DECODEWORKER']._serialized_start=2073
+  _globals['_DECODEWORKER']._serialized_end=2445
+  _globals['_PREFILLWORKER']._serialized_start=2448
+  _globals['_PREFILLWORKER']._serialized_end=2680
 # @@protoc_insertion_point(module_scope)

@@ -38,6 +38,18 @@ class ReserveResponse(_message.Message):
     kv_address: str
     def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., receiver_instance_id: _Optional[str] = ..., lease_ms: _Optional[int] = ..., kv_address: _Optional[str] = ...) -> None: ...
 
+class RenewRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class RenewResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
 class StreamRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -85,7 +97,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "instance_id", "block_size", "total_kv_blocks", "free_kv_blocks", "used_kv_blocks", "running_requests", "waiting_requests", "queued_prefill_tokens", "max_running_requests", "kv_bytes_sent_total", "kv_bytes_received_total", "kv_transfer_seconds_total", "kv_transfers_total", "kv_transfer_failures_total", "leases_expired_total", "requests_rejected_total")
+    __slots__ = ("role", "instance_id", "block_size", "total_kv_blocks", "free_kv_blocks", "used_kv_blocks", "running_requests", "waiting_requests", "queued_prefill_tokens", "max_running_requests", "kv_bytes_sent_total", "kv_bytes_received_total", "kv_transfer_seconds_total", "kv_transfers_total", "kv_transfer_failures_total", "leases_expired_total", "requests_rejected_total", "engine_busy_ms")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +115,7 @@ class WorkerStats(_message.Message):
     KV_TRANSFER_FAILURES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LEASES_EXPIRED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_REJECTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_BUSY_MS_FIELD_NUMBER: _ClassVar[int]
     role: str
     instance_id: str
     block_size: int
@@ -120,7 +133,8 @@ class WorkerStats(_message.Message):
     kv_transfer_failures_total: int
     leases_expired_total: int
     requests_rejected_total: int
-    def __init__(self, role: _Optional[str] = ..., instance_id: _Optional[str] = ..., block_size: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., used_kv_blocks: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., kv_bytes_sent_total: _Optional[int] = ..., kv_bytes_received_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., kv_transfers_total: _Optional[int] = ..., kv_transfer_failures_total: _Optional[int] = ..., leases_expired_total: _Optional[int] = ..., requests_rejected_total: _Optional[int] = ...) -> None: ...
+    engine_busy_ms: int
+    def __init__(self, role: _Optional[str] = ..., instance_id: _Optional[str] = ..., block_size: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., used_kv_blocks: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., kv_bytes_sent_total: _Optional[int] = ..., kv_bytes_received_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., kv_transfers_total: _Optional[int] = ..., kv_transfer_failures_total: _Optional[int] = ..., leases_expired_total: _Optional[int] = ..., requests_rejected_total: _Optional[int] = ..., engine_busy_ms: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_address", "block_ids", "receiver_instance_id", "ttft_budget_ms")

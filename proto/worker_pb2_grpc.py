@@ -54,6 +54,11 @@ class DecodeWorkerStub:
                 request_serializer=worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=worker__pb2.WorkerStats.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/kvferry.worker.DecodeWorker/Renew',
+                request_serializer=worker__pb2.RenewRequest.SerializeToString,
+                response_deserializer=worker__pb2.RenewResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeWorkerServicer:
@@ -83,6 +88,13 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """Extend a reservation's lease while its prompt waits or runs on a prefill worker (the router calls it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +117,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=worker__pb2.StatsRequest.FromString,
                     response_serializer=worker__pb2.WorkerStats.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=worker__pb2.RenewRequest.FromString,
+                    response_serializer=worker__pb2.RenewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +232,33 @@ class DecodeWorker:
             '/kvferry.worker.DecodeWorker/GetStats',
             worker__pb2.StatsRequest.SerializeToString,
             worker__pb2.WorkerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvferry.worker.DecodeWorker/Renew',
+            worker__pb2.RenewRequest.SerializeToString,
+            worker__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,7 +9,9 @@ Per request:
    none can take it the request waits in the ``AdmissionQueue`` (bounded, with a timeout).
 2. Subscribe to the decode worker's token ``Stream`` (before prefill, so nothing is missed).
 3. ``PrefillWorker.Prefill`` with the reservation: the prefill worker computes the KV, pushes it to the
-   decode worker and answers the first token. A local prefill skips this (``prefill_locally``).
+   decode worker and answers the first token; meanwhile the router renews the reservation's lease
+   (``Renew``, every third of it), so a prompt queued behind a backlog keeps its blocks. A local prefill
+   skips this (``prefill_locally``).
 4. Merge the first token and the decode stream by output index (either may arrive first; duplicates
    are dropped) and yield ``WorkerEvent``s in order until a finish reason.
 5. Leaving early (client gone, stop string found by the router, error) aborts the request on both
@@ -55,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
 PREFILL_ATTEMPTS = 12  # ~15 s of backoff when every prefill worker's queue is full
+DEFAULT_LEASE_S = 30.0  # a reservation's lease when the decode worker does not say (DecodeWorkerConfig)
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ class Dispatcher:
         self.policy = policy
         self.prefill_decisions: Counter[tuple[str, str]] = Counter()  # (local|remote, reason) -> requests
         self.migrations: Counter[str] = Counter()  # cause (or "exhausted": none left) -> requests moved
-        self._watchers: dict[str, set[Callable[[Worker], None]]] = {}  # address -> requests on that worker
+        self._watchers: dict[str, set[Callable[[Worker, str], None]]] = {}  # address -> its requests
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._users: dict[str, int] = {}  # address -> requests in flight on its channel
         self._retired: set[str] = set()  # addresses of workers that left: close once unused
@@ -178,17 +181,17 @@ class Dispatcher:
         if channel is not None:
             await channel.close(grace=None)
 
-    def worker_expired(self, worker: Worker) -> None:
-        """The registry removed ``worker`` for missed heartbeats (dead, stopped, wedged): its requests
-        move now, not when their streams time out."""
+    def worker_lost(self, worker: Worker, reason: str) -> None:
+        """``worker`` missed its heartbeats (dead, stopped) or its engine is wedged: its requests move
+        now, not when their streams time out."""
         for on_lost in list(self._watchers.get(worker.address, ())):
-            on_lost(worker)
+            on_lost(worker, reason)
 
-    def _watch(self, workers: list[Worker], on_lost: Callable[[Worker], None]) -> None:
+    def _watch(self, workers: list[Worker], on_lost: Callable[[Worker, str], None]) -> None:
         for w in workers:
             self._watchers.setdefault(w.address, set()).add(on_lost)
 
-    def _unwatch(self, workers: list[Worker], on_lost: Callable[[Worker], None]) -> None:
+    def _unwatch(self, workers: list[Worker], on_lost: Callable[[Worker, str], None]) -> None:
         for w in workers:
             watchers = self._watchers.get(w.address)
             if watchers is not None:
@@ -412,9 +415,8 @@ class Dispatcher:
             worker_pb2.StreamRequest(request_id=request_id), timeout=self.config.stream_timeout_s
         )
 
-        def on_lost(worker: Worker) -> None:
-            queue.put_nowait(("lost", (worker, f"{worker.role.name.lower()} worker {worker.address} missed its "
-                                               "heartbeats")))
+        def on_lost(worker: Worker, reason: str) -> None:
+            queue.put_nowait(("lost", (worker, f"{worker.role.name.lower()} worker {worker.address} {reason}")))
 
         watched = [decode] + ([prefill] if prefill is not None else [])
         self._watch(watched, on_lost)
@@ -474,9 +476,24 @@ class Dispatcher:
                 finally:
                     self.registry.on_prefill_done(worker)
 
+        async def renew_lease() -> None:
+            """While the prompt waits or runs on the prefill worker, the reservation must not expire: a
+            backlog is no failure. A dead router renews nothing, so the blocks still come back."""
+            interval = max(0.1, (placement.reservation.lease_ms / 1000.0 or DEFAULT_LEASE_S) / 3)
+            stub = self.decode_stub(decode)
+            while True:
+                await asyncio.sleep(interval)
+                if prefill_done:
+                    return
+                try:
+                    await stub.Renew(worker_pb2.RenewRequest(request_id=request_id), timeout=interval)
+                except grpc.aio.AioRpcError as exc:  # the stream reports a dead worker; a late renewal is harmless
+                    logger.debug("renewing %s on %s: %s", request_id, decode.address, exc.code().name)
+
         tasks = [asyncio.create_task(read_stream())]
         if prefill is not None:
             tasks.append(asyncio.create_task(run_prefill(prefill)))
+            tasks.append(asyncio.create_task(renew_lease()))
         prefill_done = prefill is None
         finished = False  # the decode worker reported the end and every token was passed on
         tokens: dict[int, tuple[int, TokenLogprob | None]] = {}  # output index -> token, by arrival

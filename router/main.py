@@ -130,8 +130,13 @@ async def serve(
             for worker in registry.expire():
                 logger.warning("worker %s (%s at %s) missed its heartbeats: removed",
                                worker.worker_id, worker.role.name.lower(), worker.address)
-                dispatcher.worker_expired(worker)  # its requests move now
+                dispatcher.worker_lost(worker, "missed its heartbeats")  # its requests move now
                 await dispatcher.forget(worker.address)
+            for worker in registry.take_newly_stalled():
+                logger.warning("worker %s (%s at %s): its engine has been busy in one step for %.0f s; no new "
+                               "requests for it, and its requests move", worker.worker_id, worker.role.name.lower(),
+                               worker.address, worker.capacity.engine_busy_ms / 1000)
+                dispatcher.worker_lost(worker, "has a wedged engine")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), config.registry.heartbeat_interval_s)
 

@@ -57,6 +57,7 @@ class _WorkerCollector(Collector):
                 ("waiting_requests", "requests waiting on the worker"),
                 ("queued_prefill_tokens", "prompt tokens queued for prefill"),
                 ("seconds_since_heartbeat", "age of the worker's last heartbeat"),
+                ("engine_busy_seconds", "time the worker's engine loop has spent in its current step (0 idle)"),
             )
         }
         c = {
@@ -79,6 +80,7 @@ class _WorkerCollector(Collector):
             g["waiting_requests"].add_metric(lv, cap.waiting_requests)
             g["queued_prefill_tokens"].add_metric(lv, cap.queued_prefill_tokens)
             g["seconds_since_heartbeat"].add_metric(lv, now - w.last_heartbeat)
+            g["engine_busy_seconds"].add_metric(lv, cap.engine_busy_ms / 1000)
             c["kv_transfer_bytes_sent"].add_metric(lv, cap.kv_bytes_sent_total)
             c["kv_transfer_bytes_received"].add_metric(lv, cap.kv_bytes_received_total)
             c["kv_transfer_seconds"].add_metric(lv, cap.kv_transfer_seconds_total)

@@ -96,6 +96,7 @@ class Capacity:
     kv_transfer_seconds_total: float = 0.0
     kv_transfers_total: int = 0
     max_running_requests: int = 0
+    engine_busy_ms: int = 0
 
     @classmethod
     def from_proto(cls, msg: router_pb2.WorkerCapacity) -> Capacity:
@@ -156,6 +157,7 @@ class Worker:
     last_heartbeat: float
     kv_address: str = ""
     draining: bool = False
+    stalled: bool = False  # its engine loop has been stuck in one turn past RegistryConfig.stalled_after_s
     requests_routed_total: int = 0
     # Router-side accounting since the last heartbeat (reset by it) and of requests not yet finished.
     blocks_reserved_since_heartbeat: int = 0
@@ -197,6 +199,9 @@ class LostWorker:
 class RegistryConfig:
     heartbeat_interval_s: float = 0.5
     lease_s: float = 3.0  # removed after this long without a heartbeat
+    # A worker whose engine loop has been inside one turn this long is wedged (a chunked-prefill step
+    # takes seconds at most): it gets no new work and its requests move, though its heartbeats go on.
+    stalled_after_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval_s < self.lease_s:
@@ -212,6 +217,7 @@ class WorkerRegistry:
     on_change: Callable[[], None] | None = None  # capacity may have grown: wake queued requests
     workers: dict[str, Worker] = field(default_factory=dict)
     lost: dict[str, LostWorker] = field(default_factory=dict)  # name -> worker that expired, not back yet
+    newly_stalled: list[Worker] = field(default_factory=list)  # see take_newly_stalled
     _times_lost: dict[str, int] = field(default_factory=dict)  # name -> expiries so far (a flapping worker)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
@@ -264,6 +270,10 @@ class WorkerRegistry:
         if worker is None:
             return False
         worker.capacity = capacity
+        stalled = capacity.engine_busy_ms > self.config.stalled_after_s * 1000
+        if stalled and not worker.stalled:
+            self.newly_stalled.append(worker)
+        worker.stalled = stalled
         worker.last_heartbeat = self.clock()
         worker.blocks_reserved_since_heartbeat = 0
         worker.prefill_tokens_since_heartbeat = 0
@@ -292,7 +302,13 @@ class WorkerRegistry:
         return dead
 
     def live(self, *roles: WorkerRole) -> list[Worker]:
-        return [w for w in self.workers.values() if w.role in roles and not w.draining]
+        """Workers of ``roles`` that may get new requests: neither draining nor stalled."""
+        return [w for w in self.workers.values() if w.role in roles and not w.draining and not w.stalled]
+
+    def take_newly_stalled(self) -> list[Worker]:
+        """Workers whose engine was reported wedged since the last call (their requests should move)."""
+        stalled, self.newly_stalled = self.newly_stalled, []
+        return [w for w in stalled if w.stalled and w.worker_id in self.workers]
 
     @property
     def max_model_len(self) -> int | None:

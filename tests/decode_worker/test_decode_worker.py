@@ -110,6 +110,20 @@ def test_lease_expiry_frees_blocks_when_kv_never_arrives(decode_worker):
     assert decode_worker.receiver.poll("lease") is None  # a late push finds no reservation
 
 
+def test_renewed_lease_keeps_the_reservation_until_renewals_stop(decode_worker):
+    bm = decode_worker.engine.block_manager
+    decode_worker.reserve("renewed", PROMPTS[0], GREEDY, lease_s=0.3)
+    events = decode_worker.subscribe("renewed")
+    for _ in range(8):  # 1.2 s: four leases long
+        time.sleep(0.15)
+        assert decode_worker.renew("renewed")
+    assert bm.num_used_blocks == 3 and events.empty()
+    final = drain(events, timeout_s=5.0)[-1]  # no more renewals: it expires
+    assert final.finish_reason == "error" and "lease expired" in final.error
+    assert bm.num_used_blocks == 0
+    assert not decode_worker.renew("renewed") and not decode_worker.renew("never-reserved")
+
+
 def test_abort_mid_stream_frees_blocks(decode_worker, prefill_worker_factory):
     prefill = prefill_worker_factory(InProcessKVSender({"decode-0": decode_worker.receiver}, decode_worker.fingerprint))
     params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)

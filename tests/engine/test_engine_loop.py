@@ -70,3 +70,31 @@ def test_stop_runs_the_last_command_first_and_works_unstarted() -> None:
     assert done == ["test-loop"] and not loop.is_alive()
     EngineLoop(lambda: 0.01, lambda: None, "never-started", 1.0).stop(last=lambda: done.append("no"))
     assert done == ["test-loop"]
+
+
+def test_busy_seconds_grows_inside_a_wedged_turn_and_is_zero_while_idle() -> None:
+    import time
+
+    release = threading.Event()
+    wedge = threading.Event()
+
+    def turn() -> float:
+        if wedge.is_set():
+            release.wait(10)  # a turn that does not come back (a hung kernel, a deadlock)
+        return 0.01
+
+    loop = make_loop(turn)
+    try:
+        time.sleep(0.05)
+        assert loop.busy_seconds() < 0.05  # idle: waiting for commands between short turns
+        wedge.set()
+        time.sleep(0.4)
+        assert loop.busy_seconds() >= 0.3
+        release.set()
+        wedge.clear()
+        loop.call(lambda: None)
+        assert loop.busy_seconds() < 0.1
+    finally:
+        release.set()
+        loop.stop()
+    assert loop.busy_seconds() == float("inf")  # a loop whose thread ended is as good as wedged

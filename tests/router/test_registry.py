@@ -48,6 +48,31 @@ def test_register_heartbeat_and_expiry():
     assert p2.worker_id != p.worker_id and reg.pick_prefill() is p2
 
 
+def test_a_wedged_engine_gets_no_new_work_and_is_reported_once():
+    reg, _ = make_registry()
+    d1 = reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap())
+    d2 = reg.register(WorkerRole.DECODE, "127.0.0.1:7003", FP, cap(free=10))
+    wedged = Capacity(**{**cap().__dict__, "engine_busy_ms": 31_000})  # past the 30 s default
+    assert reg.heartbeat(d1.worker_id, wedged) and reg.heartbeat(d1.worker_id, wedged)
+    assert reg.take_newly_stalled() == [d1] and reg.take_newly_stalled() == []
+    assert reg.live(WorkerRole.DECODE) == [d2] and reg.pick_decode(1) is d2  # d1 had more room
+    reg.heartbeat(d1.worker_id, cap())  # its step ended: it takes work again
+    assert reg.pick_decode(1) is d1
+
+
+def test_an_expired_worker_is_listed_as_lost_until_one_of_its_name_registers():
+    reg, clock = make_registry()
+    reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap(), name="decode-1")
+    clock.now += 4.0
+    reg.expire()
+    assert [(w.name, w.times_lost) for w in reg.lost.values()] == [("decode-1", 1)]
+    reg.register(WorkerRole.DECODE, "127.0.0.1:7005", FP, cap(), name="decode-1")  # restarted on a new port
+    assert reg.lost == {}
+    clock.now += 4.0
+    reg.expire()
+    assert reg.lost["decode-1"].times_lost == 2
+
+
 def test_reregistering_the_same_address_replaces_the_stale_entry():
     reg, _ = make_registry()
     old = reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap())
