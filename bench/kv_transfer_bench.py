@@ -1,16 +1,21 @@
-"""KV transfer throughput: gRPC (kvferry's transport) against a raw loopback TCP socket, same bytes.
+"""KV transfer throughput, every data plane against the physical path it rides on, in one run.
 
-    python bench/kv_transfer_bench.py                       # 2048-token bf16 KV of SmolLM2-135M (~47 MB)
+    python bench/kv_transfer_bench.py                  # 2048-token bf16 KV of SmolLM2-135M (~47 MB)
     python bench/kv_transfer_bench.py --tokens 512 --repeats 5
+    python bench/kv_transfer_bench.py --quick          # tiny sizes: checks that it runs, times nothing useful
 
-The receiver runs in a separate process in both cases (prefill and decode workers are processes).
-gRPC: the whole path a request's KV takes — the sender's cache blocks copied into ``PushKV`` chunks,
-written into the reserved blocks on the receiver (scattered: reversed block order), acknowledgement back. Raw TCP: ``sendall`` of
-the same bytes into ``recv_into`` a preallocated buffer, then a one-byte acknowledgement. A third line,
-"gRPC bytes only", sends the same bytes in the same messages to a handler that only counts them: the
-cost of gRPC itself, so the gap between it and the KV transfer is kvferry's own overhead. TCP and gRPC
-transfers alternate (both receivers stay up) so that other load on the machine hits both alike; each
-figure is the median of ``--repeats`` transfers after one warm-up round. Prints both and their ratio (target >= 0.6).
+The receiver runs in a separate process (prefill and decode workers are processes): a ``KVReceiver`` with
+every data plane started, behind a gRPC server. Each kvferry line is the whole path a request's KV takes
+with ``--kv-transport`` forced to it: the sender's cache blocks -> the data plane -> written into the
+reserved blocks on the receiver (scattered: reversed block order) -> checksums verified ->
+acknowledgement. Baselines, same bytes: **memcpy** (one ``copy_`` of the packed payload into a
+preallocated buffer, one thread) for shm; a **raw TCP** loopback socket (``sendall`` into ``recv_into``
+a preallocated buffer, then a one-byte ack) for tcp, grpc (and gloo, once the collective plane exists);
+"gRPC bytes only" sends the same bytes in the same messages to a handler that only counts them (gRPC's
+own ceiling). The trials alternate (all receivers stay up) so that other load on the machine hits all
+alike; each figure is the median of ``--repeats`` transfers after one warm-up round. Prints the ratios
+against the targets: shm >= 0.5x memcpy, tcp >= 0.8x raw TCP, gloo >= 0.6x raw TCP; grpc >= 0.6x.
+Prints the CPU model and its flags first (the figures depend on the machine).
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ import torch
 from kvferry.engine.config import DTYPES, ModelConfig
 from kvferry.transport.base import FirstToken, KVFingerprint, KVTarget, TransferState, gather_blocks
 from kvferry.transport.grpc_transport import DEFAULT_CHUNK_BYTES, DEFAULT_WINDOW_BYTES
+
+TRANSPORTS = ("shm", "tcp", "grpc")  # kvferry's data planes measured here (gloo: not implemented yet)
+TARGETS = {"shm": ("memcpy", 0.5), "tcp": ("raw TCP", 0.8), "grpc": ("raw TCP", 0.6)}
 
 SINK_SERVICE = "kvferry.bench.Sink"  # raw bytes messages, no protobuf, no KV writes
 
@@ -62,11 +70,13 @@ def grpc_receiver_main(args, port_queue, request_queue) -> None:
     import grpc
 
     from kvferry.transport.grpc_transport import add_kv_transfer_service, channel_options
+    from kvferry.transport.negotiation import start_receiver_transports
     from kvferry.transport.receiver import KVReceiver
 
     torch.set_num_threads(1)
     fp = KVFingerprint.from_model(model_config(args), DTYPES[args.dtype], args.block_size)
     receiver = KVReceiver(kv_caches(args, 0.0), fp, receiver_id="bench-decode")
+    start_receiver_transports(receiver, "auto")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=channel_options(args.chunk_bytes, args.window_bytes))
     add_kv_transfer_service(server, receiver)
 
@@ -80,7 +90,7 @@ def grpc_receiver_main(args, port_queue, request_queue) -> None:
     server.start()
     port_queue.put((port, receiver.instance_id))
     blocks = list(range(num_blocks(args)))[::-1]  # reversed: a real scatter, not one contiguous copy
-    for _ in range(args.repeats + 2):  # bounded: one reservation per transfer the parent makes
+    for _ in range((args.repeats + 1) * len(TRANSPORTS) + 1):  # bounded: one reservation per transfer
         request_id = request_queue.get(timeout=120)
         if request_id is None:
             break
@@ -112,9 +122,11 @@ def tcp_receiver_main(nbytes: int, port_queue, repeats: int) -> None:
 
 
 # ---- senders (this process) --------------------------------------------------------------------------
-class GrpcTrial:
+class KVTrials:
+    """kvferry's data planes, one sender each (``--kv-transport`` forced), into one receiver process."""
+
     def __init__(self, args, src: list[torch.Tensor], ctx):
-        from kvferry.transport.grpc_transport import GrpcKVSender
+        from kvferry.transport.negotiation import NegotiatedKVSender
 
         self.args, self.src = args, src
         self.port_queue, self.request_queue = ctx.Queue(), ctx.Queue()
@@ -124,40 +136,68 @@ class GrpcTrial:
         self.proc.start()
         port, instance_id = self.port_queue.get(timeout=60)
         fp = KVFingerprint.from_model(model_config(args), DTYPES[args.dtype], args.block_size)
-        self.sender = GrpcKVSender(fp, chunk_bytes=args.chunk_bytes, window_bytes=args.window_bytes)
+        self.senders = {
+            name: NegotiatedKVSender(fp, sender_id="bench-prefill", kv_transport=name, chunk_bytes=args.chunk_bytes)
+            for name in TRANSPORTS
+        }
         self.target = KVTarget(f"127.0.0.1:{port}", instance_id, timeout_s=60.0)
         self.src_blocks = list(range(num_blocks(args)))
         self.count = 0
 
-    def run(self) -> float:
+    def run(self, transport: str) -> float:
         request_id = f"bench-{self.count}"
         self.count += 1
         self.request_queue.put(request_id)
         assert self.port_queue.get(timeout=60) == "ready"
         t0 = time.perf_counter()
-        handle = self.sender.open(self.target, request_id, len(self.src_blocks))
+        handle = self.senders[transport].open(self.target, request_id, len(self.src_blocks))
         for layer_idx, layer in enumerate(self.src):
             handle.send_layer(layer_idx, layer, self.src_blocks)
         handle.finish(FirstToken(0))
         state = handle.wait(60.0)
         elapsed = time.perf_counter() - t0
         if state is not TransferState.DONE:
-            raise RuntimeError(f"gRPC transfer failed: {handle.error}")
+            raise RuntimeError(f"{transport} transfer failed: {handle.error}")
+        if handle.transport != transport:
+            raise RuntimeError(f"asked for {transport}, got {handle.transport}")
         return elapsed
 
     def run_sink(self, chunks: list[bytes]) -> float:
         """The same bytes in the same number of messages to a receiver that only counts them."""
-        push = self.sender.channel(self.target.address).stream_unary(f"/{SINK_SERVICE}/Push")
+        push = self.senders["grpc"].grpc.channel(self.target.address).stream_unary(f"/{SINK_SERVICE}/Push")
         t0 = time.perf_counter()
         push(iter(chunks), timeout=60.0)
         return time.perf_counter() - t0
 
     def close(self) -> None:
-        self.sender.close()
+        for sender in self.senders.values():
+            sender.close()
         self.request_queue.put(None)
         self.proc.join(timeout=10)
         if self.proc.is_alive():
             self.proc.kill()
+
+
+def memcpy_trial(payload: torch.Tensor, dst: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    dst.copy_(payload)
+    return time.perf_counter() - t0
+
+
+def cpu_description() -> str:
+    """Model name and the flags that pick kvferry's kernels (lscpu's, from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return "unknown CPU"
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "sse4_2") if f in flags]
+    import os
+
+    return f"{fields.get('model name', 'unknown CPU')}, {os.cpu_count()} cores, flags: {' '.join(shown)}"
 
 
 class TcpTrial:
@@ -194,42 +234,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
     parser.add_argument("--window-bytes", type=int, default=DEFAULT_WINDOW_BYTES, help="HTTP/2 flow-control window")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="64 tokens, 4 layers, 2 repeats: a smoke run")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.num_layers, args.repeats = 64, 4, 2
     torch.set_num_threads(1)
 
     src = kv_caches(args, None)
     blocks = list(range(num_blocks(args)))
-    payload = b"".join(gather_blocks(layer, blocks).view(torch.uint8).numpy().tobytes() for layer in src)
+    packed = torch.cat([gather_blocks(layer, blocks).view(torch.uint8).reshape(-1) for layer in src])
+    payload = packed.numpy().tobytes()
     nbytes = len(payload)
+    print(f"machine: {cpu_description()}")
     print(
         f"payload: {args.tokens} tokens x {args.num_layers} layers, {args.dtype}, block {args.block_size}, "
         f"{args.num_kv_heads} kv heads x {args.head_dim} = {nbytes / 1e6:.1f} MB; "
-        f"gRPC chunks of {args.chunk_bytes >> 10} KiB, window {args.window_bytes >> 20} MiB; median of {args.repeats}"
+        f"chunks of {args.chunk_bytes >> 10} KiB, gRPC window {args.window_bytes >> 20} MiB; median of {args.repeats}"
     )
-    # Both receivers stay up and the trials alternate, so load from other processes hits both alike.
+    # Every receiver stays up and the trials alternate, so load from other processes hits all alike.
     ctx = mp.get_context("spawn")
-    tcp_trial, grpc_trial = TcpTrial(args, payload, ctx), GrpcTrial(args, src, ctx)
+    tcp_trial, kv_trials = TcpTrial(args, payload, ctx), KVTrials(args, src, ctx)
     step = args.chunk_bytes
     chunks = [payload[i : i + step] for i in range(0, nbytes, step)]
-    tcp_times, grpc_times, sink_times = [], [], []
+    dst = torch.empty_like(packed)
+    times: dict[str, list[float]] = {name: [] for name in ("memcpy", "raw TCP", "gRPC bytes only", *TRANSPORTS)}
     try:
-        for i in range(args.repeats + 1):  # the first round warms up (connections, allocations)
-            t_tcp, t_grpc, t_sink = tcp_trial.run(), grpc_trial.run(), grpc_trial.run_sink(chunks)
+        for i in range(args.repeats + 1):  # the first round warms up (connections, allocations, page faults)
+            round_times = {"memcpy": memcpy_trial(packed, dst), "raw TCP": tcp_trial.run()}
+            for name in TRANSPORTS:
+                round_times[name] = kv_trials.run(name)
+            round_times["gRPC bytes only"] = kv_trials.run_sink(chunks)
             if i:
-                tcp_times.append(t_tcp)
-                grpc_times.append(t_grpc)
-                sink_times.append(t_sink)
+                for name, t in round_times.items():
+                    times[name].append(t)
     finally:
         tcp_trial.close()
-        grpc_trial.close()
-    tcp, grpc_t, sink = (statistics.median(t) for t in (tcp_times, grpc_times, sink_times))
-    tcp_gbps, grpc_gbps = nbytes / tcp / 1e9, nbytes / grpc_t / 1e9
-    print(f"raw TCP loopback : {tcp * 1e3:8.2f} ms  {tcp_gbps:6.2f} GB/s")
-    print(f"gRPC KV transfer : {grpc_t * 1e3:8.2f} ms  {grpc_gbps:6.2f} GB/s  (cache blocks -> PushKV -> cache blocks, ack)")
-    print(f"gRPC bytes only  : {sink * 1e3:8.2f} ms  {nbytes / sink / 1e9:6.2f} GB/s  "
-          f"(same messages, receiver only counts them: gRPC's own ceiling here)")
-    ratio = grpc_gbps / tcp_gbps
-    print(f"ratio gRPC / raw TCP: {ratio:.2f}  (target >= 0.60: {'met' if ratio >= 0.6 else 'NOT met'})")
+        kv_trials.close()
+    median = {name: statistics.median(t) for name, t in times.items()}
+    notes = {
+        "memcpy": "one copy_ of the packed bytes, one thread",
+        "raw TCP": "loopback sendall -> recv_into, one-byte ack",
+        "gRPC bytes only": "same messages, receiver only counts them: gRPC's own ceiling",
+        "shm": "cache rows -> memfd slot -> reserved blocks, checksums, ack",
+        "tcp": "cache rows -> sendmsg -> recv_into -> reserved blocks, checksums, ack",
+        "grpc": "cache rows -> PushKV -> reserved blocks, checksums, ack",
+    }
+    for name, t in median.items():
+        print(f"{name:16s}: {t * 1e3:8.2f} ms  {nbytes / t / 1e9:6.2f} GB/s  ({notes[name]})")
+    print("gloo            : not run (the collective data plane is not implemented)")
+    for name, (baseline, target) in TARGETS.items():
+        ratio = median[baseline] / median[name]
+        print(f"ratio {name} / {baseline}: {ratio:.2f}  (target >= {target:.2f}: {'met' if ratio >= target else 'NOT met'})")
     return 0
 
 
