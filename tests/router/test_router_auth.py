@@ -160,3 +160,46 @@ def test_mutual_tls_between_router_and_workers(start_router, served_model, tmp_p
         assert len(router.service.registry.workers) == 2
     finally:
         workers.stop()
+
+
+@pytest.mark.slow  # two worker processes load the model: ~30 s on 2 cores
+@pytest.mark.cluster
+def test_worker_processes_take_the_token_from_the_environment(start_router):
+    """`kvferry decode` as real processes: with KVFERRY_CLUSTER_TOKEN it joins a guarded router and its
+    own server wants the token; with a wrong one it exits with code 2 at once, naming the flag."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from waiting import wait_until
+
+    router = start_router(security=ClusterSecurity(token=TOKEN))
+    argv = [sys.executable, "-m", "kvferry.cli", "decode", "--router", router.grpc_address, "--port", "0",
+            "--num-kv-blocks", "16", "--max-num-seqs", "2", "--max-model-len", "256", "--dtype", "bfloat16",
+            "--no-warm-up", "--shutdown-grace", "1", "--name", "token-test"]
+
+    def spawn(token: str) -> subprocess.Popen:
+        env = {**os.environ, "KVFERRY_CLUSTER_TOKEN": token}
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    member, intruder = spawn(TOKEN), spawn("wrong")
+    try:
+        out, _ = intruder.communicate(timeout=120)
+        assert intruder.returncode == 2 and "cluster token" in out and "KVFERRY_CLUSTER_TOKEN" in out, out
+        assert wait_until(lambda: len(router.service.registry.workers) == 1, timeout_s=120)
+        (worker,) = router.service.registry.workers.values()
+        with grpc.insecure_channel(worker.address) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                worker_pb2_grpc.DecodeWorkerStub(channel).GetStats(worker_pb2.StatsRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with ClusterSecurity(token=TOKEN).channel(worker.address) as channel:
+            stats = worker_pb2_grpc.DecodeWorkerStub(channel).GetStats(worker_pb2.StatsRequest(), timeout=5)
+            assert stats.total_kv_blocks == 16
+        member.send_signal(signal.SIGTERM)
+        assert member.wait(timeout=30) == 0
+    finally:
+        for p in (member, intruder):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
