@@ -20,15 +20,19 @@ TIMEOUT = 30.0
 
 
 @pytest.fixture
-def secured(decode_worker, prefill_worker_factory):
-    """(decode address, prefill address) of real workers whose servers want the cluster token."""
+def secured(decode_worker, prefill_worker_factory, request):
+    """(decode address, prefill address) of real workers whose servers want the cluster token, built as
+    `kvferry decode` / `kvferry prefill` build them, with the KV data plane ``request.param`` (grpc)."""
     from kvferry.decode_worker.service import create_decode_server
     from kvferry.prefill_worker.service import create_prefill_server
-    from kvferry.transport.grpc_transport import GrpcKVSender
+    from kvferry.transport.negotiation import NegotiatedKVSender, start_receiver_transports
 
+    kv_transport = getattr(request, "param", "grpc")
     security = ClusterSecurity(token=TOKEN)
+    start_receiver_transports(decode_worker.receiver, kv_transport)
     decode_server, _, decode_port = create_decode_server(decode_worker, "127.0.0.1", 0, security=security)
-    prefill = prefill_worker_factory(GrpcKVSender(decode_worker.fingerprint, security=security))
+    prefill = prefill_worker_factory(NegotiatedKVSender(decode_worker.fingerprint, kv_transport=kv_transport,
+                                                        security=security))
     prefill_server, _, prefill_port = create_prefill_server(prefill, "127.0.0.1", 0, 10.0, security=security)
     decode_server.start()
     prefill_server.start()
@@ -46,6 +50,7 @@ def reserve(decode, request_id: str) -> worker_pb2.ReserveResponse:
                           timeout=TIMEOUT)
 
 
+@pytest.mark.parametrize("secured", ["grpc", "tcp", "shm"], indirect=True)  # the token gates each data plane
 def test_every_worker_rpc_needs_the_cluster_token(secured, decode_worker):
     decode_address, prefill_address = secured
     with grpc.insecure_channel(decode_address) as dch, grpc.insecure_channel(prefill_address) as pch:
