@@ -7,6 +7,7 @@ its TTFT target RESOURCE_EXHAUSTED with ``retry-after`` (seconds) in the trailin
 failure UNAVAILABLE. A cancelled call (client gone, deadline passed) aborts the request on its workers. A
 finished call's phase timings are in its trailing metadata, ``x-kvferry-timings`` (router/timings.py).
 A client's ``request_id`` is echoed in the response, never sent to a worker (those ids are the router's).
+A request that does not decode (corrupt, or a string that is not UTF-8) is INVALID_ARGUMENT, not UNKNOWN.
 With an API key, ``Generate`` needs it as ``authorization: Bearer`` metadata (router/auth.py); with a
 cluster token, so does the ``Router`` control plane, with that token (proto/cluster_security.py).
 """
@@ -40,6 +41,7 @@ from kvferry.router.request import (
     make_sampling_params,
 )
 from kvferry.router.service import RouterService
+from kvferry.router.strict_decoding import InvalidArgumentOnDecodeError
 from kvferry.router.timings import format_timings
 
 logger = logging.getLogger(__name__)
@@ -287,7 +289,7 @@ def create_grpc_server(
     ``security.token`` the Router control plane; ``security.tls``: mutual TLS on the port."""
     router_service = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
     interceptors = [i for i in (generate_interceptor(api_key), security.aio_server_interceptor((router_service,)))
-                    if i is not None]
+                    if i is not None] + [InvalidArgumentOnDecodeError()]
     server = grpc.aio.server(interceptors=interceptors)
     generate_pb2_grpc.add_GenerateServicer_to_server(GenerateServicer(service), server)
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(service), server)

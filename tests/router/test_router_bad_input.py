@@ -178,3 +178,26 @@ def test_client_request_ids_are_echoed_and_never_sent_to_workers(cluster):
     assert not any(rid in ("mine", "trace-42") for rid in cluster.decode.served), cluster.decode.served
     r = post(cluster, "/v1/completions", json.dumps({"prompt": "x"}), headers={"x-request-id": "a\tb"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "X-Request-Id"
+
+
+def test_undecodable_grpc_requests_are_invalid_argument(cluster):
+    good = generate_pb2.GenerateRequest(prompt="ab", sampling=generate_pb2.SamplingParams(max_tokens=50))
+    raw = good.SerializeToString()
+    with grpc.insecure_channel(cluster.router.grpc_address) as channel:
+        for method in ("Generate", "GenerateStream"):
+            call = (channel.unary_stream if method == "GenerateStream" else channel.unary_unary)(
+                f"/kvferry.generate.v1.Generate/{method}", request_serializer=None, response_deserializer=None)
+            for bad in (raw.replace(b"ab", b"\xff\xfe"), b"\xff\xff\xff"):  # not UTF-8; corrupt wire format
+                with pytest.raises(grpc.RpcError) as err:
+                    answer = call(bad, timeout=10)
+                    list(answer) if method == "GenerateStream" else answer
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            answer = call(raw, timeout=30)  # the same path decodes good requests
+            chunks = [generate_pb2.GenerateChunk.FromString(c) for c in answer] if method == "GenerateStream" \
+                else [generate_pb2.GenerateResponse.FromString(answer).choices[0]]
+            assert "".join(c.text for c in chunks) == TEXT
+        with pytest.raises(grpc.RpcError) as err:  # the control plane too
+            channel.unary_unary("/kvferry.router.v1.Router/Heartbeat", request_serializer=None,
+                                response_deserializer=None)(b"\xff\xff\xff", timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(cluster.decode.served) == 2
