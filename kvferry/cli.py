@@ -19,6 +19,7 @@ COMMANDS = {
     "router": ("kvferry.router.main", "run the router (HTTP OpenAI API + gRPC Generate)"),
     "prefill": ("kvferry.prefill_worker.main", "run a prefill worker that registers with a router"),
     "decode": ("kvferry.decode_worker.main", "run a decode worker that registers with a router"),
+    "scale": ("kvferry.deploy.scale_cli", "resize the pools of a `kvferry serve --ray` deployment at run time"),
     "build-kernels": ("kvferry.kernels.build", "compile the C++ CPU kernels for this machine (make setup does)"),
     "bench": ("kvferry.benchmark.cli", "benchmark an OpenAI-compatible server: goodput sweeps and plots"),
 }
