@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from kvferry.engine.config import ConfigError
+from kvferry.proto.keepalive import client_keepalive
 
 TOKEN_ENV = "KVFERRY_CLUSTER_TOKEN"
 AUTHORIZATION = "authorization"  # gRPC metadata keys are lower case
@@ -261,6 +262,7 @@ class ClusterSecurity:
 
     # ---- clients ----
     def channel(self, address: str, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
+        options = [*client_keepalive(), *options]  # a dead peer fails the calls in seconds
         if self.tls is None:
             channel = grpc.insecure_channel(address, options=list(options))
         else:
@@ -269,6 +271,7 @@ class ClusterSecurity:
         return grpc.intercept_channel(channel, _TokenClientInterceptor(self.token)) if self.token else channel
 
     def aio_channel(self, address: str, options: Sequence[tuple[str, object]] = ()) -> grpc.aio.Channel:
+        options = [*client_keepalive(), *options]
         interceptors = [
             _AioUnaryUnaryToken(self.token), _AioUnaryStreamToken(self.token),
             _AioStreamUnaryToken(self.token), _AioStreamStreamToken(self.token),

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvferry.proto import generate_pb2, generate_pb2_grpc, router_pb2, router_pb2_grpc
 from kvferry.proto.cluster_security import ClusterSecurity
+from kvferry.proto.keepalive import server_keepalive
 from kvferry.router.auth import generate_interceptor
 from kvferry.router.openai_protocol import ChoiceResult, usage_of
 from kvferry.router.registry import Capacity, Fingerprint, RegistrationError, WorkerRole
@@ -290,7 +291,7 @@ def create_grpc_server(
     router_service = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
     interceptors = [i for i in (generate_interceptor(api_key), security.aio_server_interceptor((router_service,)))
                     if i is not None] + [InvalidArgumentOnDecodeError()]
-    server = grpc.aio.server(interceptors=interceptors)
+    server = grpc.aio.server(interceptors=interceptors, options=server_keepalive())
     generate_pb2_grpc.add_GenerateServicer_to_server(GenerateServicer(service), server)
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(service), server)
     health_servicer = health.aio.HealthServicer()

@@ -29,6 +29,7 @@ from kvferry.kernels import cpu_kv_copy
 from kvferry.proto import kv_transfer_pb2 as pb
 from kvferry.proto.cluster_security import ClusterSecurity
 from kvferry.proto.convert import logprobs_from_proto, logprobs_to_proto
+from kvferry.proto.keepalive import server_keepalive
 from kvferry.proto import kv_transfer_pb2_grpc as pb_grpc
 from kvferry.transport.base import (
     FirstToken,
@@ -309,7 +310,7 @@ def create_server(
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        options=channel_options(max_message_bytes),
+        options=[*server_keepalive(), *channel_options(max_message_bytes)],
         maximum_concurrent_rpcs=max_workers,  # beyond it RESOURCE_EXHAUSTED, never a silent queue
         interceptors=security.server_interceptors(),
     )
