@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kvferry.engine.config import ModelConfig, RopeScaling
+from kvferry.engine.cpu_decode_path import CpuDecodePath
 from kvferry.kernels import cpu_features, cpu_kernels, dispatch, quant
 from kvferry.kernels.attention import AttentionMetadata
 from kvferry.kernels.quant import QuantWeight
@@ -326,6 +327,7 @@ class LlamaForCausalLM(nn.Module):
         )
         self.register_buffer("packed_lm_head", None, persistent=False)  # see pack_weights
         self.skinny_lm_head = False
+        self.cpu_decode: CpuDecodePath | None = None  # set by pack_weights where the kernels take decode
         # Real even under a meta-device context (the loader builds the model on meta); cast to the model
         # dtype by ``.to(dtype)``, as transformers casts its float32 cos/sin to the input dtype.
         self.register_buffer("rope", rope_table(config), persistent=False)
@@ -345,6 +347,8 @@ class LlamaForCausalLM(nn.Module):
             cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)  # [T, 1, D]
             sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)  # [T, 1, D], sign of rotate_half folded in
         x, residual = self.embed_tokens(input_ids), None
+        if layer_hook is None and self.cpu_decode is not None and self.cpu_decode.applies(x, attn):
+            return self.cpu_decode.run(x, cos, sin, kv_caches, attn)  # the same kernels, without the modules
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             x, residual = layer(x, residual, cos, sin, kv_cache, attn)
             if layer_hook is not None:
@@ -381,6 +385,7 @@ class LlamaForCausalLM(nn.Module):
         for module, weight in zip(order, following, strict=True):
             if isinstance(module, Linear):
                 module.next_weight = weight.detach() if module.skinny and weight is not None else None
+        self.cpu_decode = CpuDecodePath.build(self)
 
 
 def allocate_kv_caches(
