@@ -1,8 +1,8 @@
 """Client authentication at the router: the API key (``--api-key``, or ``KVFERRY_API_KEY``).
 
-- HTTP: every route but ``/health`` and ``/metrics`` (probes and Prometheus scrapes) needs
-  ``Authorization: Bearer <key>``; otherwise 401 with OpenAI's error body (code ``invalid_api_key``)
-  and ``WWW-Authenticate: Bearer``, before the body is read.
+- HTTP: every route but ``/health``, ``/metrics`` (probes and Prometheus scrapes) and the API's
+  description (``/openapi.json``, ``/docs``) needs ``Authorization: Bearer <key>``; otherwise 401 with
+  OpenAI's error body (code ``invalid_api_key``) and ``WWW-Authenticate: Bearer``, before the body is read.
 - gRPC: ``Generate`` calls need the metadata ``authorization: Bearer <key>``; otherwise UNAUTHENTICATED.
   Health checking and reflection stay open. The workers' control plane (the ``Router`` service) is
   guarded by the cluster token instead (proto/cluster_security.py).
@@ -19,7 +19,8 @@ from kvferry.proto import generate_pb2
 from kvferry.proto.cluster_security import AioTokenServerInterceptor, BearerCheck, bearer_matches
 
 API_KEY_ENV = "KVFERRY_API_KEY"
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+# Probes, Prometheus scrapes, and the API's description (a browser on /docs cannot send the key).
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
 GENERATE_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generate"].full_name
 
 

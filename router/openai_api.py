@@ -23,17 +23,23 @@ import json
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Request
+
+import kvferry
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvferry.router.auth import APIKeyMiddleware
+from kvferry.router.auth import OPEN_PATHS, APIKeyMiddleware
 from kvferry.router.body_limit import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from kvferry.router.openai_extras import add_routes, model_card, parse_json
+from kvferry.router.openai_models import (
+    ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, HealthResponse, ModelList,
+)
 from kvferry.router.openai_protocol import ChoiceResult, Formatter, parse_chat, parse_completion, usage_of
 from kvferry.router.registry import WorkerRole
 from kvferry.router.request import APIError, ChoiceDelta, GenerationRequest, check_client_request_id
 from kvferry.router.service import RouterService
+from kvferry.router.openapi_schema import error_responses, install_openapi, streamed
 from kvferry.router.timings import format_timings
 
 T = TypeVar("T")
@@ -82,7 +88,9 @@ def _parse(parse: Callable, raw: bytes, service: RouterService, client_request_i
 
 
 def create_app(service: RouterService, api_key: str = "", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    app = FastAPI(title="kvferry router", docs_url=None, redoc_url=None)
+    app = FastAPI(title="kvferry router", version=kvferry.__version__, redoc_url=None,
+                  description="OpenAI-compatible API of a kvferry cluster (docs/ROUTER.md)")
+    install_openapi(app, api_key_required=bool(api_key), open_paths=OPEN_PATHS)
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)  # added last: runs first, before the body is read
@@ -206,21 +214,26 @@ def create_app(service: RouterService, api_key: str = "", max_body_bytes: int = 
             await deltas.aclose()
             service.metrics.requests.labels(api, outcome).inc()
 
-    @app.post("/v1/completions")
+    generation_errors = error_responses(400, 404, 413, 429, 502, 503, 504)
+
+    @app.post("/v1/completions", summary="Completions (OpenAI)",
+              responses={**streamed(CompletionResponse, CompletionResponse), **generation_errors})
     async def completions(request: Request) -> Response:
         return await serve(request, parse_completion, chat=False, api="completions")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", summary="Chat completions (OpenAI)",
+              responses={**streamed(ChatCompletionResponse, ChatCompletionChunk), **generation_errors})
     async def chat_completions(request: Request) -> Response:
         return await serve(request, parse_chat, chat=True, api="chat")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", summary="The served model (OpenAI)", responses={200: {"model": ModelList}})
     async def models() -> dict:
         return {"object": "list", "data": [model_card(service.model)]}
 
     add_routes(app, lambda: service.model)
 
-    @app.get("/health")
+    @app.get("/health", summary="Whether the router can serve (no API key needed)",
+             responses={200: {"model": HealthResponse}, 503: {"model": HealthResponse, "description": "no workers"}})
     async def health() -> JSONResponse:
         reg = service.registry
         decode = reg.live(WorkerRole.DECODE)
@@ -241,7 +254,8 @@ def create_app(service: RouterService, api_key: str = "", max_body_bytes: int = 
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", summary="Prometheus metrics (no API key needed)", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -14,6 +14,10 @@ from typing import Any, Callable
 from fastapi import FastAPI, Request
 
 import kvferry
+from kvferry.router.openai_models import (
+    DetokenizeRequest, DetokenizeResponse, ModelCard, TokenizeRequest, TokenizeResponse, VersionResponse, validate,
+)
+from kvferry.router.openapi_schema import error_responses
 from kvferry.router.openai_protocol import chat_prompt_text, check_model, model_not_found
 from kvferry.router.request import APIError, ServedModel, check_token_ids
 
@@ -24,52 +28,33 @@ def model_card(model: ServedModel) -> dict:
             "max_model_len": model.max_model_len}
 
 
-def _flag(body: dict, name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise APIError(f"{name} must be a boolean, got {value!r}", param=name, code="invalid_type")
-    return value
-
-
-def _object(body: Any) -> dict:
-    if not isinstance(body, dict):
-        raise APIError("the request body must be a JSON object")
-    return body
-
-
 def tokenize(body: Any, model: ServedModel) -> dict:
     """vLLM's ``/tokenize``: ``prompt`` (a string) or ``messages`` (through the chat template).
 
     Special tokens default as in vLLM: added to a prompt, not to messages (the template has its own).
     """
-    body = _object(body)
-    check_model(body, model)
-    if body.get("messages") is not None:
-        if body.get("prompt") is not None:
+    request = validate(TokenizeRequest, body)
+    check_model(request.model, model)
+    if request.messages is not None:
+        if request.prompt is not None:
             raise APIError("give prompt or messages, not both", param="prompt")
-        text = chat_prompt_text(body, model, _flag(body, "add_generation_prompt", True))
-        add_special = _flag(body, "add_special_tokens", False)
+        add_generation_prompt = True if request.add_generation_prompt is None else request.add_generation_prompt
+        text = chat_prompt_text(request.messages, model, add_generation_prompt)
+        add_special = bool(request.add_special_tokens)
+    elif request.prompt is not None:
+        text = request.prompt
+        add_special = True if request.add_special_tokens is None else request.add_special_tokens
     else:
-        text = body.get("prompt")
-        if not isinstance(text, str):
-            raise APIError("prompt (a string) or messages is required", param="prompt",
-                           code="missing_required_parameter" if text is None else "invalid_type")
-        add_special = _flag(body, "add_special_tokens", True)
+        raise APIError("prompt (a string) or messages is required", param="prompt", code="missing_required_parameter")
     tokens = model.tokenizer.encode(text, add_special_tokens=add_special)
     return {"count": len(tokens), "max_model_len": model.max_model_len, "tokens": tokens}
 
 
 def detokenize(body: Any, model: ServedModel) -> dict:
     """vLLM's ``/detokenize``: ``tokens`` (ids in the vocabulary) -> ``prompt`` (the text)."""
-    body = _object(body)
-    check_model(body, model)
-    tokens = body.get("tokens")
-    if not isinstance(tokens, list):
-        raise APIError("tokens must be an array of token ids", param="tokens",
-                       code="missing_required_parameter" if tokens is None else "invalid_type")
-    ids = check_token_ids(model, tokens, "tokens") if tokens else ()
+    request = validate(DetokenizeRequest, body)
+    check_model(request.model, model)
+    ids = check_token_ids(model, request.tokens, "tokens") if request.tokens else ()
     return {"prompt": model.tokenizer.decode(list(ids))}
 
 
@@ -119,19 +104,22 @@ def add_routes(app: FastAPI, served_model: Callable[[], ServedModel]) -> None:
     """Register the endpoints on ``app``; ``served_model()`` is read per request (workers can shorten
     the context the router serves)."""
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", summary="Tokenize a prompt or chat messages (vLLM)",
+              responses={200: {"model": TokenizeResponse}, **error_responses(400, 404, 413)})
     async def tokenize_route(request: Request) -> dict:
         return tokenize(parse_json(await request.body()), served_model())
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", summary="Token ids back to text (vLLM)",
+              responses={200: {"model": DetokenizeResponse}, **error_responses(400, 404, 413)})
     async def detokenize_route(request: Request) -> dict:
         return detokenize(parse_json(await request.body()), served_model())
 
-    @app.get("/version")
+    @app.get("/version", summary="The kvferry version (vLLM)", responses={200: {"model": VersionResponse}})
     async def version() -> dict:
         return {"version": kvferry.__version__}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", summary="One model's card (OpenAI)",
+             responses={200: {"model": ModelCard}, **error_responses(404)})
     async def model_route(model_id: str) -> dict:
         model = served_model()
         if model_id != model.name:

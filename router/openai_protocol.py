@@ -1,6 +1,7 @@
-"""OpenAI's completions and chat completions, as plain data: parse a JSON body into a
-``GenerationRequest`` (with OpenAI's field names, types and ranges checked) and format choices, chunks
-and usage the way the official clients expect. No I/O here; ``openai_api`` serves it.
+"""OpenAI's completions and chat completions, as plain data: a parsed JSON body, validated by the
+pydantic models of ``openai_models``, becomes a ``GenerationRequest`` once checked against the served
+model (its name, vocabulary, context and chat template); and choices, chunks and usage are formatted the
+way the official clients expect. No I/O here; ``openai_api`` serves it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from kvferry.router.openai_models import (
+    MAX_CHOICES,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingFields,
+    validate,
+)
 from kvferry.router.request import (
     APIError,
     ChoiceDelta,
@@ -23,30 +32,14 @@ from kvferry.router.request import (
     make_sampling_params,
 )
 
-MAX_N = 16
-MAX_CHOICES = 64  # prompts x n in one request: each choice is a request of its own on the workers
-CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
-_NUMBER = (int, float)
+SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "include_stop_str_in_output", "n",
+)
 
 
-def _get(body: dict, name: str, kinds: type | tuple[type, ...], default: Any = None) -> Any:
-    """``body[name]`` if present and not null, checked to be one of ``kinds`` (bools are not numbers)."""
-    value = body.get(name)
-    if value is None:
-        return default
-    kinds_t = kinds if isinstance(kinds, tuple) else (kinds,)
-    if (isinstance(value, bool) and bool not in kinds_t) or not isinstance(value, kinds_t):
-        what = "a number" if float in kinds_t else _TYPE_NAMES[kinds_t[0]]
-        raise APIError(f"{name} must be {what}, got {value!r}", param=name, code="invalid_type")
-    return value
-
-
-_TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", list: "an array", dict: "an object"}
-
-
-def check_model(body: dict, model: ServedModel) -> None:
+def check_model(name: str | None, model: ServedModel) -> None:
     """An absent model means the served one; any other name is OpenAI's 404 ``model_not_found``."""
-    name = _get(body, "model", str)
     if name is not None and name != model.name:
         raise model_not_found(name, model)
 
@@ -58,180 +51,103 @@ def model_not_found(name: str, model: ServedModel) -> APIError:
     )
 
 
-def _refuse_unsupported(body: dict, names: tuple[str, ...]) -> None:
+def _refuse_unsupported(request: SamplingFields, names: tuple[str, ...]) -> None:
+    """OpenAI fields this server does not serve (unknown to the models, so kept as extras): refused
+    unless empty, since clients send some of them empty by default."""
+    extra = request.model_extra or {}
     for name in names:
-        value = body.get(name)
-        if value not in (None, False, {}, [], ""):
+        if extra.get(name) not in (None, False, {}, [], ""):
             raise APIError(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
 
 
-def _common_params(body: dict, max_tokens_name: str) -> dict:
-    """The sampling fields both endpoints share (OpenAI's plus vLLM's extensions), type-checked."""
-    stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str) and not (
-        isinstance(stop, list) and all(isinstance(s, str) for s in stop)
-    ):
-        raise APIError("stop must be a string or an array of strings", param="stop", code="invalid_type")
-    _get(body, "user", str)  # OpenAI's end-user id: type-checked, otherwise ignored
-    return dict(
-        max_tokens=_get(body, max_tokens_name, int),
-        temperature=_get(body, "temperature", _NUMBER),
-        top_p=_get(body, "top_p", _NUMBER),
-        top_k=_get(body, "top_k", int),
-        min_p=_get(body, "min_p", _NUMBER),
-        seed=_get(body, "seed", int),
-        presence_penalty=_get(body, "presence_penalty", _NUMBER),
-        frequency_penalty=_get(body, "frequency_penalty", _NUMBER),
-        repetition_penalty=_get(body, "repetition_penalty", _NUMBER),
-        stop=stop,
-        stop_token_ids=_get(body, "stop_token_ids", list),
-        ignore_eos=_get(body, "ignore_eos", bool),
-        include_stop_str_in_output=_get(body, "include_stop_str_in_output", bool),
-        n=_get(body, "n", int),
-    )
-
-
-def _stream_flags(body: dict) -> tuple[bool, bool]:
-    stream = _get(body, "stream", bool, False)
-    options = _get(body, "stream_options", dict)
-    if options is not None and not stream:
+def _include_usage(request: SamplingFields) -> bool:
+    if request.stream_options is not None and not request.stream:
         raise APIError("stream_options is only allowed when stream is true", param="stream_options")
-    include_usage = False
-    if options:
-        value = options.get("include_usage")
-        if value is not None and not isinstance(value, bool):
-            raise APIError(f"stream_options.include_usage must be a boolean, got {value!r}",
-                           param="stream_options.include_usage", code="invalid_type")
-        include_usage = bool(value)
-    return stream, include_usage
+    return bool(request.stream_options and request.stream_options.include_usage)
 
 
 def _finish(
-    body: dict, model: ServedModel, prompts: list[tuple[int, ...]], fields_: dict, max_tokens_name: str,
-    prefix: str, default_max_tokens: int | None,
+    request: SamplingFields, model: ServedModel, prompts: list[tuple[int, ...]], max_tokens: int | None,
+    logprobs: int | None, prefix: str, default_max_tokens: int | None,
 ) -> GenerationRequest:
-    n = fields_.get("n")
-    if n is not None and not 1 <= n <= MAX_N:
-        raise APIError(f"n must be an integer in [1, {MAX_N}], got {n}", param="n", code="invalid_value")
-    if len(prompts) * (n or 1) > MAX_CHOICES:
-        raise APIError(f"{len(prompts)} prompts x n={n or 1} is {len(prompts) * (n or 1)} choices; at most "
+    n = request.n or 1
+    if len(prompts) * n > MAX_CHOICES:
+        raise APIError(f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most "
                        f"{MAX_CHOICES} in one request", param="n", code="invalid_value")
-    max_tokens_given = fields_["max_tokens"] is not None
-    if not max_tokens_given and default_max_tokens is not None:
-        fields_["max_tokens"] = default_max_tokens
-    if max_tokens_given and fields_["max_tokens"] <= 0:
-        raise APIError(
-            f"{max_tokens_name} must be at least 1, got {fields_['max_tokens']}", param=max_tokens_name,
-            code="invalid_value",
-        )
-    if fields_.get("stop_token_ids"):
-        check_token_ids(model, fields_["stop_token_ids"], "stop_token_ids")
-    params = make_sampling_params(**fields_)
+    fields_ = {name: getattr(request, name) for name in SAMPLING_FIELDS}
+    if request.stop_token_ids:
+        check_token_ids(model, request.stop_token_ids, "stop_token_ids")
+    max_tokens_given = max_tokens is not None
+    params = make_sampling_params(**fields_, logprobs=logprobs,
+                                  max_tokens=max_tokens if max_tokens_given else default_max_tokens)
     if not max_tokens_given and default_max_tokens is None:
         params = params.with_(max_tokens=model.max_model_len)  # chat: as much as the context allows
     params = check_context(model, prompts, params, max_tokens_given)
-    stream, include_usage = _stream_flags(body)
     return GenerationRequest(
         request_id=f"{prefix}-{uuid.uuid4().hex}",
         prompts=tuple(prompts),
         params=params,
-        stream=stream,
-        include_usage=include_usage,
+        stream=bool(request.stream),
+        include_usage=_include_usage(request),
     )
 
 
 def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
-    if not isinstance(body, dict):
-        raise APIError("the request body must be a JSON object")
-    check_model(body, model)
-    _refuse_unsupported(body, ("echo", "suffix", "logit_bias"))
-    best_of = _get(body, "best_of", int)
-    if best_of is not None and best_of != (body.get("n") or 1):
+    request = validate(CompletionRequest, body)
+    check_model(request.model, model)
+    _refuse_unsupported(request, ("echo", "suffix", "logit_bias"))
+    if request.best_of is not None and request.best_of != (request.n or 1):
         raise APIError("best_of other than n is not supported", param="best_of", code="unsupported_parameter")
-    if "prompt" not in body or body["prompt"] is None:
-        raise APIError("prompt is required", param="prompt", code="missing_required_parameter")
-    raw = body["prompt"]
-    if isinstance(raw, list) and raw and isinstance(raw[0], (str, list)) and len(raw) > MAX_CHOICES:
-        raise APIError(f"prompt: at most {MAX_CHOICES} prompts in one request, got {len(raw)}", param="prompt",
-                       code="invalid_value")  # checked before tokenizing any of them
-    prompts: list[tuple[int, ...]]
+    raw = request.prompt
     if isinstance(raw, str):
         prompts = [encode_text(model, raw, "prompt")]
-    elif isinstance(raw, list) and raw and all(isinstance(p, str) for p in raw):
+    elif isinstance(raw[0], str):
         prompts = [encode_text(model, p, "prompt") for p in raw]
-    elif isinstance(raw, list) and raw and all(isinstance(t, int) and not isinstance(t, bool) for t in raw):
+    elif isinstance(raw[0], int):
         prompts = [check_token_ids(model, raw, "prompt")]
-    elif isinstance(raw, list) and raw and all(isinstance(p, list) for p in raw):
-        prompts = [check_token_ids(model, p, "prompt") for p in raw]
     else:
-        raise APIError(
-            "prompt must be a non-empty string, array of strings, array of token ids or array of arrays "
-            "of token ids", param="prompt",
-        )
-    fields_ = _common_params(body, "max_tokens")
-    logprobs = _get(body, "logprobs", int)
-    fields_["logprobs"] = logprobs
-    return _finish(body, model, prompts, fields_, "max_tokens", "cmpl", default_max_tokens=16)
+        prompts = [check_token_ids(model, p, "prompt") for p in raw]
+    return _finish(request, model, prompts, request.max_tokens, request.logprobs, "cmpl",
+                   default_max_tokens=16)
 
 
-def _message_text(message: Any, i: int) -> dict:
-    param = f"messages[{i}]"
-    if not isinstance(message, dict):
-        raise APIError(f"{param} must be an object with role and content", param=param)
-    role = message.get("role")
-    if role not in CHAT_ROLES:
-        raise APIError(f"{param}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}", param=f"{param}.role")
-    content = message.get("content")
-    if isinstance(content, list):  # content parts: only text is served
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(f"{param}.content: only text parts are supported", param=f"{param}.content")
-            texts.append(part["text"])
-        content = "".join(texts)
-    if content is None and role == "assistant":
+def _message_text(message: ChatMessage, i: int) -> dict:
+    content = message.content
+    if isinstance(content, list):  # content parts: only text is served (the model checked their type)
+        content = "".join(part.text for part in content)
+    if content is None:
+        if message.role != "assistant":
+            raise APIError(f"messages[{i}].content is required for the {message.role} role",
+                           param=f"messages[{i}].content", code="missing_required_parameter")
         content = ""
-    if not isinstance(content, str):
-        raise APIError(f"{param}.content must be a string or an array of text parts", param=f"{param}.content")
-    return {"role": "system" if role == "developer" else role, "content": content}
+    return {"role": "system" if message.role == "developer" else message.role, "content": content}
 
 
-def chat_prompt_text(body: dict, model: ServedModel, add_generation_prompt: bool = True) -> str:
-    """``body["messages"]``, checked, through the model's chat template (chat completions, /tokenize)."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError("messages must be a non-empty array", param="messages",
-                       code="missing_required_parameter" if messages is None else "invalid_value")
+def chat_prompt_text(messages: list[ChatMessage], model: ServedModel, add_generation_prompt: bool = True) -> str:
+    """Validated messages through the model's chat template (chat completions, /tokenize)."""
     conversation = [_message_text(m, i) for i, m in enumerate(messages)]
     return model.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
 
 
 def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
-    if not isinstance(body, dict):
-        raise APIError("the request body must be a JSON object")
-    check_model(body, model)
-    _refuse_unsupported(body, ("tools", "functions", "logit_bias", "audio"))
-    response_format = _get(body, "response_format", dict)
-    if response_format is not None and response_format.get("type", "text") != "text":
-        raise APIError("only response_format {\"type\": \"text\"} is supported", param="response_format",
-                       code="unsupported_parameter")
-    prompts = [encode_text(model, chat_prompt_text(body, model), "messages")]
+    request = validate(ChatCompletionRequest, body)
+    check_model(request.model, model)
+    _refuse_unsupported(request, ("tools", "functions", "logit_bias", "audio"))
     # max_completion_tokens is OpenAI's current name, max_tokens the deprecated one: either, or both equal.
-    max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    fields_ = _common_params(body, max_name)
-    legacy = _get(body, "max_tokens", int)
-    if max_name == "max_completion_tokens" and legacy is not None and legacy != fields_["max_tokens"]:
+    max_tokens = request.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = request.max_tokens
+    elif request.max_tokens is not None and request.max_tokens != max_tokens:
         raise APIError(
-            f"max_completion_tokens ({fields_['max_tokens']}) and max_tokens ({legacy}) differ; "
+            f"max_completion_tokens ({max_tokens}) and max_tokens ({request.max_tokens}) differ; "
             "give one of them (max_tokens is the deprecated name)",
             param="max_completion_tokens", code="invalid_value",
         )
-    want = _get(body, "logprobs", bool, False)
-    top = _get(body, "top_logprobs", int)
-    if top is not None and not want:
+    if request.top_logprobs is not None and not request.logprobs:
         raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
-    fields_["logprobs"] = (top if top is not None else 0) if want else None
-    return _finish(body, model, prompts, fields_, max_name, "chatcmpl", default_max_tokens=None)
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    prompts = [encode_text(model, chat_prompt_text(request.messages, model), "messages")]
+    return _finish(request, model, prompts, max_tokens, logprobs, "chatcmpl", default_max_tokens=None)
 
 
 # --- responses ------------------------------------------------------------------------------------

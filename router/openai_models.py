@@ -1,0 +1,372 @@
+"""The OpenAI HTTP API's request and response bodies as pydantic models: the types, ranges and limits
+a request is checked against (``validate``), and the shapes the OpenAPI schema (``/openapi.json``)
+describes.
+
+Checks that need the served model (its name, vocabulary, context length, chat template) or that span
+several fields (``n`` x prompts, ``top_logprobs`` without ``logprobs``) stay in ``openai_protocol``.
+Numbers are strict: ``true`` is not 1 and ``"0.5"`` is not a number. Unknown fields are kept (clients
+send many) and refused only where ``openai_protocol`` says so. A validation error becomes an ``APIError``
+naming the parameter as OpenAI does (``messages[0].role``, ``stream_options.include_usage``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, StrictBool, StrictInt, StrictStr, Tag
+from pydantic import ValidationError
+
+from kvferry.engine.sampling import (
+    MAX_LOGPROBS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MAX_TOP_K,
+)
+from kvferry.router.request import APIError
+
+MAX_N = 16
+MAX_CHOICES = 64  # prompts x n in one request: each choice is a request of its own on the workers
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+Number = Annotated[float, Strict()]  # ints pass (as floats), bools and strings do not
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+# --- the parts of requests ------------------------------------------------------------------------
+
+
+def _kind(value: Any) -> str | None:
+    """The union member a value is meant for, by its shape: only that member's errors are reported."""
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        first = value[0] if value else ""  # an empty array: as strings (no stop strings; no prompt)
+        return "strings" if isinstance(first, str) else "arrays" if isinstance(first, list) else \
+            "objects" if isinstance(first, dict) else "integers"
+    return None  # a number, an object...: fits no member
+
+
+def _shaped_union(members: dict[str, Any], what: str) -> Any:
+    return Annotated[
+        Union[tuple(Annotated[t, Tag(tag)] for tag, t in members.items())],
+        Discriminator(_kind, custom_error_type="invalid_type", custom_error_message=f"must be {what}"),
+    ]
+
+
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+Prompt = _shaped_union({
+    "a string": Annotated[StrictStr, Field(min_length=1)],
+    "strings": Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1, max_length=MAX_CHOICES)],
+    "integers": TokenIds,
+    "arrays": Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)],
+}, "a non-empty string, array of strings, array of token ids or array of arrays of token ids")
+StopString = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+Stop = _shaped_union({
+    "a string": StopString,
+    "strings": Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)],
+}, f"a string or an array of at most {MAX_STOP_STRINGS} strings")
+
+
+class TextPart(BaseModel):
+    """A content part; only text is served."""
+
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Request):
+    role: Literal[CHAT_ROLES] = Field(description="developer is served as system")
+    content: _shaped_union({"a string": StrictStr, "objects": list[TextPart]},
+                           "a string or an array of text parts") | None = Field(
+        None, description="null only for an assistant message")
+    name: StrictStr | None = None
+
+
+class StreamOptions(_Request):
+    include_usage: StrictBool | None = Field(None, description="a last chunk with usage and no choices")
+
+
+class SamplingFields(_Request):
+    """The sampling fields both generation endpoints share: OpenAI's and vLLM's extensions."""
+
+    model: StrictStr | None = Field(None, description="the served model's name; absent: the served model")
+    temperature: Number | None = Field(None, ge=0, le=MAX_TEMPERATURE)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    top_k: StrictInt | None = Field(None, ge=-1, le=MAX_TOP_K, description="-1 or 0: off (vLLM)")
+    min_p: Number | None = Field(None, ge=0, le=1, description="vLLM")
+    seed: StrictInt | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    repetition_penalty: Number | None = Field(None, gt=0, description="1: off (vLLM)")
+    stop: Stop | None = None
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS, description="vLLM")
+    ignore_eos: StrictBool | None = Field(None, description="vLLM")
+    include_stop_str_in_output: StrictBool | None = Field(None, description="vLLM")
+    n: StrictInt | None = Field(None, ge=1, le=MAX_N, description=f"choices per prompt; prompts x n <= {MAX_CHOICES}")
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = Field(None, description="only with stream: true")
+    user: StrictStr | None = Field(None, description="the end user's id: accepted, not used")
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``. ``echo``, ``suffix`` and ``logit_bias`` are refused."""
+
+    prompt: Prompt
+    max_tokens: StrictInt | None = Field(None, ge=1, description="default 16")
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: StrictInt | None = Field(None, ge=1, description="only equal to n")
+
+
+class ResponseFormat(_Request):
+    type: Literal["text"] = Field(description="only text is served")
+
+
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions``. ``tools``, ``functions``, ``logit_bias`` and ``audio`` are refused."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, description="default: the context left")
+    max_tokens: StrictInt | None = Field(None, ge=1, description="deprecated: equal to max_completion_tokens if both")
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, description=f"at most {MAX_LOGPROBS}; needs logprobs")
+    response_format: ResponseFormat | None = None
+
+
+class TokenizeRequest(_Request):
+    """vLLM's ``POST /tokenize``: ``prompt`` or ``messages`` (through the chat template)."""
+
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: StrictBool | None = Field(None, description="default: true for prompt, false for messages")
+    add_generation_prompt: StrictBool | None = Field(None, description="messages only; default true")
+
+
+class DetokenizeRequest(_Request):
+    model: StrictStr | None = None
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]
+
+
+REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+
+
+# --- validation errors as OpenAI's ----------------------------------------------------------------
+
+
+def _field_names(models: tuple[type[BaseModel], ...]) -> frozenset[str]:
+    names: set[str] = set()
+    for m in (*models, ChatMessage, StreamOptions, TextPart, ResponseFormat):
+        names.update(m.model_fields)
+    return frozenset(names)
+
+
+_FIELD_NAMES = _field_names(REQUEST_MODELS)  # a union's member tag in an error's location is none of these
+_CODES = {"missing": "missing_required_parameter", "invalid_type": "invalid_type"}
+
+
+def param_name(loc: tuple[str | int, ...]) -> str | None:
+    """OpenAI's ``param`` for a pydantic error location: ``("messages", 0, "role")`` -> ``messages[0].role``."""
+    param = ""
+    for part in loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part in _FIELD_NAMES:
+            param += f".{part}" if param else part
+    return param or None
+
+
+def _api_error(exc: ValidationError) -> APIError:
+    error = exc.errors(include_url=False)[0]
+    param = param_name(error["loc"])
+    kind = error["type"]
+    if kind == "missing":
+        message = f"{param} is required"
+    else:
+        value = error.get("input")
+        got = "" if isinstance(value, (list, dict)) else f", got {_short(repr(value))}"
+        message = f"{param}: {error['msg']}{got}" if param else error["msg"]
+    code = _CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
+    return APIError(message, param=param, code=code)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
+
+
+def validate(model: type[RequestModel], body: Any) -> RequestModel:
+    """``body`` (parsed JSON) as ``model``, or the first problem as a 400 ``APIError`` naming its parameter."""
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise _api_error(exc) from None
+
+
+# --- responses (documented in the OpenAPI schema; built as dicts on the hot path) -------------------
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens served from the prefix cache")
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+FinishReason = Literal["stop", "length", "abort", "error"] | None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason
+
+
+class CompletionResponse(BaseModel):
+    """Also each streamed chunk's shape (``data:`` lines of text/event-stream, then ``data: [DONE]``)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    kvferry_timings: dict[str, float] | None = Field(None, description="phase -> seconds (docs/ROUTER.md)")
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobOut]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    kvferry_timings: dict[str, float] | None = Field(None, description="phase -> seconds (docs/ROUTER.md)")
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletionChunk(BaseModel):
+    """A streamed chunk (``data:`` lines of text/event-stream, then ``data: [DONE]``)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+    kvferry_timings: dict[str, float] | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class WorkerCounts(BaseModel):
+    prefill: int
+    decode: int
+    colocated: int
+
+
+class LostWorker(BaseModel):
+    name: str
+    role: str
+    address: str
+    seconds_ago: float
+    times_lost: int
+
+
+class HealthResponse(BaseModel):
+    """200 when the router can serve (a colocated worker, or a prefill and a decode worker), else 503."""
+
+    status: Literal["ok", "no_workers"]
+    workers: WorkerCounts
+    queued: int
+    running: int
+    lost_workers: list[LostWorker] = Field(description="workers whose heartbeats stopped, not back under their name")
