@@ -204,13 +204,11 @@ class Deployment:
             self._thread.join(timeout=10)
         with self._lock:
             members, self.members = list(self.members), []
-        drains = {m.name: m.actor.drain.remote(grace_s) for m in members}
-        for m in members:
-            try:
-                ray.get(drains[m.name], timeout=grace_s + 15)
-            except RayError:
-                pass
-            self._release(m)
+        drains = [m.actor.drain.remote(grace_s) for m in members if m.address is not None]  # (not pending ones)
+        if drains:
+            ray.wait(drains, num_returns=len(drains), timeout=grace_s + 15)
+        for thread in [self._release(m) for m in members]:
+            thread.join(timeout=10)
         self.router.close()
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -384,15 +382,24 @@ class Deployment:
         self._release(m)
 
     @staticmethod
-    def _release(m: Member) -> None:
-        try:
-            ray.kill(m.actor)
-        except RayError:
-            pass
-        try:
-            remove_placement_group(m.pg)
-        except Exception:  # already gone (its node died with it): nothing to release
-            pass
+    def _release(m: Member) -> threading.Thread:
+        """Kill the actor, then remove its placement group, on a thread of their own: removing a group
+        can block in Ray (while an actor is still being created in it: hence the kill first), and the
+        reconcile loop must never wait on it."""
+
+        def release() -> None:
+            try:
+                ray.kill(m.actor)
+            except RayError:
+                pass
+            try:
+                remove_placement_group(m.pg)
+            except Exception:  # already gone (its node died with it): nothing to release
+                pass
+
+        thread = threading.Thread(target=release, name=f"release-{m.name}", daemon=True)
+        thread.start()
+        return thread
 
     def _settled(self, role: str) -> bool:
         with self._lock:
