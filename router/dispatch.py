@@ -266,6 +266,11 @@ class Dispatcher:
             # Each placement its own id on the workers: a lost worker may still hold the old one.
             attempt_id = request_id if not migration else f"{request_id}~m{migration}"
             resumed = tuple(produced)
+            context = self.registry.max_model_len
+            if resumed and (len(resumed) >= params.max_tokens or
+                            (context and len(prompt_token_ids) + len(resumed) >= context)):
+                yield WorkerEvent([], finish_reason="length")  # lost with every token out, before its end
+                return
             blocks = self.registry.blocks_for(len(prompt_token_ids) + len(resumed) + 1)
             try:
                 placement = await self.admission.admit(
