@@ -67,7 +67,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV cache blocks (0: from --gpu-memory-utilization or --kv-cache-bytes)")
     add_device_arguments(parser)
     parser.add_argument("--kv-transport", default="auto", choices=KV_TRANSPORT_CHOICES,
-                        help="data plane for KV caches between prefill and decode workers: auto (shm on one host, else tcp, else grpc; docs/KV_TRANSFER.md) or one forced, which fails clearly where it cannot work")
+                        help="data plane for KV caches between prefill and decode workers: auto (shm on one host, else nccl between GPU caches, else tcp, gloo, grpc; docs/KV_TRANSFER.md) or one forced, which fails clearly where it cannot work")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve this worker's KV transfer metrics (Prometheus /metrics: transport and throughput per peer) on this port (default: off)")
     parser.add_argument("--no-prefix-caching", action="store_true",

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         security = security_from_args(args)  # the KV handshakes and pushes carry the token too
         sender = NegotiatedKVSender(
             fingerprint, sender_id=args.name or "prefill", kv_transport=args.kv_transport, chunk_bytes=args.chunk_bytes,
-            security=security,
+            security=security, kv_device=str(engine.config.device),
         )
         if args.metrics_port is not None:
             start_metrics_server(args.metrics_port, args.host, sender.stats, "sender")

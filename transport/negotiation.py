@@ -2,17 +2,22 @@
 and the sender that routes each transfer accordingly.
 
 The decode worker offers its data planes (``start_receiver_transports``): ``auto`` offers every one it
-can run (shm, tcp, grpc), a forced name only that one. The prefill worker's ``NegotiatedKVSender``
-handshakes once per peer over gRPC (cached; dropped when a transfer finds the peer gone or changed),
-then takes the first transport in its own order that the receiver offers and that works here:
+can run (shm, tcp, gloo, grpc, and nccl where its KV cache is on a GPU and NCCL is available), a forced
+name only that one. The prefill worker's ``NegotiatedKVSender`` handshakes once per peer over gRPC
+(cached; dropped when a transfer finds the peer gone or changed), then takes the first transport in its
+own order that the receiver offers and that works here:
 
-    auto:   shm (same boot id) -> tcp -> grpc      forced X: X, or the transfer fails naming why not
+    auto:   shm (same boot id) -> nccl (both caches on GPUs) -> tcp -> gloo -> grpc
+    forced X: X, or the transfer fails naming why not
+
+tcp comes before gloo because, for host memory, Gloo's pair rides on the same kind of TCP socket with
+more in the way (a copy into a staging buffer, and a rendezvous per message: docs/KV_TRANSFER.md).
 
 Each candidate is tried for real before it is chosen (a connection is opened and pooled), so a path
 that cannot work here (another network namespace, a firewalled port) is skipped with its reason. The
 choice is logged per peer (a warning when auto fell back past a transport the receiver offered) and
-exported (``metrics.py``): never a silent fallback to a slow path. ``gloo`` and ``nccl`` (the
-collective plane) are recognised names without an implementation yet: forcing one fails clearly.
+exported (``metrics.py``): never a silent fallback to a slow path. A forced transport that cannot run
+in this process at all (``nccl`` without CUDA) is a ``ConfigError`` at start.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from kvferry.transport.base import (
     TransferErrorCode,
     TransportOffer,
 )
+from kvferry.transport.collective_group import BACKENDS, backend_unavailable
 from kvferry.transport.grpc_transport import DEFAULT_CHUNK_BYTES, GrpcKVSender, push_kv
 from kvferry.transport.host import boot_id
 from kvferry.transport.metrics import PairStats
@@ -42,20 +48,22 @@ from kvferry.transport.send_queue import QueuedSendHandle
 logger = logging.getLogger(__name__)
 
 KV_TRANSPORT_CHOICES = ("auto", "shm", "tcp", "gloo", "nccl", "grpc")
-IMPLEMENTED = ("shm", "tcp", "grpc")  # auto's order of preference
-NOT_IMPLEMENTED = {
-    "gloo": "the collective data plane (torch.distributed pairs) is not implemented yet",
-    "nccl": "the collective data plane (torch.distributed pairs) is not implemented yet",
-}
+AUTO_ORDER = ("shm", "nccl", "tcp", "gloo", "grpc")  # auto's order of preference
 
 
-def transports_for(kv_transport: str) -> tuple[str, ...]:
-    """The transports one side accepts, in order; ConfigError for a name that cannot work at all."""
+def transports_for(kv_transport: str, kv_device: str | None = None) -> tuple[str, ...]:
+    """The transports one side accepts, in order; ConfigError for a name that cannot work here at
+    all. ``kv_device`` ("cpu", "cuda", "cuda:1"), once known: NCCL needs the KV cache on a GPU."""
     if kv_transport not in KV_TRANSPORT_CHOICES:
         raise ConfigError(f"--kv-transport {kv_transport!r}: choose one of {', '.join(KV_TRANSPORT_CHOICES)}")
-    if kv_transport in NOT_IMPLEMENTED:
-        raise ConfigError(f"--kv-transport {kv_transport}: {NOT_IMPLEMENTED[kv_transport]}; use auto, shm, tcp or grpc")
-    return IMPLEMENTED if kv_transport == "auto" else (kv_transport,)
+    unavailable = {name: why for name in BACKENDS if (why := backend_unavailable(name)) is not None}
+    if kv_device is not None and not kv_device.startswith("cuda"):
+        unavailable.setdefault("nccl", f"NCCL moves GPU memory and this worker's KV cache is on {kv_device} (use gloo)")
+    if kv_transport == "auto":
+        return tuple(name for name in AUTO_ORDER if name not in unavailable)
+    if kv_transport in unavailable:
+        raise ConfigError(f"--kv-transport {kv_transport}: {unavailable[kv_transport]}")
+    return (kv_transport,)
 
 
 # ---- receiver side -------------------------------------------------------------------------------
@@ -64,17 +72,20 @@ def start_receiver_transports(
 ) -> tuple[TransportOffer, ...]:
     """Start the data planes ``kv_transport`` allows and make the receiver offer them (and close them
     when it closes). gRPC needs nothing started: PushKV is on the worker's server."""
+    from kvferry.transport.collective_receiver import start_collective_server
     from kvferry.transport.shm_transport import start_shm_server
     from kvferry.transport.tcp_transport import start_tcp_server
 
     ticket = secrets.token_hex(16)  # only senders that passed the gRPC handshake learn it
     offers, planes = [], []
-    for name in transports_for(kv_transport):
+    for name in transports_for(kv_transport, str(receiver.kv_caches[0].device)):
         if name == "grpc":
             offers.append(TransportOffer("grpc"))
             continue
         start = {"tcp": lambda: start_tcp_server(receiver, ticket, host, advertise_host),
-                 "shm": lambda: start_shm_server(receiver, ticket)}[name]
+                 "shm": lambda: start_shm_server(receiver, ticket),
+                 "gloo": lambda: start_collective_server(receiver, ticket, "gloo", host, advertise_host),
+                 "nccl": lambda: start_collective_server(receiver, ticket, "nccl", host, advertise_host)}[name]
         plane, offer = start()
         planes.append(plane)
         offers.append(offer)
@@ -141,10 +152,11 @@ class NegotiatedKVSender(KVSender):
         handshake_timeout_s: float = 5.0,
         security=None,  # proto.cluster_security.ClusterSecurity for the gRPC channels; None: insecure
         stats: PairStats | None = None,
+        kv_device: str = "cpu",  # where the prefill worker's KV cache lives (nccl needs a GPU)
     ):
         super().__init__(fingerprint, sender_id)
         self.kv_transport = kv_transport
-        self.transports = transports_for(kv_transport)
+        self.transports = transports_for(kv_transport, kv_device)
         self.chunk_bytes = chunk_bytes
         self.stats = stats or PairStats()
         extra = {} if security is None else {"security": security}
@@ -152,10 +164,12 @@ class NegotiatedKVSender(KVSender):
             fingerprint, sender_id, chunk_bytes, handshake_timeout_s=handshake_timeout_s,
             transports=self.transports, **extra,
         )
+        from kvferry.transport.collective_sender import CollectiveSenderPlane
         from kvferry.transport.shm_transport import ShmSenderPlane
         from kvferry.transport.tcp_transport import TcpSenderPlane
 
-        planes = {"grpc": lambda: GrpcPlane(self.grpc), "tcp": TcpSenderPlane, "shm": lambda: ShmSenderPlane(chunk_bytes)}
+        planes = {"grpc": lambda: GrpcPlane(self.grpc), "tcp": TcpSenderPlane, "shm": lambda: ShmSenderPlane(chunk_bytes),
+                  "gloo": lambda: CollectiveSenderPlane("gloo"), "nccl": lambda: CollectiveSenderPlane("nccl")}
         self.planes = {name: planes[name]() for name in self.transports}
         self._lock = threading.Lock()
         self._routes: dict[str, Route] = {}

@@ -284,14 +284,7 @@ class ReceiveSession:
         res, n = self._res, len(data)
         copy = None
         with res.lock:
-            self._check_pending()
-            if not 0 <= layer_idx < len(self._receiver.kv_caches) or layer_idx in res.layers_done:
-                raise self._invalid(f"layer {layer_idx} out of range or already complete")
-            if n == 0 or n > self._receiver.max_chunk_bytes:
-                raise self._invalid(f"chunk of {n} bytes (limit {self._receiver.max_chunk_bytes})")
-            filled, carry = res.progress.get(layer_idx, (0, b""))
-            if offset != filled or offset + n > self.layer_nbytes:
-                raise self._invalid(f"layer {layer_idx}: chunk at {offset}+{n}, expected offset {filled}")
+            carry = self._check_chunk(layer_idx, offset, n)
             res.checksums.update(layer_idx, data)  # chunks of a layer come in order: the payload's order
             if carry:
                 data = bytes(carry) + bytes(data)
@@ -304,15 +297,51 @@ class ReceiveSession:
                     copy = (layer_idx, target, rows)
                 else:  # by the copy thread, so this (transport) thread goes on receiving meanwhile
                     self._pending.append(self._receiver._copier.submit(self._copy, layer_idx, target, rows))
-            res.progress[layer_idx] = (offset + n, bytes(data[num_rows * self._row_bytes :]))
-            res.bytes_received += n
-            res.last_activity = time.monotonic()
-            if offset + n == self.layer_nbytes:
-                res.progress.pop(layer_idx)
-                res.layers_done.add(layer_idx)
+            self._advance(layer_idx, offset, n, bytes(data[num_rows * self._row_bytes :]))
         if copy is not None:
             self._copy(*copy)
         self._wait_copies(keep=self._receiver.max_pending_copies)
+
+    def write_rows(self, layer_idx: int, offset: int, rows: torch.Tensor) -> None:
+        """Whole rows of the layer's payload already on the cache's device (``[num_rows, row_bytes]``
+        uint8: the NCCL plane's staging buffer on the GPU), copied into their blocks there. They are
+        hashed on the host (one device-to-host copy: the checksum has no GPU kernel yet). ``offset``
+        must start a row."""
+        res, n = self._res, rows.numel()
+        assert rows.dim() == 2 and rows.shape[1] == self._row_bytes and rows.dtype == torch.uint8, rows.shape
+        with res.lock:
+            carry = self._check_chunk(layer_idx, offset, n)
+            if carry or offset % self._row_bytes:
+                raise self._invalid(f"layer {layer_idx}: device rows at {offset}, not at a row boundary")
+            res.checksums.update(layer_idx, rows.cpu().numpy())
+            row_start = offset // self._row_bytes
+            target = self._target_rows[row_start : row_start + rows.shape[0]].to(rows.device)
+            with torch.inference_mode():  # the engine may have made its caches as inference tensors
+                self._receiver.cache_rows[layer_idx].index_copy_(0, target, rows)
+            self._advance(layer_idx, offset, n, b"")
+
+    def _check_chunk(self, layer_idx: int, offset: int, n: int) -> bytes:
+        """Raise unless ``n`` bytes at ``offset`` are the layer's next chunk; returns the partial row
+        carried over from the previous chunk. Under the reservation's lock."""
+        res = self._res
+        self._check_pending()
+        if not 0 <= layer_idx < len(self._receiver.kv_caches) or layer_idx in res.layers_done:
+            raise self._invalid(f"layer {layer_idx} out of range or already complete")
+        if n == 0 or n > self._receiver.max_chunk_bytes:
+            raise self._invalid(f"chunk of {n} bytes (limit {self._receiver.max_chunk_bytes})")
+        filled, carry = res.progress.get(layer_idx, (0, b""))
+        if offset != filled or offset + n > self.layer_nbytes:
+            raise self._invalid(f"layer {layer_idx}: chunk at {offset}+{n}, expected offset {filled}")
+        return carry
+
+    def _advance(self, layer_idx: int, offset: int, n: int, carry: bytes) -> None:
+        res = self._res
+        res.progress[layer_idx] = (offset + n, carry)
+        res.bytes_received += n
+        res.last_activity = time.monotonic()
+        if offset + n == self.layer_nbytes:
+            res.progress.pop(layer_idx)
+            res.layers_done.add(layer_idx)
 
     def _copy(self, layer_idx: int, target: torch.Tensor, rows: memoryview) -> None:
         res = self._res

@@ -2,8 +2,10 @@
 per transfer turns them into the wire's messages, and the poll state, deadline and checksums live here.
 
 ``send_layer`` runs on the engine thread and never waits for the network: it only records which rows of
-the cache make up the layer (a CPU cache is read in place later; a GPU cache is gathered on the GPU and
-copied to the host here, since its blocks are read by the device). The transfer thread
+the cache make up the layer (a CPU cache is read in place later; a GPU cache's blocks are gathered on
+the GPU here, into a copy the cache's later steps cannot change, and that copy goes to the host once,
+on the transfer thread, for the data planes that send host memory; NCCL sends it from the GPU). The
+transfer thread
 (``QueuedSendHandle._transfer``, one per data plane) takes the items in order: ``Chunk``s of whole rows,
 then the trailer. Every wait in it is bounded by the transfer's deadline (``KVTarget.timeout_s``).
 """
@@ -32,18 +34,46 @@ from kvferry.transport.base import (
 from kvferry.transport.integrity import CHECKSUM_ALGORITHM, LayerChecksums
 
 
+class LayerRows:
+    """One layer's rows, shared by its chunks: a CPU cache (read in place), or a GPU cache's blocks
+    gathered on the GPU, copied to the host the first time a chunk's host rows are asked for."""
+
+    def __init__(self, rows: torch.Tensor):  # [num_rows, row_bytes] uint8, contiguous
+        self.device_rows = rows
+        self._host = None if rows.is_cuda else rows
+
+    @property
+    def row_bytes(self) -> int:
+        return self.device_rows.shape[1]
+
+    def host(self) -> torch.Tensor:
+        if self._host is None:  # only the transfer's own thread reads its chunks: no lock needed
+            self._host = self.device_rows.cpu()
+        return self._host
+
+
 @dataclass(frozen=True)
 class Chunk:
     """Bytes ``[offset, offset + len(row_ids) * row_bytes)`` of a layer's payload: ``rows[row_ids]``."""
 
     layer_idx: int
     offset: int
-    rows: torch.Tensor  # [num_rows, row_bytes] uint8, contiguous, on the host
+    source: LayerRows
     row_ids: list[int]
 
     @property
+    def rows(self) -> torch.Tensor:
+        """[num_rows, row_bytes] uint8, contiguous, on the host."""
+        return self.source.host()
+
+    @property
+    def device_rows(self) -> torch.Tensor:
+        """The same rows where they are: the CPU cache, or the gathered blocks on the GPU."""
+        return self.source.device_rows
+
+    @property
     def nbytes(self) -> int:
-        return len(self.row_ids) * self.rows.shape[1]
+        return len(self.row_ids) * self.source.row_bytes
 
     def views(self) -> list[memoryview]:
         """The chunk as memoryviews of the rows, one per run of adjacent rows: no copy."""
@@ -82,16 +112,16 @@ class QueuedSendHandle(KVSendHandle):
         # The payload is 2 * n rows (K rows, then V rows), one cache block each; chunks are whole rows.
         if self._state is not TransferState.PENDING:
             return
-        if kv_cache_layer.is_cuda:  # gather on the GPU, then read the packed copy on the host
-            source = gather_blocks(kv_cache_layer, block_ids).cpu()
+        if kv_cache_layer.is_cuda:  # gather on the GPU: a packed copy the next steps cannot change
+            source = gather_blocks(kv_cache_layer, block_ids)
             row_ids = list(range(2 * len(block_ids)))
         else:  # read the blocks in place: no gather copy
             source = kv_cache_layer
             num_cache_blocks = kv_cache_layer.shape[1]
             row_ids = list(block_ids) + [num_cache_blocks + b for b in block_ids]
         assert source.is_contiguous()
-        rows = source.view(torch.uint8).view(source.shape[0] * source.shape[1], -1)  # [2 * blocks, row_bytes]
-        row_bytes = rows.shape[1]
+        rows = LayerRows(source.view(torch.uint8).view(source.shape[0] * source.shape[1], -1))  # [2 * blocks, row_bytes]
+        row_bytes = rows.row_bytes
         rows_per_chunk = max(1, self.chunk_bytes // row_bytes)
         for i in range(0, len(row_ids), rows_per_chunk):
             self._queue.put(Chunk(layer_idx, i * row_bytes, rows, row_ids[i : i + rows_per_chunk]))

@@ -16,7 +16,7 @@ from kvferry.transport.negotiation import NegotiatedKVSender, start_receiver_tra
 from kvferry.transport.receiver import KVReceiver
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 3, 2, 8, 4, 16
-NETWORK_TRANSPORTS = ("tcp", "shm", "grpc")
+NETWORK_TRANSPORTS = ("tcp", "shm", "gloo", "grpc")
 
 
 def model_config(**overrides) -> ModelConfig:

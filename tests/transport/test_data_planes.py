@@ -18,6 +18,7 @@ from kvferry.transport.base import FirstToken, KVTarget, TransferErrorCode, Tran
 from kvferry.transport.grpc_transport import GrpcKVSender
 from kvferry.transport.host import boot_id
 from kvferry.transport.metrics import TransportCollector
+from kvferry.transport.negotiation import NegotiatedKVSender, transports_for
 
 from kv_helpers import (
     NETWORK_TRANSPORTS,
@@ -233,7 +234,8 @@ def test_forced_transports_that_cannot_work_are_refused_naming_why():
     only_grpc, only_tcp = ReceiverServer("grpc"), ReceiverServer("tcp")
     src = kv_caches(seed=1)
     try:
-        for forced, srv, accepted in [("tcp", only_grpc, "grpc"), ("shm", only_tcp, "tcp"), ("grpc", only_tcp, "tcp")]:
+        for forced, srv, accepted in [("tcp", only_grpc, "grpc"), ("shm", only_tcp, "tcp"), ("grpc", only_tcp, "tcp"),
+                                      ("gloo", only_tcp, "tcp")]:
             srv.receiver.expect(f"forced-{forced}", [0])
             s = sender(forced)
             try:
@@ -255,11 +257,18 @@ def test_forced_transports_that_cannot_work_are_refused_naming_why():
     finally:
         only_grpc.close()
         only_tcp.close()
-    for name in ("gloo", "nccl"):
-        with pytest.raises(ConfigError, match=f"--kv-transport {name}: .*not implemented"):
-            sender(name)
     with pytest.raises(ConfigError, match="choose one of"):
         sender("rdma")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_nccl_is_refused_at_start_without_cuda():
+    for start in (lambda: sender("nccl"), lambda: ReceiverServer("nccl"),
+                  lambda: NegotiatedKVSender(fingerprint(), kv_transport="nccl", kv_device="cpu")):
+        with pytest.raises(ConfigError, match="--kv-transport nccl: NCCL needs CUDA"):
+            start()
+    assert "nccl" not in transports_for("auto")  # auto leaves it out instead of failing
+    assert transports_for("auto") == ("shm", "tcp", "gloo", "grpc")
 
 
 def test_shm_is_refused_across_hosts_and_auto_takes_tcp_there(server, caplog):

@@ -23,7 +23,7 @@ from waiting import wait_until
 
 PEER = os.path.join(os.path.dirname(__file__), "kv_peer_process.py")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-TRANSPORTS = ["tcp", "shm", "grpc"]
+TRANSPORTS = ["tcp", "shm", "gloo", "grpc"]
 
 
 def dev_shm() -> set[str]:

@@ -71,7 +71,7 @@ def local(decode, request_id, prompt):
     return list(decode.Stream(worker_pb2.StreamRequest(request_id=request_id), timeout=TIMEOUT))
 
 
-@pytest.mark.parametrize("transport", ["grpc", "tcp", "shm"])
+@pytest.mark.parametrize("transport", ["grpc", "tcp", "shm", "gloo"])
 def test_greedy_output_through_each_transport_equals_the_single_engine(services, transport):
     decode, prefill, decode_worker, sender = services(transport)
     prompt = [1000 + 37 * i % 4000 for i in range(41)]  # 41 tokens: 3 blocks
