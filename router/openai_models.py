@@ -26,6 +26,11 @@ MAX_CHOICES = 64  # prompts x n in one request: each choice is a request of its 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 Number = Annotated[float, Strict()]  # ints pass (as floats), bools and strings do not
+# Sampling floats travel to the workers as float32: a bound that excludes 0 is the smallest normal
+# float32 (1e-300 would arrive as 0 and be refused there, naming no parameter), and no finite value
+# may become infinite on the way.
+FLOAT32_TINY = 1.1754943508222875e-38
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class _Request(BaseModel):
@@ -91,13 +96,13 @@ class SamplingFields(_Request):
 
     model: StrictStr | None = Field(None, description="the served model's name; absent: the served model")
     temperature: Number | None = Field(None, ge=0, le=MAX_TEMPERATURE)
-    top_p: Number | None = Field(None, gt=0, le=1)
+    top_p: Number | None = Field(None, ge=FLOAT32_TINY, le=1, description="in (0, 1]")
     top_k: StrictInt | None = Field(None, ge=-1, le=MAX_TOP_K, description="-1 or 0: off (vLLM)")
     min_p: Number | None = Field(None, ge=0, le=1, description="vLLM")
     seed: StrictInt | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
     presence_penalty: Number | None = Field(None, ge=-2, le=2)
     frequency_penalty: Number | None = Field(None, ge=-2, le=2)
-    repetition_penalty: Number | None = Field(None, gt=0, description="1: off (vLLM)")
+    repetition_penalty: Number | None = Field(None, ge=FLOAT32_TINY, le=FLOAT32_MAX, description="> 0; 1: off (vLLM)")
     stop: Stop | None = None
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(
         None, max_length=MAX_STOP_TOKEN_IDS, description="vLLM")

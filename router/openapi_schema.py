@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from kvferry.router.openai_models import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, TokenizeRequest,
+    ChatCompletionChunk, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, TokenizeRequest,
 )
 
 REQUEST_BODIES: dict[str, type[BaseModel]] = {
@@ -25,6 +25,7 @@ REQUEST_BODIES: dict[str, type[BaseModel]] = {
     "/tokenize": TokenizeRequest,
     "/detokenize": DetokenizeRequest,
 }
+STREAM_CHUNKS = (ChatCompletionChunk, ErrorResponse)  # referenced from the SSE events' descriptions
 _REF = "#/components/schemas/{model}"
 
 ERRORS = {
@@ -44,12 +45,16 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def streamed(model: type[BaseModel], chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
-    """A 200 that is JSON, or with ``stream: true`` server-sent events of ``chunk`` objects."""
-    return {200: {"model": model, "content": {"text/event-stream": {"schema": {
-        "type": "string",
-        "description": f"'data: <{chunk.__name__} JSON>' lines, then 'data: [DONE]'; with "
-                       "stream_options.include_usage a last chunk with usage and no choices",
-    }}}}}
+    """A 200 that is JSON, or with ``stream: true`` server-sent events: ``data:`` lines of ``chunk``
+    objects (an error object if the request fails mid-stream), then ``data: [DONE]``. Each event is
+    described as OpenAPI 3.2 does (``itemSchema``, the data's JSON as ``contentSchema``)."""
+    data = {"type": "string", "if": {"const": "[DONE]"}, "else": {
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [{"$ref": _REF.format(model=m.__name__)} for m in (chunk, ErrorResponse)]},
+    }}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data},
+             "description": "with stream_options.include_usage, a last chunk with usage and no choices"}
+    return {200: {"model": model, "content": {"text/event-stream": {"itemSchema": event}}}}
 
 
 def install_openapi(app: FastAPI, api_key_required: bool, open_paths: frozenset[str]) -> None:
@@ -65,7 +70,8 @@ def install_openapi(app: FastAPI, api_key_required: bool, open_paths: frozenset[
 
 def _build(app: FastAPI, api_key_required: bool, open_paths: frozenset[str]) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    _, defs = models_json_schema([(m, "validation") for m in REQUEST_BODIES.values()], ref_template=_REF)
+    _, defs = models_json_schema([(m, "validation") for m in REQUEST_BODIES.values()]
+                                 + [(m, "serialization") for m in STREAM_CHUNKS], ref_template=_REF)
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     for name, definition in defs.get("$defs", {}).items():

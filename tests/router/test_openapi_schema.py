@@ -143,6 +143,9 @@ def test_real_responses_match_the_documented_models(cluster):
         (CompletionRequest, {"prompt": "x", "stop": [1]}, "stop", "invalid_type"),
         (CompletionRequest, {"prompt": "x", "stop": ["a", ""]}, "stop[1]", "invalid_value"),
         (CompletionRequest, {"prompt": "x", "n": 17}, "n", "invalid_value"),
+        # positive, but 0 as the float32 the workers get
+        (CompletionRequest, {"prompt": "x", "top_p": 1e-300}, "top_p", "invalid_value"),
+        (CompletionRequest, {"prompt": "x", "repetition_penalty": 1e39}, "repetition_penalty", "invalid_value"),
         (CompletionRequest, {"prompt": "x", "stream_options": []}, "stream_options", "invalid_type"),
         (ChatCompletionRequest, {"messages": ["hi"]}, "messages[0]", "invalid_type"),
         (ChatCompletionRequest, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
