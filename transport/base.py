@@ -128,8 +128,13 @@ class HandshakeResult:
     transports: tuple[TransportOffer, ...] = ()
 
     def mismatch_error(self, address: str) -> TransferError:
+        """Names every differing field. KV is never converted between dtypes or block sizes: a pair
+        that differs in them is refused here, before any block moves."""
+        fields = {m.split(":", 1)[0] for m in self.mismatches}
+        hint = (" (give the prefill and decode workers the same --dtype and --block-size: KV is not converted)"
+                if fields & {"dtype", "block_size"} else "")
         return TransferError(
-            TransferErrorCode.INCOMPATIBLE, f"KV fingerprint mismatch with {address}: " + "; ".join(self.mismatches)
+            TransferErrorCode.INCOMPATIBLE, f"KV fingerprint mismatch with {address}: " + "; ".join(self.mismatches) + hint
         )
 
 
