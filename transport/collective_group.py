@@ -16,10 +16,16 @@ Deadlines: every wait has one (``Work.wait(timeout)``). Neither backend can canc
 a wait blocked in one thread is not woken by ``abort``/``shutdown`` from another (Gloo: only its
 timeout, or the peer's side of the group going away, ends it), so any failed or timed-out operation
 breaks the whole group; the peer learns it from the control connection closing.
+
+Teardown: ``close()`` destroys the group on the calling thread, never concurrently with an operation
+on it (callers hold their pair's lock or are its only thread). torch aborts the process if a group is
+being destroyed on one thread while the interpreter finalizes on another, so an ``atexit`` hook waits
+(up to 5 s) for destructions in progress.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import socket
 import struct
@@ -32,6 +38,8 @@ import torch.distributed as dist
 from kvferry.transport.base import TransferError, TransferErrorCode
 
 BACKENDS = ("gloo", "nccl")
+_destroying = threading.Condition()
+_num_destroying = 0  # groups being destroyed right now, on any thread
 STAMP = struct.Struct("<QQ")  # (epoch, sequence number), after each message's payload
 SENDER_RANK, RECEIVER_RANK = 0, 1
 
@@ -148,6 +156,20 @@ class PairGroup:
                 pass
         return self.broken
 
+    def close(self) -> None:
+        """Destroy the group and its store now (Gloo closes its connections: the peer's waits end at
+        once). No operation may be waiting on it."""
+        global _num_destroying
+        with _destroying:
+            _num_destroying += 1
+        try:
+            self.fail(TransferError(TransferErrorCode.ABORTED, f"KV pair group (epoch {self.epoch}) closed"))
+            self.group = self.store = None  # the last references: destroyed here
+        finally:
+            with _destroying:
+                _num_destroying -= 1
+                _destroying.notify_all()
+
     def _post(self, op, what: str) -> dist.Work:
         self._check()
         try:
@@ -158,6 +180,12 @@ class PairGroup:
     def _check(self) -> None:
         if self.broken is not None:
             raise self.broken
+
+
+@atexit.register
+def _wait_for_destructions() -> None:
+    with _destroying:
+        _destroying.wait_for(lambda: _num_destroying == 0, timeout=5.0)
 
 
 def stamp(epoch: int, seq: int) -> torch.Tensor:

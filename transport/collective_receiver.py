@@ -96,6 +96,7 @@ class CollectiveServer:
         self._epochs = itertools.count(1)
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()
         self.connections_total = 0  # pairs formed or tried since start
         self.epochs_started = 0
         self._closed = False
@@ -121,6 +122,11 @@ class CollectiveServer:
             except OSError:
                 pass
         self._accept_thread.join(timeout=2.0)
+        # Each pair's thread destroys its group on the way out: wait for that, so that a process exiting
+        # right after close() never destroys a group while the interpreter is finalizing (torch aborts).
+        end = time.monotonic() + 5.0
+        for thread in list(self._threads):
+            thread.join(timeout=max(end - time.monotonic(), 0.01))
 
     def _accept_loop(self) -> None:
         while True:
@@ -140,7 +146,10 @@ class CollectiveServer:
                 error = TransferError(TransferErrorCode.UNAVAILABLE, f"{self.max_pairs} KV pairs open")
                 threading.Thread(target=framing.send_error_and_close, args=(conn, error), daemon=True).start()
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name=f"kv-{self.transport}-pair", daemon=True).start()
+            thread = threading.Thread(target=self._serve, args=(conn,), name=f"kv-{self.transport}-pair", daemon=True)
+            with self._lock:
+                self._threads.add(thread)
+            thread.start()
 
     # ---- one pair ----------------------------------------------------------------------------------
     def _serve(self, conn: socket.socket) -> None:
@@ -160,9 +169,12 @@ class CollectiveServer:
             logger.exception("KV %s pair failed", self.transport)
             self._fail_all(transfers, TransferError(TransferErrorCode.UNAVAILABLE, f"{type(e).__name__}: {e}"))
         finally:
+            if group is not None:
+                group.close()  # here, on this thread, before close() stops waiting for it
             conn.close()
             with self._lock:
                 self._connections.discard(conn)
+                self._threads.discard(threading.current_thread())
 
     def _form_pair(self, conn: socket.socket) -> PairGroup:
         deadline = time.monotonic() + self.rendezvous_timeout_s

@@ -272,12 +272,23 @@ class SenderPair:
     def _release_group(self) -> None:
         """Drop the group and its operations (under the lock): Gloo closes its connections when the last
         reference goes, which ends the peer's waits at once instead of at their deadlines."""
-        self.group = None
-        self._in_flight.clear()
+        group, self.group = self.group, None
+        self._in_flight.clear()  # operations first: the group goes after them
         self._free.clear()
+        if group is not None:
+            group.close()
 
     def close(self, reason: str = "closed") -> None:
+        """Break the pair and destroy its group now (an operation still waiting gets up to 2 s): a
+        process that exits right after must not destroy a group while the interpreter is finalizing
+        (torch aborts)."""
         self._break(TransferError(TransferErrorCode.ABORTED, f"KV pair with {self.address} {reason}"), quiet=True)
+        if self._lock.acquire(timeout=2.0):
+            try:
+                self._release_group()
+            finally:
+                self._lock.release()
+        self._reader.join(timeout=2.0)
         self.sock.close()
 
 
