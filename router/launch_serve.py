@@ -35,6 +35,7 @@ from kvferry.deploy.ray_args import add_ray_arguments
 from kvferry.engine.config import ConfigError
 from kvferry.engine.device import add_device_arguments, kv_cache_sizing, resolve_device
 from kvferry.engine.profiles import add_profile_arguments, profile_argv
+from kvferry.log_config import log_environment
 from kvferry.proto.cluster_security import TOKEN_ENV
 from kvferry.router.auth import API_KEY_ENV
 from kvferry.router.placement import add_placement_arguments
@@ -214,6 +215,7 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
     # spin at barriers and make a decode step tens of times slower.
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(workers))
     cluster.env["KVFERRY_NUM_THREADS"] = str(threads)
+    cluster.env.update(log_environment(args))  # --log-level / --log-format reach every child
     # Secrets travel in the environment, not on command lines (which every local user can read).
     if args.api_key:
         cluster.env[API_KEY_ENV] = args.api_key

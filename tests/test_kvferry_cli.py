@@ -11,14 +11,14 @@ import sys
 import pytest
 
 import kvferry
-from kvferry.cli import COMMANDS, main
+from kvferry.cli import COMMANDS, add_command_arguments, main
 
 
 def command_parsers():
     """(name, parser) for every sub-command and nested sub-command, built as `kvferry` builds them."""
     for name, (module_name, _) in COMMANDS.items():
         parser = argparse.ArgumentParser(prog=f"kvferry {name}")
-        importlib.import_module(module_name).add_arguments(parser)
+        add_command_arguments(parser, importlib.import_module(module_name))
         yield from _with_nested(name, parser)
 
 

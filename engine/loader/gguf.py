@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from kvferry.engine.config import ConfigError, ModelConfig, RopeScaling
 from kvferry.engine.loader import LoadedModel, build_model, checkpoint_shapes
@@ -303,7 +304,8 @@ def load_gguf_weights(
             f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     permute = gf.metadata["general.architecture"] in PERMUTED_ARCHITECTURES
     tensors = {}
-    for hf_name, gguf_name in names.items():
+    # A progress bar on a terminal only (disable=None): logs and pipes get none.
+    for hf_name, gguf_name in tqdm(names.items(), desc="loading weights", unit="tensor", disable=None, leave=False):
         shape = gf.tensors[gguf_name].shape
         if shape != shapes[hf_name]:
             raise ConfigError(

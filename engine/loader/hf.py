@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from kvferry.engine.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig, RopeScaling
 from kvferry.engine.loader import LoadedModel, build_model, checkpoint_shapes
@@ -106,7 +107,8 @@ def load_hf_weights(path: str, config: ModelConfig, dtype: torch.dtype) -> dict[
 
     shapes = checkpoint_shapes(config)
     tensors: dict[str, Tensor] = {}
-    for file in _weight_files(path):
+    files = _weight_files(path)  # a progress bar on a terminal only (disable=None), one step per shard
+    for file in tqdm(files, desc="loading weights", unit="file", disable=None if len(files) > 1 else True):
         if not os.path.isfile(file):
             raise ConfigError(f"{file}: listed in model.safetensors.index.json but missing")
         name = "<header>"
