@@ -6,6 +6,9 @@
     python kv_peer_process.py sender FINGERPRINT_JSON TRANSPORT ADDRESS INSTANCE_ID REQUEST BLOCKS NUM_LAYERS
         sends NUM_LAYERS layers of random KV for REQUEST, prints "sent" once they left, then stops
         itself (SIGSTOP) mid-transfer, for the test to kill.
+    python kv_peer_process.py close-and-exit TRANSPORT
+        a receiver and a sender in this process, one transfer between them, both closed, then a normal
+        exit: its status says whether tearing down left the process able to exit cleanly.
 """
 
 from __future__ import annotations
@@ -67,9 +70,25 @@ def sender(fp, transport: str, address: str, instance_id: str, request_id: str, 
     os.kill(os.getpid(), signal.SIGSTOP)  # mid-transfer: no more layers, no trailer
 
 
+def close_and_exit(transport: str) -> None:
+    from kv_helpers import ReceiverServer, kv_caches, sender
+
+    from kvferry.transport.base import FirstToken, KVTarget, TransferState
+
+    server, tx = ReceiverServer(transport), sender(transport)
+    server.receiver.expect("one", [1])
+    handle = tx.send(KVTarget(server.address, server.receiver.instance_id, 30.0), "one", kv_caches(), [0], FirstToken(1))
+    assert handle.wait(30.0) is TransferState.DONE, handle.error
+    tx.close()
+    server.close()
+    print("closed", flush=True)
+
+
 def main(argv: list[str]) -> None:
     from kvferry.transport.base import KVFingerprint
 
+    if argv[0] == "close-and-exit":
+        return close_and_exit(argv[1])
     role, fp = argv[0], KVFingerprint(**json.loads(argv[1]))
     if role == "receiver":
         receiver(fp, int(argv[2]), argv[3:])

@@ -163,3 +163,15 @@ def test_nccl_receive_path_writes_device_rows_bit_exactly_into_scattered_blocks(
     rx.close()
     assert ends[0][1] is TransferState.DONE
     assert all(same_bits(a[:, src_blocks], b[:, dst_blocks]) for a, b in zip(src, rx.kv_caches))
+
+
+def test_a_process_that_closed_its_pairs_exits_cleanly():
+    """torch aborts a process whose group is destroyed while the interpreter finalizes; closing the
+    sender and the receiver must finish their groups' teardown first."""
+    for _ in range(2):
+        peer = spawn("close-and-exit", "gloo")
+        try:
+            assert read_line(peer) == "closed"
+            assert peer.wait(timeout=30) == 0  # not -6 / 134: "terminate called without an active exception"
+        finally:
+            kill(peer)

@@ -123,6 +123,7 @@ def test_kv_over_tcp_gloo_and_grpc_between_two_network_namespaces(two_hosts, mod
         stop(decode)
     results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert driver.returncode == 0, out[-3000:]
+    assert decode.returncode == 0  # SIGTERM: drained, its pairs torn down, a clean exit
     by_transport = {r["transport"]: r for r in results if "transport" in r}
     assert set(by_transport) == set(TRANSPORTS), out[-3000:]
     for transport, r in by_transport.items():
