@@ -71,6 +71,7 @@ class SenderPair:
         self.address = address
         self.depth = depth
         self.error: TransferError | None = None
+        self.ended_quietly = False  # closed here, or by the receiver while idle: nothing was lost
         self._lock = threading.Lock()  # control frames and group operations, in sequence order
         self._xfers: dict[int, _Outgoing] = {}
         self._ids = itertools.count(1)  # 0 is the pair itself in ERROR frames
@@ -237,9 +238,10 @@ class SenderPair:
                 else:
                     raise TransferError(TransferErrorCode.INVALID, f"{what}: unexpected frame kind {kind}")
         except TransferError as e:
+            idle = isinstance(e, framing.PeerClosed) and not self._xfers  # e.g. its idle timeout: no loss
             if isinstance(e, framing.PeerClosed):
                 e = TransferError(TransferErrorCode.UNAVAILABLE, f"{what}: the decode worker closed the pair")
-            self._break(e)
+            self._break(e, quiet=idle)
         except (OSError, ValueError) as e:  # the socket was closed under us
             self._break(TransferError(TransferErrorCode.UNAVAILABLE, f"{what}: {e}"))
         finally:
@@ -251,6 +253,7 @@ class SenderPair:
         ends any operation still waiting here) and release the group when nobody waits on it."""
         if self.error is None:
             self.error = error
+            self.ended_quietly = quiet
             if self.group is not None:
                 self.group.fail(error)
             if not quiet:
@@ -301,7 +304,7 @@ class CollectiveSenderPlane:
         self._lock = threading.Lock()
         self._pairs: dict[str, SenderPair] = {}
         self._forming: dict[str, threading.Lock] = {}
-        self._epochs: dict[str, int] = {}  # the last epoch formed with each address (for the log)
+        self._previous: dict[str, SenderPair] = {}  # the last pair formed with each address (for the log)
 
     def pair(self, offer: TransportOffer, deadline: float) -> SenderPair:
         address = offer.address
@@ -319,13 +322,14 @@ class CollectiveSenderPlane:
             pair = SenderPair.connect(offer, self.name, deadline, self.depth)
             with self._lock:
                 self._pairs[address] = pair
-                previous = self._epochs.get(address)
-                self._epochs[address] = pair.epoch
+                previous = self._previous.get(address)
+                self._previous[address] = pair
             if previous is None:
                 logger.info("KV %s pair with %s formed (epoch %d)", self.name, address, pair.epoch)
-            else:
-                logger.warning("KV %s pair with %s rebuilt as epoch %d (epoch %d ended)", self.name, address,
-                               pair.epoch, previous)
+            else:  # a pair that keeps breaking shows up as warnings; one closed while idle does not
+                log = logger.info if previous.ended_quietly else logger.warning
+                log("KV %s pair with %s rebuilt as epoch %d (epoch %d ended: %s)", self.name, address, pair.epoch,
+                    previous.epoch, previous.error.message if previous.error else "closed")
             return pair
         finally:
             forming.release()
