@@ -138,8 +138,8 @@ class SenderPair:
             if self.alive and out.opened and not out.finish_sent:  # the receiver holds it open
                 try:
                     self._control(framing.ABORT, out, e.message.encode()[:4096], None)
-                except TransferError:
-                    pass
+                except TransferError as abort_error:  # busy or broken: end the pair, so the receiver frees it
+                    self._break(abort_error)
             if e.code is TransferErrorCode.DEADLINE or handle.remaining() <= 0:
                 raise TransferError(TransferErrorCode.DEADLINE, handle.deadline_message()) from None
             raise
