@@ -114,8 +114,17 @@ def load_transformers(path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     if path.endswith(".gguf"):
+        # Dense weights in ``dtype``, transformers' fastest CPU path: recent versions otherwise keep a
+        # GGUF in its blocks and cast every matmul's input and output (a batch-1 step ~40x slower).
+        extra = {}
+        try:
+            from transformers import GgufConfig
+
+            extra["quantization_config"] = GgufConfig(gguf_file=os.path.basename(path), dequantize=True)
+        except ImportError:  # older versions always dequantize
+            pass
         model = AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype, **extra
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
