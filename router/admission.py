@@ -22,7 +22,13 @@ T = TypeVar("T")
 
 
 class NoCapacityError(Exception):
-    """No decode worker could take the request: the queue was full, or the wait timed out."""
+    """No decode worker could take the request: the queue was full (``overloaded``: refused at once, a
+    429 for the client), or the wait timed out (a 503). ``retry_after_s``: when trying again may work."""
+
+    def __init__(self, message: str, retry_after_s: float, overloaded: bool = False) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.overloaded = overloaded
 
 
 class TTFTExpired(Exception):
@@ -83,7 +89,8 @@ class AdmissionQueue:
                 return placed
         if self.num_waiting >= self.config.max_waiting:
             raise NoCapacityError(
-                f"router queue is full ({self.num_waiting} requests waiting for KV room); {describe()}"
+                f"router queue is full ({self.num_waiting} requests waiting for KV room); {describe()}",
+                self.drain_seconds(), overloaded=True,
             )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeout_s
@@ -96,7 +103,8 @@ class AdmissionQueue:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise NoCapacityError(
-                        f"no decode worker had room within {self.config.timeout_s:g} s; {describe()}"
+                        f"no decode worker had room within {self.config.timeout_s:g} s; {describe()}",
+                        self.drain_seconds(self._turns.index(turn) + 1),
                     )
                 if ttft_deadline is not None and time.monotonic() >= ttft_deadline:
                     self.rejections["router_queue"] += 1

@@ -51,8 +51,13 @@ def deadline_exceeded(timeout_s: float) -> APIError:
                     code="timeout", status=504, type="server_error")
 
 
-def unavailable(message: str, code: str = "no_capacity") -> APIError:
-    return APIError(message, code=code, status=503, type="service_unavailable")
+def unavailable(message: str, code: str = "no_capacity", retry_after_s: float | None = None) -> APIError:
+    return APIError(message, code=code, status=503, type="service_unavailable", retry_after_s=retry_after_s)
+
+
+def overloaded(message: str, retry_after_s: float) -> APIError:
+    """The router's admission queue is full: refused at once, with when to come back."""
+    return APIError(message, code="overloaded", status=429, type="rate_limit_error", retry_after_s=retry_after_s)
 
 
 def slo_rejected(message: str, retry_after_s: float) -> APIError:

@@ -22,7 +22,8 @@ from kvferry.router.metrics import RouterMetrics
 from kvferry.router.output import ChoiceState
 from kvferry.router.registry import WorkerRegistry
 from kvferry.router.request import (
-    APIError, ChoiceDelta, GenerationRequest, ServedModel, deadline_exceeded, unavailable,
+    APIError, ChoiceDelta, GenerationRequest, ServedModel, deadline_exceeded, overloaded,
+    unavailable,
 )
 from kvferry.router.timings import PHASES, RequestTimeline, format_timings
 
@@ -132,7 +133,8 @@ class RouterService:
                 if state.finished:
                     break  # a stop string the router found: closing `events` aborts on the workers
         except NoCapacityError as exc:
-            queue.put_nowait(unavailable(str(exc)))
+            queue.put_nowait(overloaded(str(exc), exc.retry_after_s) if exc.overloaded
+                             else unavailable(str(exc), retry_after_s=exc.retry_after_s))
         except APIError as exc:
             queue.put_nowait(exc)
         except asyncio.CancelledError:

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "The three primary colors are"]
-MAX_TOKENS = 40
+MAX_TOKENS = 300  # streams of seconds: the fault must land while they run
 LONG_PROMPT = " ".join(["The history of the printing press is long and complex."] * 100)
 
 

@@ -65,3 +65,20 @@ def start_decode_and_prefill() -> tuple[RealWorker, RealWorker]:
         server.start()
         started.append(RealWorker(role, worker, server, f"127.0.0.1:{port}"))
     return started[0], started[1]
+
+
+def assert_unharmed(router_url: str, workers: tuple[RealWorker, ...], log_records) -> None:
+    """After a fuzzer's requests: no engine step failed (``log_records``: caplog's), no worker was lost,
+    the router is healthy and no KV block is left in use on any worker."""
+    import httpx
+
+    from waiting import wait_until
+
+    crashes = [r.getMessage() for r in log_records if "loop iteration failed" in r.getMessage()]
+    assert not crashes, crashes  # no engine step failed on any input
+    metrics = httpx.get(router_url + "/metrics", timeout=10).text
+    assert 'kvferry_router_migrations_total{cause="decode_worker"} 0.0' in metrics  # no worker was lost
+    assert httpx.get(router_url + "/health", timeout=10).status_code == 200
+    for worker in workers:
+        bm = worker.worker.engine.block_manager
+        assert wait_until(lambda: bm.num_used_blocks == 0, timeout_s=20)

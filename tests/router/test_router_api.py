@@ -321,7 +321,26 @@ def test_queue_timeout_is_a_clear_503(cluster):
     assert r.status_code == 503, r.text
     error = r.json()["error"]
     assert error["code"] == "no_capacity" and "no decode worker had room within 0.5 s" in error["message"]
-    assert "needs 1 KV blocks" in error["message"]
+    assert "needs 1 KV blocks" in error["message"] and int(r.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize("cluster", [{"total_blocks": 1, "token_delay": 0.1, "router": {
+    "admission": AdmissionConfig(max_waiting=0, timeout_s=5, poll_s=0.05)}}], indirect=True)
+def test_a_full_admission_queue_is_a_429_with_retry_after_over_http_and_grpc(cluster):
+    first = threading.Thread(target=post, args=(cluster, "/v1/completions", {"prompt": "x", "max_tokens": 12}))
+    first.start()
+    assert wait_until(lambda: cluster.decode.used_blocks == 1)
+    r = post(cluster, "/v1/completions", {"prompt": "x", "max_tokens": 12})
+    assert r.status_code == 429, r.text
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["code"] == "overloaded" and "queue is full" in r.json()["error"]["message"]
+    with grpc.insecure_channel(cluster.router.grpc_address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            generate_pb2_grpc.GenerateStub(channel).Generate(
+                generate_pb2.GenerateRequest(prompt="x", sampling=generate_pb2.SamplingParams(max_tokens=2)), timeout=10)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert int(dict(info.value.trailing_metadata())["retry-after"]) >= 1
+    first.join(30)
 
 
 # Slow Reserves: a burst's placements overlap, so each must see those still waiting for their answer.
