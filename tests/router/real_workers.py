@@ -46,18 +46,27 @@ class RealWorker:
         self.server.stop(None)
 
 
-def start_decode_and_prefill() -> tuple[RealWorker, RealWorker]:
-    """(decode, prefill), started; the prefill worker pushes KV to the decode worker over gRPC."""
+def start_decode_and_prefill(
+    config: EngineConfig | None = None, decode_config=None, prefill_step_model=None
+) -> tuple[RealWorker, RealWorker]:
+    """(decode, prefill), started; the prefill worker pushes KV to the decode worker over gRPC.
+    ``config``: both engines' (default ``small_engine_config()``); ``decode_config``: the decode worker's
+    ``DecodeWorkerConfig``; ``prefill_step_model``: a fixed step-time model for the prefill engine."""
     from kvferry.decode_worker.service import create_decode_server
-    from kvferry.decode_worker.worker import DecodeWorker
+    from kvferry.decode_worker.worker import DecodeWorker, DecodeWorkerConfig
     from kvferry.engine.engine import LLMEngine
     from kvferry.prefill_worker.service import create_prefill_server
     from kvferry.prefill_worker.worker import PrefillWorker
     from kvferry.transport.grpc_transport import GrpcKVSender
 
-    decode = DecodeWorker(LLMEngine(small_engine_config(), role="decode"), worker_id="decode-test")
-    prefill = PrefillWorker(LLMEngine(small_engine_config(), role="prefill"),
-                            GrpcKVSender(decode.fingerprint, sender_id="prefill-test"), worker_id="prefill-test")
+    config = config or small_engine_config()
+    decode = DecodeWorker(LLMEngine(config, role="decode"), decode_config or DecodeWorkerConfig(),
+                          worker_id="decode-test")
+    prefill_engine = LLMEngine(config, role="prefill")
+    if prefill_step_model is not None:
+        prefill_engine.scheduler.step_model = prefill_step_model
+    prefill = PrefillWorker(prefill_engine, GrpcKVSender(decode.fingerprint, sender_id="prefill-test"),
+                            worker_id="prefill-test")
     started = []
     for role, worker, create in (("decode", decode, create_decode_server), ("prefill", prefill, create_prefill_server)):
         server, _, port = create(worker, "127.0.0.1", 0)

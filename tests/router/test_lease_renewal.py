@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from kvferry.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from real_workers import start_decode_and_prefill
 from waiting import wait_until
 
 LEASE_S = 1.0
@@ -17,39 +18,19 @@ LEASE_S = 1.0
 
 @pytest.fixture
 def cluster(model_path, start_router):
-    from kvferry.decode_worker.service import create_decode_server
-    from kvferry.decode_worker.worker import DecodeWorker, DecodeWorkerConfig
-    from kvferry.engine.engine import LLMEngine
-    from kvferry.prefill_worker.service import create_prefill_server
-    from kvferry.prefill_worker.worker import PrefillWorker
-    from kvferry.transport.grpc_transport import GrpcKVSender
-    from kvferry.worker_cli import RouterRegistration, capacity_from_stats, router_fingerprint
+    from kvferry.decode_worker.worker import DecodeWorkerConfig
 
     router = start_router()
     # Chunks of 128 tokens: three prompts of ~600 take a dozen prefill steps, seconds on this box.
     config = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=256),
                           scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=128, max_model_len=2048))
-    decode = DecodeWorker(LLMEngine(config, role="decode"), DecodeWorkerConfig(lease_s=LEASE_S), worker_id="decode-l")
-    prefill = PrefillWorker(LLMEngine(config, role="prefill"), GrpcKVSender(decode.fingerprint, sender_id="prefill-l"),
-                            worker_id="prefill-l")
-    started = []
-    for role, worker, (server, _, port) in (
-        ("decode", decode, create_decode_server(decode, "127.0.0.1", 0)),
-        ("prefill", prefill, create_prefill_server(prefill, "127.0.0.1", 0)),
-    ):
-        worker.start()
-        server.start()
-        engine = worker.engine
-        fingerprint = router_fingerprint(worker.fingerprint, engine.model_config.vocab_size, engine.max_model_len)
-        registration = RouterRegistration(router.grpc_address, role, f"127.0.0.1:{port}", fingerprint,
-                                          lambda w=worker: capacity_from_stats(w.stats()), f"{role}-l")
-        registration.start(10)
-        started.append((worker, server, registration))
-    yield router, prefill, decode
-    for worker, server, registration in reversed(started):
+    decode, prefill = start_decode_and_prefill(config, DecodeWorkerConfig(lease_s=LEASE_S))
+    registrations = [decode.register(router.grpc_address), prefill.register(router.grpc_address)]
+    yield router, prefill.worker, decode.worker
+    for registration in registrations:
         registration.stop()
-        worker.stop()
-        server.stop(None)
+    prefill.stop()
+    decode.stop()
 
 
 def test_a_prompt_queued_longer_than_the_lease_keeps_its_reservation(cluster):

@@ -16,6 +16,7 @@ from kvferry.engine.profiles import PROFILES
 from kvferry.engine.step_time import SCALES, StepTimeModel
 from kvferry.proto import generate_pb2, generate_pb2_grpc
 from kvferry.router.dispatch import DispatchConfig
+from real_workers import start_decode_and_prefill
 from waiting import wait_until
 
 TTFT_MS = 1000
@@ -25,43 +26,20 @@ PRIOR_COSTS = (0.020, 0.001, 0.002, 1e-6, 2e-7)  # s per: step, decode row, prom
 
 @pytest.fixture
 def cluster(model_path, start_router):
-    from kvferry.decode_worker.service import create_decode_server
-    from kvferry.decode_worker.worker import DecodeWorker
-    from kvferry.engine.engine import LLMEngine
-    from kvferry.prefill_worker.service import create_prefill_server
-    from kvferry.prefill_worker.worker import PrefillWorker
-    from kvferry.transport.grpc_transport import GrpcKVSender
-    from kvferry.worker_cli import RouterRegistration, capacity_from_stats, router_fingerprint
-
     router = start_router(dispatch=DispatchConfig(ttft_slo_ms=TTFT_MS))
     config = EngineConfig(
         dtype="bfloat16", cache=CacheConfig(block_size=16, num_blocks=160),
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=2048, max_model_len=2048,
                                   profile=PROFILES["latency"]),
     )
-    prefill_engine = LLMEngine(config, role="prefill")
-    prefill_engine.scheduler.step_model = StepTimeModel(prior=tuple(c * s for c, s in zip(PRIOR_COSTS, SCALES)))
-    decode = DecodeWorker(LLMEngine(config, role="decode"), worker_id="decode-slo")
-    prefill = PrefillWorker(prefill_engine, GrpcKVSender(decode.fingerprint, sender_id="prefill-slo"),
-                            worker_id="prefill-slo")
-    started = []
-    for role, worker, (server, _, port) in (
-        ("decode", decode, create_decode_server(decode, "127.0.0.1", 0)),
-        ("prefill", prefill, create_prefill_server(prefill, "127.0.0.1", 0)),
-    ):
-        worker.start()
-        server.start()
-        engine = worker.engine
-        fingerprint = router_fingerprint(worker.fingerprint, engine.model_config.vocab_size, engine.max_model_len)
-        registration = RouterRegistration(router.grpc_address, role, f"127.0.0.1:{port}", fingerprint,
-                                          lambda w=worker: capacity_from_stats(w.stats()), f"{role}-slo")
-        registration.start(10)
-        started.append((worker, server, registration))
-    yield router, prefill, decode
-    for worker, server, registration in reversed(started):
+    decode, prefill = start_decode_and_prefill(
+        config, prefill_step_model=StepTimeModel(prior=tuple(c * s for c, s in zip(PRIOR_COSTS, SCALES))))
+    registrations = [decode.register(router.grpc_address), prefill.register(router.grpc_address)]
+    yield router, prefill.worker, decode.worker
+    for registration in registrations:
         registration.stop()
-        worker.stop()
-        server.stop(None)
+    prefill.stop()
+    decode.stop()
 
 
 def test_over_slo_prompt_gets_429_with_retry_after_while_a_short_one_is_served(cluster):
