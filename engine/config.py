@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvferry.common.errors import ConfigError
 from kvferry.engine.profiles import UNTARGETED, SLOProfile
 from kvferry.kernels import cpu_features
 
@@ -26,10 +27,6 @@ SUPPORTED_ARCHITECTURES = (
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CUDA_DEVICE = re.compile(r"cuda(:(\d+))?")  # what EngineConfig.device may be besides "cpu"
-
-
-class ConfigError(ValueError):
-    """A configuration, checkpoint or argument that cannot be used, with the reason in the message."""
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvferry.common.fingerprint import KVFingerprint
+from kvferry.common.timings import PrefillTimings
+from kvferry.common.worker import SLORefusal, WorkerRole
 from kvferry.engine.block_manager import BlockManager
 from kvferry.engine.config import ConfigError, EngineConfig, dense_prompt_weights, num_threads
 from kvferry.engine.device import activation_bytes, cuda_kv_budget_bytes
 from kvferry.engine.loader import load_model
 from kvferry.engine.model import dense_copy_bytes
 from kvferry.engine.model_runner import ModelRunner
-from kvferry.engine.profiles import SLORefusal
-from kvferry.engine.request import PrefillTimings, Request, RequestStatus
+from kvferry.engine.request import Request, RequestStatus
 from kvferry.engine.sampling import (
     Sampler,
     SamplingParams,
@@ -45,8 +47,6 @@ from kvferry.engine.step_time import StepTimeModel
 from kvferry.engine.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
-
-ROLES = ("both", "prefill", "decode")
 
 # fn(layer_idx, kv_cache_layer, [(request_id, block_ids), ...]) after a layer's K/V is stored in a step
 # where those requests finish their prefill: lets the prefill worker ship KV while later layers run.
@@ -86,12 +86,15 @@ class _Tracked:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, role: str = "both"):
-        if role not in ROLES:
-            raise ConfigError(f"unknown role {role!r}; choose one of {ROLES}")
+    def __init__(self, config: EngineConfig | None = None, role: WorkerRole | str = WorkerRole.COLOCATED):
+        """``role``: prefill (a prompt's blocks are held after its first token until ``release``), decode
+        (KV arrives in ``reserve``d blocks; prompts may be prefilled here too) or colocated (both phases)."""
+        try:
+            self.role = WorkerRole(role)
+        except ValueError:
+            raise ConfigError(f"unknown role {role!r}; choose one of {', '.join(WorkerRole)}") from None
         config = config or EngineConfig()
         self.config = config
-        self.role = role
         if num_threads():
             torch.set_num_threads(num_threads())
         dtype = config.torch_dtype
@@ -105,7 +108,7 @@ class LLMEngine:
             num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(
-            config.scheduler, self.block_manager, StepTimeModel(), decodes_here=role != "prefill"
+            config.scheduler, self.block_manager, StepTimeModel(), decodes_here=self.role is not WorkerRole.PREFILL
         )
         copy_bytes = dense_copy_bytes(loaded.model, dtype)
         dense = copy_bytes > 0 and dense_prompt_weights(config.prompt_weights, copy_bytes)
@@ -119,6 +122,11 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._arrivals = itertools.count()
         self._layer_hook: KVLayerHook | None = None
+
+    @property
+    def fingerprint(self) -> KVFingerprint:
+        """What a peer's KV blocks and token ids must agree with (KV handshake, registration)."""
+        return KVFingerprint.from_model(self.model_config, self.dtype, self.config.cache.block_size, self.max_model_len)
 
     def _device_kv_budget(self, dtype: torch.dtype) -> int | None:
         """KV cache bytes from ``gpu_memory_utilization`` (weights already loaded); None: not so sized."""
@@ -329,7 +337,7 @@ class LLMEngine:
         return request
 
     def _make_layer_hook(self, batch: SchedulerOutput) -> Callable[[int], None] | None:
-        if self._layer_hook is None or self.role != "prefill":
+        if self._layer_hook is None or self.role is not WorkerRole.PREFILL:
             return None
         finishing = [
             (s.request.request_id, list(s.request.block_table))
@@ -380,7 +388,7 @@ class LLMEngine:
         if finished:
             status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
             self._finish(request.request_id, status)
-        elif self.role == "prefill":
+        elif self.role is WorkerRole.PREFILL:
             self.scheduler.hold_for_sending(request)
             output.block_ids = list(request.block_table)
         return output

@@ -36,15 +36,6 @@ class ProfileError(ValueError):
 
 
 @dataclass(frozen=True)
-class SLORefusal:
-    """A request refused because its TTFT target cannot be met: the same words in every process."""
-
-    message: str
-    retry_after_s: float  # when the queue that refused it is predicted to have drained
-    reason: str = "slo"
-
-
-@dataclass(frozen=True)
 class SLOProfile:
     name: str
     ttft_slo_ms: float = 0.0  # time-to-first-token target; 0: none (nothing refused, requests queue)

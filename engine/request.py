@@ -16,7 +16,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from kvferry.engine.sampling import SamplingParams
+from kvferry.common.sampling import SamplingParams
+from kvferry.common.timings import PrefillTimings
 
 
 class RequestStatus(enum.Enum):
@@ -51,14 +52,6 @@ FINISH_REASONS = {
     RequestStatus.FINISHED_ERROR: "error",
     RequestStatus.FINISHED_REJECTED: "rejected",
 }
-
-
-@dataclass(frozen=True)
-class PrefillTimings:
-    """How long a prompt waited and computed in the engine that prefilled it (seconds)."""
-
-    queue_seconds: float  # arrival -> first scheduled (a chunk of it ran)
-    compute_seconds: float  # first scheduled -> first token sampled (every chunk, and what ran beside)
 
 
 @dataclass

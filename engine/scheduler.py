@@ -30,9 +30,9 @@ from collections.abc import Callable
 from collections import deque
 from dataclasses import dataclass, field
 
+from kvferry.common.worker import SLORefusal
 from kvferry.engine.block_manager import BlockManager
 from kvferry.engine.config import SchedulerConfig
-from kvferry.engine.profiles import SLORefusal
 from kvferry.engine.request import Request, RequestStatus
 from kvferry.engine.step_time import StepShape, StepTimeModel
 
