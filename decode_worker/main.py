@@ -1,4 +1,4 @@
-"""`kvferry decode --router ADDR`: a decode worker process (see kvferry/worker_cli.py for its lifecycle).
+"""`kvferry decode --router ADDR`: a decode worker process (see worker_common/process.py for its lifecycle).
 
 With ``--colocated`` it registers as a colocated worker: the router sends it whole requests
 (``Reserve(prefill_locally=true)``) and this engine does both phases: the baseline to compare against.
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from kvferry.worker_cli import add_engine_arguments, engine_config_from_args, serve
+from kvferry.common.worker import WorkerRole
+from kvferry.worker_common.process import add_engine_arguments, engine_config_from_args, serve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         from kvferry.transport.negotiation import start_receiver_transports, transports_for
 
         transports_for(args.kv_transport)  # ConfigError before the model loads
-        engine = LLMEngine(engine_config_from_args(args), role="decode")
+        engine = LLMEngine(engine_config_from_args(args), role=WorkerRole.DECODE)
         if not args.no_warm_up:
             engine.warm_up()  # seeds the step-time model the scheduler plans with
         worker = DecodeWorker(engine, DecodeWorkerConfig(lease_s=args.lease), worker_id=args.name or "decode")
@@ -41,4 +42,4 @@ def run(args: argparse.Namespace) -> int:
         server.start()
         return worker, server, health, port
 
-    return serve(args, "colocated" if args.colocated else "decode", start)
+    return serve(args, WorkerRole.COLOCATED if args.colocated else WorkerRole.DECODE, start)

@@ -1,4 +1,4 @@
-"""gRPC face of the decode worker: ``kvferry.worker.DecodeWorker`` and ``kvferry.kv_transfer.KVTransfer``
+"""gRPC face of the decode worker: ``DecodeWorker`` (worker.py) and ``kvferry.kv_transfer.KVTransfer``
 on one server, with grpc.health.v1 and reflection. Status codes: see proto/worker.proto."""
 
 from __future__ import annotations
@@ -8,14 +8,16 @@ import time
 
 import grpc
 
-from kvferry.decode_worker.worker import DecodeWorker, NoRoom, TokenEvent
+from kvferry.common.worker import SLORefusal
+from kvferry.decode_worker.worker import DecodeWorker, TokenEvent
 from kvferry.proto import worker_pb2, worker_pb2_grpc
 from kvferry.proto.cluster_security import ClusterSecurity
-from kvferry.engine.profiles import SLORefusal
-from kvferry.proto.convert import logprobs_to_proto, prefill_timings_fields, refusal_metadata, sampling_from_proto
+from kvferry.proto.convert import (
+    logprobs_to_proto, prefill_timings_fields, refusal_metadata, sampling_from_proto, stats_to_proto,
+)
 from kvferry.transport.grpc_transport import SERVICE_NAME as KV_TRANSFER_SERVICE
 from kvferry.transport.grpc_transport import add_kv_transfer_service, create_server
-from kvferry.worker_service import check_request_id, worker_errors
+from kvferry.worker_common.grpc_errors import check_request_id, worker_errors
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
 MAX_STREAM_S = 24 * 3600.0  # a stream's hard bound; the router's own deadline is normally shorter
@@ -42,7 +44,7 @@ class DecodeWorkerServicer(worker_pb2_grpc.DecodeWorkerServicer):
         self.kv_address = kv_address
 
     def Reserve(self, request: worker_pb2.ReserveRequest, context: grpc.ServicerContext) -> worker_pb2.ReserveResponse:
-        with worker_errors(context, NoRoom, "decode"):
+        with worker_errors(context, "decode"):
             check_request_id(request.request_id)
             params = sampling_from_proto(request.sampling)
             reservation = self.worker.reserve(
@@ -89,15 +91,15 @@ class DecodeWorkerServicer(worker_pb2_grpc.DecodeWorkerServicer):
             self.worker.unsubscribed(request_id)
 
     def Abort(self, request: worker_pb2.AbortRequest, context: grpc.ServicerContext) -> worker_pb2.AbortResponse:
-        with worker_errors(context, NoRoom, "decode"):
+        with worker_errors(context, "decode"):
             found = self.worker.abort(request.request_id)
         return worker_pb2.AbortResponse(found=found)
 
     def GetStats(self, request: worker_pb2.StatsRequest, context: grpc.ServicerContext) -> worker_pb2.WorkerStats:
-        return worker_pb2.WorkerStats(**self.worker.stats())
+        return stats_to_proto(self.worker.stats())
 
     def Renew(self, request: worker_pb2.RenewRequest, context: grpc.ServicerContext) -> worker_pb2.RenewResponse:
-        with worker_errors(context, NoRoom, "decode"):
+        with worker_errors(context, "decode"):
             return worker_pb2.RenewResponse(found=self.worker.renew(request.request_id))
 
 

@@ -30,18 +30,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvferry.common.sampling import SamplingParams, TokenLogprobs
+from kvferry.common.timings import PrefillTimings
+from kvferry.common.worker import NoRoom, WorkerRole, WorkerStats
 from kvferry.engine.engine import LLMEngine, RequestOutput
 from kvferry.engine.engine_loop import EngineLoop, busy_ms
-from kvferry.engine.request import PrefillTimings
-from kvferry.engine.sampling import SamplingParams, TokenLogprobs
-from kvferry.transport.base import FirstToken, KVFingerprint, TransferError, TransferState
+from kvferry.transport.base import FirstToken, TransferError, TransferState
 from kvferry.transport.receiver import KVReceiver
 
 logger = logging.getLogger(__name__)
-
-
-class NoRoom(Exception):
-    """The worker cannot take the request now; the message says why. Not an error: try elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -110,9 +107,7 @@ class DecodeWorker:
         self.config = config or DecodeWorkerConfig()
         self.worker_id = worker_id
         self.clock = clock
-        self.fingerprint = KVFingerprint.from_model(
-            engine.model_config, engine.dtype, engine.config.cache.block_size
-        )
+        self.fingerprint = engine.fingerprint
         self.receiver = KVReceiver(
             engine.kv_caches, self.fingerprint, receiver_id=worker_id, on_transfer_end=self._on_transfer_end
         )
@@ -199,13 +194,13 @@ class DecodeWorker:
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
         return bool(self._loop.call(lambda: self._abort(request_id, "abort", reason)))
 
-    def stats(self) -> dict[str, int | float | str]:
+    def stats(self) -> WorkerStats:
         bm = self.engine.block_manager
         tracked = list(self._tracked.values())
         reserved = sum(1 for t in tracked if t.waiting_for_kv and not t.finished)
         r = self.receiver
-        return dict(
-            role="decode",
+        return WorkerStats(
+            role=WorkerRole.DECODE,
             instance_id=self.instance_id,
             block_size=bm.block_size,
             total_kv_blocks=bm.num_blocks,

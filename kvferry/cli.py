@@ -1,7 +1,7 @@
-"""The `kvferry` command: one dict maps each sub-command to the module that implements it.
+"""The `kvferry` command: one dict of sub-commands, and ``load``, which imports the module that runs one.
 
-Each implementing module exposes ``add_arguments(parser)`` and ``run(args) -> int``; modules are
-imported only when their sub-command runs, so `kvferry generate` does not pay for the cluster's imports.
+Each implementing module exposes ``add_arguments(parser)`` and ``run(args) -> int``; a module is
+imported only when its sub-command runs, so `kvferry generate` does not pay for the cluster's imports.
 Every sub-command also gets ``--config FILE`` and a ``KVFERRY_*`` variable per flag (config_file.py),
 and ``--log-level`` / ``--log-format`` (log_config.py), set up before it runs.
 """
@@ -9,25 +9,53 @@ and ``--log-level`` / ``--log-format`` (log_config.py), set up before it runs.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from types import ModuleType
 
 import kvferry
 from kvferry.config_file import add_config_argument, apply_settings
 from kvferry.log_config import add_logging_arguments, configure_logging
 
 COMMANDS = {
-    "generate": ("kvferry.engine.cli_generate", "generate text for one prompt and print it"),
-    "chat": ("kvferry.engine.cli_chat", "interactive chat with the model's chat template"),
-    "serve": ("kvferry.router.launch_serve", "router + prefill and decode workers on this machine, supervised"),
-    "router": ("kvferry.router.main", "run the router (HTTP OpenAI API + gRPC Generate)"),
-    "prefill": ("kvferry.prefill_worker.main", "run a prefill worker that registers with a router"),
-    "decode": ("kvferry.decode_worker.main", "run a decode worker that registers with a router"),
-    "scale": ("kvferry.deploy.scale_cli", "resize the pools of a `kvferry serve --ray` deployment at run time"),
-    "status": ("kvferry.status_cli", "the router's workers: roles, KV cache in use, load, heartbeats"),
-    "build-kernels": ("kvferry.kernels.build", "compile the C++ CPU kernels for this machine (make setup does)"),
-    "bench": ("kvferry.benchmark.cli", "benchmark an OpenAI-compatible server: goodput sweeps and plots"),
+    "generate": "generate text for one prompt and print it",
+    "chat": "interactive chat with the model's chat template",
+    "serve": "router + prefill and decode workers on this machine, supervised",
+    "router": "run the router (HTTP OpenAI API + gRPC Generate)",
+    "prefill": "run a prefill worker that registers with a router",
+    "decode": "run a decode worker that registers with a router",
+    "scale": "resize the pools of a `kvferry serve --ray` deployment at run time",
+    "status": "the router's workers: roles, KV cache in use, load, heartbeats",
+    "build-kernels": "compile the C++ CPU kernels for this machine (make setup does)",
+    "bench": "benchmark an OpenAI-compatible server: goodput sweeps and plots",
 }
+
+
+def load(command: str) -> ModuleType:
+    """The module that runs ``command`` (a key of ``COMMANDS``), imported now."""
+    match command:
+        case "generate":
+            from kvferry.engine import cli_generate as module
+        case "chat":
+            from kvferry.engine import cli_chat as module
+        case "serve":
+            from kvferry.router import launch_serve as module
+        case "router":
+            from kvferry.router import main as module
+        case "prefill":
+            from kvferry.prefill_worker import main as module
+        case "decode":
+            from kvferry.decode_worker import main as module
+        case "scale":
+            from kvferry.deploy import scale_cli as module
+        case "status":
+            from kvferry import status_cli as module
+        case "build-kernels":
+            from kvferry.kernels import build as module
+        case "bench":
+            from kvferry.benchmark import cli as module
+        case _:
+            raise KeyError(command)
+    return module
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text)
         if name == chosen:
-            module = importlib.import_module(module_name)
+            module = load(name)
             add_command_arguments(sub, module)
             sub.set_defaults(_module=module)
             apply_settings(sub, name, argv[1:])  # file and environment, under the command line

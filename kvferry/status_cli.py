@@ -17,16 +17,13 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from kvferry.engine.config import ConfigError
+from kvferry.common.errors import ConfigError
+from kvferry.common.worker import WorkerRole
 from kvferry.proto import router_pb2, router_pb2_grpc
 from kvferry.proto.cluster_security import TOKEN_ENV, add_security_arguments, security_from_args
+from kvferry.proto.convert import role_from_proto
 from kvferry.router.registry import RegistryConfig
 
-ROLE_NAMES = {
-    router_pb2.WORKER_ROLE_PREFILL: "prefill",
-    router_pb2.WORKER_ROLE_DECODE: "decode",
-    router_pb2.WORKER_ROLE_COLOCATED: "colocated",
-}
 # An engine this long in one step is reported wedged, as the router judges it (it stops using it).
 WEDGED_MS = RegistryConfig.stalled_after_s * 1000
 
@@ -50,11 +47,18 @@ class WorkerStatus:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
+def _role_name(value: int) -> str:
+    try:
+        return str(role_from_proto(value))
+    except ValueError:  # a newer router's role
+        return "unknown"
+
+
 def worker_status(info: router_pb2.WorkerInfo) -> WorkerStatus:
     cap = info.capacity
     state = "draining" if info.draining else "wedged" if cap.engine_busy_ms > WEDGED_MS else "serving"
     return WorkerStatus(
-        name=info.worker_name or info.worker_id, role=ROLE_NAMES.get(info.role, "unknown"), address=info.address,
+        name=info.worker_name or info.worker_id, role=_role_name(info.role), address=info.address,
         kv_blocks_used=cap.total_kv_blocks - cap.free_kv_blocks, kv_blocks_total=cap.total_kv_blocks,
         running=cap.running_requests, waiting=cap.waiting_requests, max_running=cap.max_running_requests,
         routed_total=info.requests_routed_total, heartbeat_age_s=round(info.seconds_since_heartbeat, 1), state=state,
@@ -110,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                  "max_model_len": fp.max_model_len} if fp.model_name else None
         print(json.dumps({"router": args.router, "model": model, "workers": [asdict(w) for w in workers]}, indent=2))
         return 0
-    counts = {role: sum(w.role == role for w in workers) for role in ROLE_NAMES.values()}
+    counts = {role: sum(w.role == role for w in workers) for role in WorkerRole}
     print(f"router {args.router}: {', '.join(f'{n} {role}' for role, n in counts.items())} worker(s)")
     print(model_line(answer.fingerprint))
     if workers:

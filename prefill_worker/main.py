@@ -1,10 +1,11 @@
-"""`kvferry prefill --router ADDR`: a prefill worker process (see kvferry/worker_cli.py for its lifecycle)."""
+"""`kvferry prefill --router ADDR`: a prefill worker process (see worker_common/process.py for its lifecycle)."""
 
 from __future__ import annotations
 
 import argparse
 
-from kvferry.worker_cli import add_engine_arguments, engine_config_from_args, serve
+from kvferry.common.worker import WorkerRole
+from kvferry.worker_common.process import add_engine_arguments, engine_config_from_args, serve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,18 +21,16 @@ def run(args: argparse.Namespace) -> int:
         from kvferry.prefill_worker.service import create_prefill_server
         from kvferry.prefill_worker.worker import PrefillWorker
         from kvferry.proto.cluster_security import security_from_args
-        from kvferry.transport.base import KVFingerprint
         from kvferry.transport.metrics import start_metrics_server
         from kvferry.transport.negotiation import NegotiatedKVSender, transports_for
 
         transports_for(args.kv_transport)  # ConfigError before the model loads
-        engine = LLMEngine(engine_config_from_args(args), role="prefill")
+        engine = LLMEngine(engine_config_from_args(args), role=WorkerRole.PREFILL)
         if not args.no_warm_up:
             engine.warm_up()  # seeds the step-time model the scheduler plans with
-        fingerprint = KVFingerprint.from_model(engine.model_config, engine.dtype, engine.config.cache.block_size)
         security = security_from_args(args)  # the KV handshakes and pushes carry the token too
         sender = NegotiatedKVSender(
-            fingerprint, sender_id=args.name or "prefill", kv_transport=args.kv_transport, chunk_bytes=args.chunk_bytes,
+            engine.fingerprint, sender_id=args.name or "prefill", kv_transport=args.kv_transport, chunk_bytes=args.chunk_bytes,
             security=security, kv_device=str(engine.config.device),
         )
         if args.metrics_port is not None:
@@ -42,4 +41,4 @@ def run(args: argparse.Namespace) -> int:
         server.start()
         return worker, server, health, port
 
-    return serve(args, "prefill", start)
+    return serve(args, WorkerRole.PREFILL, start)

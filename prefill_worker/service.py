@@ -1,4 +1,4 @@
-"""gRPC face of the prefill worker: ``kvferry.worker.PrefillWorker`` with grpc.health.v1 and reflection.
+"""gRPC face of the prefill worker: ``PrefillWorker`` (worker.py) with grpc.health.v1 and reflection.
 
 Prefill answers once the decode worker acknowledged the KV. Errors (see proto/worker.proto): transfer
 failures map to UNAVAILABLE / FAILED_PRECONDITION / NOT_FOUND / DEADLINE_EXCEEDED / ABORTED with the
@@ -13,13 +13,15 @@ import time
 
 import grpc
 
-from kvferry.prefill_worker.worker import NoRoom, PrefillAborted, PrefillWorker, SLORejected
+from kvferry.prefill_worker.worker import PrefillAborted, PrefillWorker, SLORejected
 from kvferry.proto import worker_pb2, worker_pb2_grpc
 from kvferry.proto.cluster_security import ClusterSecurity
-from kvferry.proto.convert import logprobs_to_proto, prefill_timings_fields, refusal_metadata, sampling_from_proto
+from kvferry.proto.convert import (
+    logprobs_to_proto, prefill_timings_fields, refusal_metadata, sampling_from_proto, stats_to_proto,
+)
 from kvferry.transport.base import KVTarget, TransferError
 from kvferry.transport.grpc_transport import create_server, status_for
-from kvferry.worker_service import check_request_id, worker_errors
+from kvferry.worker_common.grpc_errors import check_request_id, worker_errors
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name
 MAX_PREFILL_S = 3600.0  # hard bound on one Prefill call; the router's deadline is normally shorter
@@ -35,7 +37,7 @@ class PrefillWorkerServicer(worker_pb2_grpc.PrefillWorkerServicer):
         remaining = context.time_remaining()
         timeout_s = self.transfer_timeout_s if remaining is None else min(self.transfer_timeout_s, remaining)
         target = KVTarget(request.kv_address, request.receiver_instance_id, timeout_s=max(timeout_s, 0.001))
-        with worker_errors(context, NoRoom, "prefill"):
+        with worker_errors(context, "prefill"):
             check_request_id(request.request_id)
             params = sampling_from_proto(request.sampling)
             future = self.worker.prefill(
@@ -80,12 +82,12 @@ class PrefillWorkerServicer(worker_pb2_grpc.PrefillWorkerServicer):
         return response
 
     def Abort(self, request: worker_pb2.AbortRequest, context: grpc.ServicerContext) -> worker_pb2.AbortResponse:
-        with worker_errors(context, NoRoom, "prefill"):
+        with worker_errors(context, "prefill"):
             found = self.worker.abort(request.request_id)
         return worker_pb2.AbortResponse(found=found)
 
     def GetStats(self, request: worker_pb2.StatsRequest, context: grpc.ServicerContext) -> worker_pb2.WorkerStats:
-        return worker_pb2.WorkerStats(**self.worker.stats())
+        return stats_to_proto(self.worker.stats())
 
 
 def create_prefill_server(

@@ -30,14 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kvferry.common.sampling import SamplingParams, TokenLogprobs
+from kvferry.common.timings import PrefillTimings
+from kvferry.common.worker import NoRoom, SLORefusal, WorkerRole, WorkerStats
 from kvferry.engine.engine import LLMEngine, RequestOutput
 from kvferry.engine.engine_loop import EngineLoop, busy_ms
-from kvferry.engine.profiles import SLORefusal
-from kvferry.engine.request import PrefillTimings
-from kvferry.engine.sampling import SamplingParams, TokenLogprobs
 from kvferry.transport.base import (
     FirstToken,
-    KVFingerprint,
     KVSender,
     KVSendHandle,
     KVTarget,
@@ -47,10 +46,6 @@ from kvferry.transport.base import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class NoRoom(Exception):
-    """Too many prompts queued here; try another prefill worker or later."""
 
 
 class PrefillAborted(Exception):
@@ -113,15 +108,13 @@ class PrefillWorker:
         config: PrefillWorkerConfig | None = None,
         worker_id: str = "prefill",
     ):
-        assert engine.role == "prefill", "the prefill worker needs LLMEngine(config, role='prefill')"
+        assert engine.role is WorkerRole.PREFILL, "the prefill worker needs LLMEngine(config, role='prefill')"
         self.engine = engine
         self.sender = sender
         self.config = config or PrefillWorkerConfig()
         self.worker_id = worker_id
-        self.fingerprint = KVFingerprint.from_model(
-            engine.model_config, engine.dtype, engine.config.cache.block_size
-        )
-        assert sender.fingerprint == self.fingerprint, "the sender must carry this engine's fingerprint"
+        self.fingerprint = engine.fingerprint
+        assert sender.fingerprint.digest == self.fingerprint.digest, "the sender must carry this engine's fingerprint"
         self._jobs: dict[str, _Job] = {}  # loop thread only (reads elsewhere)
         self._draining = False
         self._loop = EngineLoop(self._turn, self._on_loop_error, f"{worker_id}-loop", self.config.command_timeout_s)
@@ -182,12 +175,12 @@ class PrefillWorker:
     def abort(self, request_id: str) -> bool:
         return bool(self._loop.call(lambda: self._abort(request_id, "aborted by request")))
 
-    def stats(self) -> dict[str, int | float | str]:
+    def stats(self) -> WorkerStats:
         bm = self.engine.block_manager
         jobs = list(self._jobs.values())
         queued = [j for j in jobs if j.first is None]
-        return dict(
-            role="prefill",
+        return WorkerStats(
+            role=WorkerRole.PREFILL,
             instance_id=self.worker_id,
             block_size=bm.block_size,
             total_kv_blocks=bm.num_blocks,

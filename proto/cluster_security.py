@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from kvferry.engine.config import ConfigError
+from kvferry.common.errors import ConfigError
 from kvferry.proto.keepalive import client_keepalive
 
 TOKEN_ENV = "KVFERRY_CLUSTER_TOKEN"

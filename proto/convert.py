@@ -1,17 +1,47 @@
-"""Conversions between the wire messages and the engine's dataclasses, shared by workers and router."""
+"""The one place the shared vocabulary (``kvferry.common``) becomes protobuf messages and back.
+
+Messages that carry a dataclass's fields under the same names are converted field by field, the
+dataclass being the one list of them (a field missing from a message fails loudly).
+"""
 
 from __future__ import annotations
 
-from kvferry.engine.profiles import SLORefusal
-from kvferry.engine.request import PrefillTimings
-from kvferry.engine.sampling import SamplingParams, TokenLogprobs
-from kvferry.proto import generate_pb2, kv_transfer_pb2
+import dataclasses
 
+from kvferry.common.fingerprint import KVFingerprint
+from kvferry.common.sampling import SamplingParams, TokenLogprobs
+from kvferry.common.timings import PrefillTimings
+from kvferry.common.worker import SLORefusal, WorkerRole, WorkerStats
+from kvferry.proto import generate_pb2, kv_transfer_pb2, router_pb2, worker_pb2
+
+_MASK64 = (1 << 64) - 1
 # Optional proto fields -> SamplingParams fields; unset fields keep the engine's defaults.
 _OPTIONAL_FIELDS = (
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logprobs",
 )
+
+
+def sampling_to_proto(params: SamplingParams) -> generate_pb2.SamplingParams:
+    """Workers get everything but ``stop`` strings and ``n``: those are the router's."""
+    msg = generate_pb2.SamplingParams(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
+        n=1,
+    )
+    if params.seed is not None:
+        msg.seed = params.seed & _MASK64
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
+    return msg
 
 
 def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
@@ -37,8 +67,62 @@ def logprobs_to_proto(lp: TokenLogprobs) -> kv_transfer_pb2.TokenLogprobs:
     )
 
 
-def logprobs_from_proto(msg: kv_transfer_pb2.TokenLogprobs) -> TokenLogprobs:
-    return TokenLogprobs(msg.token_id, msg.logprob, dict(zip(msg.top_token_ids, msg.top_logprobs)))
+def logprobs_from_proto(msg: kv_transfer_pb2.TokenLogprobs, token_id: int | None = None) -> TokenLogprobs:
+    """``token_id``: the sampled token, where the message travels beside it (``TokenEvent.token_ids``,
+    ``PrefillResponse.first_token_id``): that one is taken."""
+    token = msg.token_id if token_id is None else token_id
+    return TokenLogprobs(token, msg.logprob, dict(zip(msg.top_token_ids, msg.top_logprobs)))
+
+
+# --- fingerprint, role, stats -------------------------------------------------------------------
+
+
+def fingerprint_to_proto(fp: KVFingerprint, message=kv_transfer_pb2.Fingerprint):
+    """``message``: ``kv_transfer_pb2.Fingerprint`` (the KV handshake) or ``router_pb2.ModelFingerprint``
+    (registration); both carry every field of ``KVFingerprint``."""
+    return message(**dataclasses.asdict(fp))
+
+
+def fingerprint_from_proto(msg) -> KVFingerprint:
+    return KVFingerprint(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(KVFingerprint)})
+
+
+_ROLES = {
+    WorkerRole.PREFILL: router_pb2.WORKER_ROLE_PREFILL,
+    WorkerRole.DECODE: router_pb2.WORKER_ROLE_DECODE,
+    WorkerRole.COLOCATED: router_pb2.WORKER_ROLE_COLOCATED,
+}
+_ROLES_FROM_PROTO = {v: k for k, v in _ROLES.items()}
+
+
+def role_to_proto(role: WorkerRole | str) -> int:
+    return _ROLES[WorkerRole(role)]
+
+
+def role_from_proto(value: int) -> WorkerRole:
+    """ValueError for a role this version does not know (unspecified included)."""
+    if value not in _ROLES_FROM_PROTO:
+        raise ValueError(f"unknown worker role {value}")
+    return _ROLES_FROM_PROTO[value]
+
+
+_CAPACITY_FIELDS = tuple(f.name for f in router_pb2.WorkerCapacity.DESCRIPTOR.fields)
+
+
+def capacity_to_proto(stats: WorkerStats) -> router_pb2.WorkerCapacity:
+    """What a heartbeat carries of a worker's stats."""
+    return router_pb2.WorkerCapacity(**{name: getattr(stats, name) for name in _CAPACITY_FIELDS})
+
+
+def capacity_from_proto(msg: router_pb2.WorkerCapacity) -> WorkerStats:
+    return WorkerStats(**{name: getattr(msg, name) for name in _CAPACITY_FIELDS})
+
+
+def stats_to_proto(stats: WorkerStats) -> worker_pb2.WorkerStats:
+    return worker_pb2.WorkerStats(**dataclasses.asdict(stats))
+
+
+# --- timings and refusals -----------------------------------------------------------------------
 
 
 def prefill_timings_fields(timings: PrefillTimings | None) -> dict[str, float]:

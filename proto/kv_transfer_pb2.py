@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kv_transfer.proto\x12\x13kvferry.kv_transfer\"\xc8\x01\n\x0b\x46ingerprint\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11model_config_hash\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x11\n\tkv_layout\x18\x05 \x01(\t\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x18\n\x10protocol_version\x18\t \x01(\r\"\x81\x01\n\x10HandshakeRequest\x12\x35\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32 .kvferry.kv_transfer.Fingerprint\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x12\n\ntransports\x18\x03 \x03(\t\x12\x0f\n\x07\x62oot_id\x18\x04 \x01(\t\"P\n\x0eTransportOffer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x03 \x01(\t\x12\x0e\n\x06ticket\x18\x04 \x01(\t\"\xf7\x01\n\x11HandshakeResponse\x12\x12\n\ncompatible\x18\x01 \x01(\x08\x12\x12\n\nmismatches\x18\x02 \x03(\t\x12\x35\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32 .kvferry.kv_transfer.Fingerprint\x12\x13\n\x0breceiver_id\x18\x04 \x01(\t\x12\x1c\n\x14receiver_instance_id\x18\x05 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\x04\x12\x37\n\ntransports\x18\x07 \x03(\x0b\x32#.kvferry.kv_transfer.TransportOffer\"_\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\x12\x10\n\x08token_id\x18\x04 \x01(\r\"\xa9\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1a\n\x12\x66ingerprint_digest\x18\x02 \x01(\t\x12\x1c\n\x14receiver_instance_id\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x14\n\x0clayer_nbytes\x18\x06 \x01(\x04\x12\x11\n\tsender_id\x18\x07 \x01(\t\"9\n\x06KVData\x12\x11\n\tlayer_idx\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa9\x01\n\tKVTrailer\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12:\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32\".kvferry.kv_transfer.TokenLogprobs\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x17\n\x0flayer_checksums\x18\x04 \x03(\x06\x12\x1a\n\x12\x63hecksum_algorithm\x18\x05 \x01(\t\"\xa2\x01\n\x07KVChunk\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.kvferry.kv_transfer.KVHeaderH\x00\x12+\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1b.kvferry.kv_transfer.KVDataH\x00\x12\x31\n\x07trailer\x18\x03 \x01(\x0b\x32\x1e.kvferry.kv_transfer.KVTrailerH\x00\x42\x06\n\x04kind\"U\n\x0ePushKVResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x17\n\x0freceive_seconds\x18\x03 \x01(\x01\x32\xb7\x01\n\nKVTransfer\x12Z\n\tHandshake\x12%.kvferry.kv_transfer.HandshakeRequest\x1a&.kvferry.kv_transfer.HandshakeResponse\x12M\n\x06PushKV\x12\x1c.kvferry.kv_transfer.KVChunk\x1a#.kvferry.kv_transfer.PushKVResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kv_transfer.proto\x12\x13kvferry.kv_transfer\"\xee\x01\n\x0b\x46ingerprint\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x11\n\tkv_layout\x18\x05 \x01(\t\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x18\n\x10protocol_version\x18\t \x01(\r\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x15\n\rmax_model_len\x18\x0b \x01(\r\"\x81\x01\n\x10HandshakeRequest\x12\x35\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32 .kvferry.kv_transfer.Fingerprint\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x12\n\ntransports\x18\x03 \x03(\t\x12\x0f\n\x07\x62oot_id\x18\x04 \x01(\t\"P\n\x0eTransportOffer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x03 \x01(\t\x12\x0e\n\x06ticket\x18\x04 \x01(\t\"\xf7\x01\n\x11HandshakeResponse\x12\x12\n\ncompatible\x18\x01 \x01(\x08\x12\x12\n\nmismatches\x18\x02 \x03(\t\x12\x35\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32 .kvferry.kv_transfer.Fingerprint\x12\x13\n\x0breceiver_id\x18\x04 \x01(\t\x12\x1c\n\x14receiver_instance_id\x18\x05 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\x04\x12\x37\n\ntransports\x18\x07 \x03(\x0b\x32#.kvferry.kv_transfer.TransportOffer\"_\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\x12\x10\n\x08token_id\x18\x04 \x01(\r\"\xa9\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1a\n\x12\x66ingerprint_digest\x18\x02 \x01(\t\x12\x1c\n\x14receiver_instance_id\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x14\n\x0clayer_nbytes\x18\x06 \x01(\x04\x12\x11\n\tsender_id\x18\x07 \x01(\t\"9\n\x06KVData\x12\x11\n\tlayer_idx\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa9\x01\n\tKVTrailer\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12:\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32\".kvferry.kv_transfer.TokenLogprobs\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x17\n\x0flayer_checksums\x18\x04 \x03(\x06\x12\x1a\n\x12\x63hecksum_algorithm\x18\x05 \x01(\t\"\xa2\x01\n\x07KVChunk\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.kvferry.kv_transfer.KVHeaderH\x00\x12+\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1b.kvferry.kv_transfer.KVDataH\x00\x12\x31\n\x07trailer\x18\x03 \x01(\x0b\x32\x1e.kvferry.kv_transfer.KVTrailerH\x00\x42\x06\n\x04kind\"U\n\x0ePushKVResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x17\n\x0freceive_seconds\x18\x03 \x01(\x01\x32\xb7\x01\n\nKVTransfer\x12Z\n\tHandshake\x12%.kvferry.kv_transfer.HandshakeRequest\x1a&.kvferry.kv_transfer.HandshakeResponse\x12M\n\x06PushKV\x12\x1c.kvferry.kv_transfer.KVChunk\x1a#.kvferry.kv_transfer.PushKVResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,25 +32,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kv_transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FINGERPRINT']._serialized_start=43
-  _globals['_FINGERPRINT']._serialized_end=243
-  _globals['_HANDSHAKEREQUEST']._serialized_start=246
-  _globals['_HANDSHAKEREQUEST']._serialized_end=375
-  _globals['_TRANSPORTOFFER']._serialized_start=377
-  _globals['_TRANSPORTOFFER']._serialized_end=457
-  _globals['_HANDSHAKERESPONSE']._serialized_start=460
-  _globals['_HANDSHAKERESPONSE']._serialized_end=707
-  _globals['_TOKENLOGPROBS']._serialized_start=709
-  _globals['_TOKENLOGPROBS']._serialized_end=804
-  _globals['_KVHEADER']._serialized_start=807
-  _globals['_KVHEADER']._serialized_end=976
-  _globals['_KVDATA']._serialized_start=978
-  _globals['_KVDATA']._serialized_end=1035
-  _globals['_KVTRAILER']._serialized_start=1038
-  _globals['_KVTRAILER']._serialized_end=1207
-  _globals['_KVCHUNK']._serialized_start=1210
-  _globals['_KVCHUNK']._serialized_end=1372
-  _globals['_PUSHKVRESPONSE']._serialized_start=1374
-  _globals['_PUSHKVRESPONSE']._serialized_end=1459
-  _globals['_KVTRANSFER']._serialized_start=1462
-  _globals['_KVTRANSFER']._serialized_end=1645
+  _globals['_FINGERPRINT']._serialized_end=281
+  _globals['_HANDSHAKEREQUEST']._serialized_start=284
+  _globals['_HANDSHAKEREQUEST']._serialized_end=413
+  _globals['_TRANSPORTOFFER']._serialized_start=415
+  _globals['_TRANSPORTOFFER']._serialized_end=495
+  _globals['_HANDSHAKERESPONSE']._serialized_start=498
+  _globals['_HANDSHAKERESPONSE']._serialized_end=745
+  _globals['_TOKENLOGPROBS']._serialized_start=747
+  _globals['_TOKENLOGPROBS']._serialized_end=842
+  _globals['_KVHEADER']._serialized_start=845
+  _globals['_KVHEADER']._serialized_end=1014
+  _globals['_KVDATA']._serialized_start=1016
+  _globals['_KVDATA']._serialized_end=1073
+  _globals['_KVTRAILER']._serialized_start=1076
+  _globals['_KVTRAILER']._serialized_end=1245
+  _globals['_KVCHUNK']._serialized_start=1248
+  _globals['_KVCHUNK']._serialized_end=1410
+  _globals['_PUSHKVRESPONSE']._serialized_start=1412
+  _globals['_PUSHKVRESPONSE']._serialized_end=1497
+  _globals['_KVTRANSFER']._serialized_start=1500
+  _globals['_KVTRANSFER']._serialized_end=1683
 # @@protoc_insertion_point(module_scope)

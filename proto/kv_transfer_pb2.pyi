@@ -7,9 +7,9 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Fingerprint(_message.Message):
-    __slots__ = ("model_name", "model_config_hash", "dtype", "block_size", "kv_layout", "num_layers", "num_kv_heads", "head_dim", "protocol_version")
+    __slots__ = ("model_name", "model_digest", "dtype", "block_size", "kv_layout", "num_layers", "num_kv_heads", "head_dim", "protocol_version", "vocab_size", "max_model_len")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
-    MODEL_CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -17,8 +17,10 @@ class Fingerprint(_message.Message):
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     model_name: str
-    model_config_hash: str
+    model_digest: str
     dtype: str
     block_size: int
     kv_layout: str
@@ -26,7 +28,9 @@ class Fingerprint(_message.Message):
     num_kv_heads: int
     head_dim: int
     protocol_version: int
-    def __init__(self, model_name: _Optional[str] = ..., model_config_hash: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_layout: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    vocab_size: int
+    max_model_len: int
+    def __init__(self, model_name: _Optional[str] = ..., model_digest: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_layout: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., protocol_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
     __slots__ = ("fingerprint", "sender_id", "transports", "boot_id")

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, StrictBool, StrictInt, StrictStr, Tag
 from pydantic import ValidationError
 
-from kvferry.engine.sampling import (
+from kvferry.common.sampling import (
     MAX_LOGPROBS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MAX_TOP_K,
 )
 from kvferry.router.request import APIError

@@ -6,7 +6,6 @@ process configured all three ways at once, logging JSON."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import socket
@@ -16,7 +15,7 @@ import sys
 import httpx
 import pytest
 
-from kvferry.cli import COMMANDS, add_command_arguments
+from kvferry.cli import add_command_arguments, load
 from kvferry.config_file import apply_settings
 from waiting import wait_until
 
@@ -24,7 +23,7 @@ from waiting import wait_until
 def parse(command: str, argv: list[str], environ: dict[str, str] | None = None) -> argparse.Namespace:
     """``argv`` as `kvferry COMMAND argv` parses it (nested sub-commands included)."""
     parser = argparse.ArgumentParser(prog=f"kvferry {command}")
-    add_command_arguments(parser, importlib.import_module(COMMANDS[command][0]))
+    add_command_arguments(parser, load(command))
     apply_settings(parser, command, argv, environ or {})
     return parser.parse_args(argv)
 

@@ -4,21 +4,20 @@ added without ``help=`` fails here, named with its sub-command)."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import subprocess
 import sys
 
 import pytest
 
 import kvferry
-from kvferry.cli import COMMANDS, add_command_arguments, main
+from kvferry.cli import COMMANDS, add_command_arguments, load, main
 
 
 def command_parsers():
     """(name, parser) for every sub-command and nested sub-command, built as `kvferry` builds them."""
-    for name, (module_name, _) in COMMANDS.items():
+    for name in COMMANDS:
         parser = argparse.ArgumentParser(prog=f"kvferry {name}")
-        add_command_arguments(parser, importlib.import_module(module_name))
+        add_command_arguments(parser, load(name))
         yield from _with_nested(name, parser)
 
 
@@ -58,4 +57,4 @@ def test_every_flag_of_every_command_has_help():
 
 
 def test_every_command_has_a_summary():
-    assert all(summary for _, summary in COMMANDS.values())
+    assert all(COMMANDS.values())

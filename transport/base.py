@@ -1,7 +1,7 @@
 """The KV transfer interface: typed handshake data, the poll state, and the sender side's two classes.
 
 A transfer moves one request's KV cache from a prefill worker to a decode worker that reserved blocks
-for it. Per layer the payload is the request's blocks packed as ``[2, num_blocks, block_size,
+for it, once the handshake found both sides' ``KVFingerprint`` (``kvferry.common.fingerprint``) equal. Per layer the payload is the request's blocks packed as ``[2, num_blocks, block_size,
 num_kv_heads, head_dim]`` (K then V, blocks in block-table order) — what
 ``kvferry.kernels.kv_transfer.gather_kv_blocks`` produces and ``scatter_kv_blocks`` consumes. A trailer
 carries the first token, which the prefill worker sampled; the decode side acknowledges once the KV is
@@ -17,18 +17,13 @@ Implementations: ``inprocess`` (also the test transport), ``grpc_transport``, ``
 from __future__ import annotations
 
 import abc
-import dataclasses
 import enum
-import hashlib
-import json
 from dataclasses import dataclass
 
 import torch
 
-from kvferry.engine.sampling import TokenLogprobs
-
-PROTOCOL_VERSION = 2  # 2: trailers carry per-layer checksums; data planes negotiated at handshake
-KV_LAYOUT = "[2,num_blocks,block_size,num_kv_heads,head_dim]"
+from kvferry.common.fingerprint import KVFingerprint
+from kvferry.common.sampling import TokenLogprobs
 
 
 class TransferState(enum.Enum):
@@ -52,59 +47,6 @@ class TransferError(Exception):
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-@dataclass(frozen=True)
-class KVFingerprint:
-    """Everything that must agree for one side's KV blocks to mean the same thing on the other."""
-
-    model_name: str
-    model_config_hash: str
-    dtype: str
-    block_size: int
-    kv_layout: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    protocol_version: int = PROTOCOL_VERSION
-
-    @classmethod
-    def from_model(cls, model_config, dtype: torch.dtype, block_size: int) -> KVFingerprint:
-        """``model_config``: a frozen ``ModelConfig`` dataclass; every field goes into the hash."""
-        fields = dataclasses.asdict(model_config)
-        config_hash = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-        return cls(
-            model_name=model_config.name,
-            model_config_hash=config_hash[:16],
-            dtype=dtype_name(dtype),
-            block_size=block_size,
-            kv_layout=KV_LAYOUT,
-            num_layers=model_config.num_layers,
-            num_kv_heads=model_config.num_kv_heads,
-            head_dim=model_config.head_dim,
-        )
-
-    def differences(self, theirs: KVFingerprint, ours_name: str = "sender", theirs_name: str = "receiver") -> list[str]:
-        """One line per differing field, e.g. ``dtype: sender bfloat16, receiver float32``."""
-        out = []
-        for f in dataclasses.fields(self):
-            a, b = getattr(self, f.name), getattr(theirs, f.name)
-            if a != b:
-                out.append(f"{f.name}: {ours_name} {a!r}, {theirs_name} {b!r}")
-        return out
-
-    @property
-    def digest(self) -> str:
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-    def layer_nbytes(self, num_blocks: int) -> int:
-        itemsize = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
-        return 2 * num_blocks * self.block_size * self.num_kv_heads * self.head_dim * itemsize
 
 
 @dataclass(frozen=True)

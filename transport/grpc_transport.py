@@ -25,16 +25,16 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from kvferry.common.fingerprint import KVFingerprint
 from kvferry.kernels import cpu_kv_copy
 from kvferry.proto import kv_transfer_pb2 as pb
 from kvferry.proto.cluster_security import ClusterSecurity
-from kvferry.proto.convert import logprobs_from_proto, logprobs_to_proto
+from kvferry.proto.convert import fingerprint_from_proto, fingerprint_to_proto, logprobs_from_proto, logprobs_to_proto
 from kvferry.proto.keepalive import server_keepalive
 from kvferry.proto import kv_transfer_pb2_grpc as pb_grpc
 from kvferry.transport.base import (
     FirstToken,
     HandshakeResult,
-    KVFingerprint,
     KVSendHandle,
     KVSender,
     KVTarget,
@@ -72,18 +72,10 @@ def channel_options(max_message_bytes: int, window_bytes: int = DEFAULT_WINDOW_B
 
 
 # ---- dataclass <-> proto ---------------------------------------------------------------------------
-# Fingerprint and KVHeader carry the fields of KVFingerprint and KVTransferHeader under the same names;
-# the dataclasses are the one list of them (a field missing from a message fails loudly).
+# KVHeader carries the fields of KVTransferHeader under the same names; the dataclass is the one list
+# of them (a field missing from the message fails loudly). The fingerprint's: proto/convert.py.
 def _from_proto(cls, msg):
     return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})
-
-
-def fingerprint_to_proto(fp: KVFingerprint) -> pb.Fingerprint:
-    return pb.Fingerprint(**dataclasses.asdict(fp))
-
-
-def fingerprint_from_proto(msg: pb.Fingerprint) -> KVFingerprint:
-    return _from_proto(KVFingerprint, msg)
 
 
 def header_to_proto(header: KVTransferHeader) -> pb.KVHeader:

@@ -28,10 +28,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from kvferry.engine.config import ConfigError
+from kvferry.common.errors import ConfigError
+from kvferry.common.fingerprint import KVFingerprint
 from kvferry.transport.base import (
     HandshakeResult,
-    KVFingerprint,
     KVSender,
     KVTarget,
     TransferError,

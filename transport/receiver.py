@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvferry.common.fingerprint import KVFingerprint
 from kvferry.kernels import cpu_kv_copy
 from kvferry.transport.base import (
     FirstToken,
     HandshakeResult,
-    KVFingerprint,
     KVTrailer,
     KVTransferHeader,
     TransferError,

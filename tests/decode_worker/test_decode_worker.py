@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from kvferry.decode_worker.worker import NoRoom, TokenEvent
+from kvferry.common.worker import NoRoom
+from kvferry.decode_worker.worker import TokenEvent
 from kvferry.engine.sampling import SamplingParams
 from kvferry.prefill_worker.worker import PrefillAborted
 from kvferry.transport.base import KVTarget, TransferError, TransferErrorCode
@@ -68,7 +69,7 @@ def test_disaggregated_greedy_matches_colocated(decode_worker, prefill_worker_fa
     assert wait_until(lambda: decode_worker.engine.block_manager.num_used_blocks == 0, timeout_s=10)
     assert wait_until(lambda: prefill.engine.block_manager.num_used_blocks == 0, timeout_s=10)
     stats = decode_worker.stats()
-    assert stats["kv_transfers_total"] >= len(PROMPTS) and stats["used_kv_blocks"] == 0
+    assert stats.kv_transfers_total >= len(PROMPTS) and stats.used_kv_blocks == 0
 
 
 def test_logprobs_and_seeded_sampling_cross_the_wire(decode_worker, prefill_worker_factory):
@@ -106,7 +107,7 @@ def test_lease_expiry_frees_blocks_when_kv_never_arrives(decode_worker):
     final = drain(events, timeout_s=5.0)[-1]
     assert final.finish_reason == "error" and "lease expired" in final.error
     assert bm.num_used_blocks == 0
-    assert decode_worker.stats()["leases_expired_total"] >= 1
+    assert decode_worker.stats().leases_expired_total >= 1
     assert decode_worker.receiver.poll("lease") is None  # a late push finds no reservation
 
 
@@ -172,7 +173,7 @@ def test_prefill_abort_while_sending_frees_blocks(decode_worker, prefill_worker_
         prefill = prefill_worker_factory(sender)
         target = KVTarget(f"127.0.0.1:{listener.getsockname()[1]}", timeout_s=60.0)
         future = prefill.prefill("pa", PROMPTS[0], GREEDY, target)
-        assert wait_until(lambda: prefill.stats()["running_requests"] == 1, timeout_s=30.0)  # first token out
+        assert wait_until(lambda: prefill.stats().running_requests == 1, timeout_s=30.0)  # first token out
         assert prefill.engine.block_manager.num_used_blocks == 3  # held until acknowledged
         assert prefill.abort("pa")
         with pytest.raises(PrefillAborted):

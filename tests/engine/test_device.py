@@ -12,7 +12,7 @@ import torch
 
 from kvferry.engine.config import CacheConfig, ConfigError, EngineConfig
 from kvferry.engine.device import kv_budget_bytes, resolve_device
-from kvferry.worker_cli import add_engine_arguments, engine_config_from_args
+from kvferry.worker_common.process import add_engine_arguments, engine_config_from_args
 
 GIB = 2**30
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="these check a machine without CUDA")

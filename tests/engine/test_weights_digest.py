@@ -13,9 +13,11 @@ import torch
 from kvferry.engine.loader import load_config_and_tokenizer, load_model
 from kvferry.engine.loader import digest as digest_module
 from kvferry.engine.loader.digest import weights_digest
-from kvferry.router.registry import Capacity, Fingerprint, RegistrationError, RegistryConfig, WorkerRegistry, WorkerRole
-from kvferry.transport.base import KVFingerprint
-from kvferry.worker_cli import router_fingerprint
+from kvferry.common.fingerprint import KVFingerprint
+from kvferry.common.worker import WorkerRole, WorkerStats
+from kvferry.proto import router_pb2
+from kvferry.proto.convert import fingerprint_from_proto, fingerprint_to_proto
+from kvferry.router.registry import RegistrationError, RegistryConfig, WorkerRegistry
 
 
 @pytest.fixture
@@ -50,15 +52,14 @@ def test_same_config_other_weights_is_another_model(make_hf_checkpoint, tmp_path
     retrained = retrained_copy(original, str(tmp_path / "retrained" / os.path.basename(original)))
     a, a_again, b = fingerprint_of(original), fingerprint_of(original), fingerprint_of(retrained)
     assert a == a_again
-    assert a.model_config_hash != b.model_config_hash
-    assert [d.split(":")[0] for d in a.differences(b)] == ["model_config_hash"]
-    # The router refuses the second one, naming the digest.
+    assert a.model_digest != b.model_digest
+    assert [d.split(":")[0] for d in a.differences(b)] == ["model_digest"]
+    # The router refuses the second one (as registration carries it), naming the digest.
     registry = WorkerRegistry(RegistryConfig())
-    fp_a = Fingerprint.from_proto(router_fingerprint(a, 49152, 256))
-    fp_b = Fingerprint.from_proto(router_fingerprint(b, 49152, 256))
-    registry.register(WorkerRole.DECODE, "127.0.0.1:1", fp_a, Capacity())
+    fp_a, fp_b = (fingerprint_from_proto(fingerprint_to_proto(fp, router_pb2.ModelFingerprint)) for fp in (a, b))
+    registry.register(WorkerRole.DECODE, "127.0.0.1:1", fp_a, WorkerStats())
     with pytest.raises(RegistrationError, match="model_digest"):
-        registry.register(WorkerRole.PREFILL, "127.0.0.1:2", fp_b, Capacity())
+        registry.register(WorkerRole.PREFILL, "127.0.0.1:2", fp_b, WorkerStats())
     # The router itself reads only the config: no digest, no weights read.
     assert load_config_and_tokenizer(original)[0].weights_digest == ""
 

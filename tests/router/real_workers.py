@@ -30,14 +30,11 @@ class RealWorker:
 
     def register(self, router_grpc_address: str, role: str | None = None):
         """A started ``RouterRegistration`` (role defaults to the worker's own); ``stop()`` it after."""
-        from kvferry.worker_cli import RouterRegistration, capacity_from_stats, router_fingerprint
+        from kvferry.worker_common.registration import RouterRegistration
 
-        engine = self.worker.engine
-        fingerprint = router_fingerprint(self.worker.fingerprint, engine.model_config.vocab_size,
-                                         engine.max_model_len)
         role = role or self.role
-        registration = RouterRegistration(router_grpc_address, role, self.address, fingerprint,
-                                          lambda: capacity_from_stats(self.worker.stats()), f"{role}-test")
+        registration = RouterRegistration(router_grpc_address, role, self.address, self.worker.engine.fingerprint,
+                                          self.worker.stats, f"{role}-test")
         registration.start(10)
         return registration
 

@@ -46,8 +46,8 @@ def test_a_prompt_queued_longer_than_the_lease_keeps_its_reservation(cluster):
     responses = asyncio.run(main())
     assert [r.status_code for r in responses] == [200] * 3, [r.text for r in responses]
     stats = decode.stats()
-    assert stats["leases_expired_total"] == 0
-    assert stats["kv_transfers_total"] == 3  # each prompt's KV came from the prefill worker, none retried
+    assert stats.leases_expired_total == 0
+    assert stats.kv_transfers_total == 3  # each prompt's KV came from the prefill worker, none retried
     metrics = httpx.get(router.url + "/metrics").text
     assert 'kvferry_router_migrations_total{cause="prefill_worker"} 0.0' in metrics
     assert wait_until(lambda: decode.engine.block_manager.num_used_blocks == 0)

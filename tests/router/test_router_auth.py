@@ -12,7 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvferry.proto import generate_pb2, generate_pb2_grpc, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from kvferry.proto.cluster_security import ClusterSecurity, TLSFiles
-from kvferry.worker_cli import RegistrationRefused, RouterRegistration
+from kvferry.common.worker import WorkerStats
+from kvferry.proto.convert import fingerprint_from_proto
+from kvferry.worker_common.registration import RegistrationRefused, RouterRegistration
 from router_test_workers import FINGERPRINT, ScriptedDecode, ScriptedPrefill, WorkerProcess
 from tls_certs import TestCA
 
@@ -113,8 +115,8 @@ def test_control_plane_needs_the_cluster_token(secured, served_model):
                 assert "cluster token" in err.value.details()
     assert set(registry.workers) == known  # nobody joined, nobody was removed
     # The real registration client gives up at once, naming the flag, instead of retrying until its timeout.
-    registration = RouterRegistration(router.grpc_address, "decode", "127.0.0.1:1", FINGERPRINT,
-                                      lambda: router_pb2.WorkerCapacity(), "intruder", 2.0, ClusterSecurity())
+    registration = RouterRegistration(router.grpc_address, "decode", "127.0.0.1:1", fingerprint_from_proto(FINGERPRINT),
+                                      WorkerStats, "intruder", 2.0, ClusterSecurity())
     with pytest.raises(RegistrationRefused, match="--cluster-token"):
         registration.start(timeout_s=30)
     with ClusterSecurity(token=TOKEN).channel(router.grpc_address) as channel:

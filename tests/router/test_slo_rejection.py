@@ -68,7 +68,7 @@ def test_over_slo_prompt_gets_429_with_retry_after_while_a_short_one_is_served(c
 
         metrics = client.get("/metrics").text
     assert 'kvferry_router_requests_rejected_total{where="prefill_worker"} 2.0' in metrics
-    assert prefill.stats()["requests_rejected_total"] == 2
+    assert prefill.stats().requests_rejected_total == 2
     assert prefill.engine.block_manager.num_used_blocks == 0
     # The router aborts the refused request's reservation in a task of its own, after the 429 went out.
     assert wait_until(lambda: decode.engine.block_manager.num_used_blocks == 0)

@@ -110,7 +110,7 @@ def test_receiver_killed_mid_transfer_fails_the_prefill_fast_and_frees_its_block
         assert warm.result(timeout=60).first_token_id >= 0
         peer.send_signal(signal.SIGSTOP)  # the decode side hangs with the transfer in flight...
         victim = prefill.prefill("victim", list(range(3100, 3141)), GREEDY, target)
-        assert wait_until(lambda: prefill.stats()["running_requests"] == 1, timeout_s=30.0)  # KV computed, sending
+        assert wait_until(lambda: prefill.stats().running_requests == 1, timeout_s=30.0)  # KV computed, sending
         time.sleep(0.2)
         assert not victim.done()
         t0 = time.monotonic()

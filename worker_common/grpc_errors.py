@@ -1,5 +1,5 @@
-"""What the prefill and decode workers' gRPC services share: a worker's exceptions as gRPC statuses
-(see proto/worker.proto)."""
+"""A worker's exceptions as gRPC statuses (see proto/worker.proto), and the request id check both
+workers' services make."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import grpc
 
+from kvferry.common.worker import NoRoom
 
 MAX_REQUEST_ID_CHARS = 512  # the router's ids are ~40 characters; a longer one is not the router's
 
@@ -20,13 +21,13 @@ def check_request_id(request_id: str) -> str:
 
 
 @contextmanager
-def worker_errors(context: grpc.ServicerContext, no_room: type[Exception], role: str) -> Iterator[None]:
-    """Around a call into a worker: its refusal (``no_room``: try elsewhere) ends the RPC with
+def worker_errors(context: grpc.ServicerContext, role: str) -> Iterator[None]:
+    """Around a call into a worker: its refusal (``NoRoom``: try elsewhere) ends the RPC with
     RESOURCE_EXHAUSTED, bad input (ValueError) with INVALID_ARGUMENT, a loop that did not run the
     command in time (TimeoutError) with UNAVAILABLE."""
     try:
         yield
-    except no_room as exc:
+    except NoRoom as exc:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     except ValueError as exc:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -1,6 +1,5 @@
-"""What `kvferry prefill` and `kvferry decode` share: engine arguments, registration with the router
-(RegisterWorker, then Heartbeat every interval, re-registering when the router forgot us; Deregister on
-shutdown, draining first), and serving until SIGINT/SIGTERM.
+"""What `kvferry prefill` and `kvferry decode` share: engine arguments, and a worker process's
+lifecycle around its registration with the router (registration.py), serving until SIGINT/SIGTERM.
 
 Lifecycle of a worker process:
 1. Load the engine, start the gRPC server (port 0 = any free port) and the worker loop.
@@ -15,37 +14,25 @@ Lifecycle of a worker process:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 
 import grpc
 
-import kvferry
-from kvferry.engine.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig, default_model_path
+from kvferry.common.errors import ConfigError
+from kvferry.common.worker import WorkerRole
+from kvferry.engine.config import CacheConfig, EngineConfig, SchedulerConfig, default_model_path
 from kvferry.engine.device import add_device_arguments, kv_cache_sizing, resolve_device
 from kvferry.engine.profiles import ProfileError, add_profile_arguments, profile_from_args
-from kvferry.proto import router_pb2, router_pb2_grpc
-from kvferry.proto.cluster_security import TOKEN_ENV, ClusterSecurity, add_security_arguments, security_from_args
-from kvferry.transport.base import KVFingerprint
+from kvferry.proto.cluster_security import add_security_arguments, security_from_args
 from kvferry.transport.negotiation import KV_TRANSPORT_CHOICES
+from kvferry.worker_common.registration import RegistrationRefused, RouterRegistration
 
 logger = logging.getLogger(__name__)
-
-ROLES = {
-    "prefill": router_pb2.WORKER_ROLE_PREFILL,
-    "decode": router_pb2.WORKER_ROLE_DECODE,
-    "colocated": router_pb2.WORKER_ROLE_COLOCATED,
-}
-
-
-class RegistrationRefused(Exception):
-    """The router will not take this worker (fingerprint mismatch...); the message says why."""
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,127 +110,6 @@ def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
     )
 
 
-def router_fingerprint(fp: KVFingerprint, vocab_size: int, max_model_len: int) -> router_pb2.ModelFingerprint:
-    """The KV fingerprint's fields (the config hash as ``model_digest``) plus what the router serves by."""
-    fields = dataclasses.asdict(fp)
-    fields["model_digest"] = fields.pop("model_config_hash")
-    return router_pb2.ModelFingerprint(**fields, vocab_size=vocab_size, max_model_len=max_model_len)
-
-
-def capacity_from_stats(stats: dict) -> router_pb2.WorkerCapacity:
-    return router_pb2.WorkerCapacity(
-        total_kv_blocks=stats["total_kv_blocks"],
-        free_kv_blocks=stats["free_kv_blocks"],
-        queued_prefill_tokens=stats.get("queued_prefill_tokens", 0),
-        running_requests=stats["running_requests"],
-        waiting_requests=stats["waiting_requests"],
-        kv_bytes_sent_total=stats.get("kv_bytes_sent_total", 0),
-        kv_bytes_received_total=stats.get("kv_bytes_received_total", 0),
-        kv_transfer_seconds_total=stats["kv_transfer_seconds_total"],
-        kv_transfers_total=stats["kv_transfers_total"],
-        max_running_requests=stats["max_running_requests"],
-        engine_busy_ms=stats.get("engine_busy_ms", 0),
-    )
-
-
-class RouterRegistration:
-    """Registration and heartbeats for one worker; ``start`` blocks until registered (or raises)."""
-
-    def __init__(
-        self,
-        router_address: str,
-        role: str,
-        address: str,
-        fingerprint: router_pb2.ModelFingerprint,
-        capacity: Callable[[], router_pb2.WorkerCapacity],
-        name: str,
-        rpc_timeout_s: float = 3.0,
-        security: ClusterSecurity = ClusterSecurity(),
-    ):
-        self.router_address = router_address
-        self.request = router_pb2.RegisterWorkerRequest(
-            role=ROLES[role], address=address, fingerprint=fingerprint, worker_name=name,
-            kv_address=address if role != "prefill" else "", version=kvferry.__version__,
-        )
-        self.capacity = capacity
-        self.rpc_timeout_s = rpc_timeout_s
-        self.worker_id = ""
-        self.interval_s = 0.5
-        self._channel = security.channel(router_address)
-        self._stub = router_pb2_grpc.RouterStub(self._channel)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self, timeout_s: float) -> None:
-        end = time.monotonic() + timeout_s
-        delay = 0.2
-        while True:
-            try:
-                self._register()
-                break
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    raise RegistrationRefused(f"{exc.details()} (--cluster-token or ${TOKEN_ENV})") from None
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION or exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise RegistrationRefused(exc.details()) from None
-                if time.monotonic() + delay > end:
-                    raise RegistrationRefused(
-                        f"router {self.router_address} unreachable for {timeout_s:g}s: {exc.code().name}"
-                    ) from None
-                logger.info("router %s not reachable yet (%s); retrying", self.router_address, exc.code().name)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 2.0)
-        self._thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        self._thread.start()
-
-    def _register(self) -> None:
-        self.request.capacity.CopyFrom(self.capacity())
-        answer = self._stub.RegisterWorker(self.request, timeout=self.rpc_timeout_s)
-        self.worker_id = answer.worker_id
-        self.interval_s = max(answer.heartbeat_interval_ms / 1000.0, 0.05) if answer.heartbeat_interval_ms else 0.5
-        logger.info("registered with router %s as %s", self.router_address, self.worker_id)
-
-    def _heartbeat_loop(self) -> None:
-        failing = False  # log an outage once, and its end
-        while not self._stop.wait(self.interval_s):
-            try:
-                answer = self._stub.Heartbeat(
-                    router_pb2.HeartbeatRequest(worker_id=self.worker_id, capacity=self.capacity()),
-                    timeout=self.rpc_timeout_s,
-                )
-                if failing:
-                    logger.info("router %s reachable again", self.router_address)
-                    failing = False
-                if not answer.known:
-                    logger.info("router %s forgot this worker; registering again", self.router_address)
-                    self._register()
-                elif answer.heartbeat_interval_ms:
-                    self.interval_s = max(answer.heartbeat_interval_ms / 1000.0, 0.05)
-            except grpc.RpcError as exc:
-                if not failing:
-                    logger.warning("heartbeat to %s failed: %s (retrying)", self.router_address, exc.code().name)
-                failing = True
-            except Exception:
-                logger.exception("heartbeat failed")
-
-    def deregister(self, draining: bool) -> None:
-        if not self.worker_id:
-            return
-        try:
-            self._stub.Deregister(
-                router_pb2.DeregisterRequest(worker_id=self.worker_id, draining=draining), timeout=self.rpc_timeout_s
-            )
-        except grpc.RpcError as exc:
-            logger.warning("deregister from %s failed: %s", self.router_address, exc.code().name)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.rpc_timeout_s + 1)
-        self.deregister(draining=False)
-        self._channel.close()
-
-
 def wait_for_signal() -> int:
     """Block until SIGINT or SIGTERM; returns the signal number."""
     received: list[int] = []
@@ -265,7 +131,7 @@ def wait_for_signal() -> int:
 
 def serve(
     args: argparse.Namespace,
-    role: str,
+    role: WorkerRole,
     start_worker: Callable[[], tuple[object, grpc.Server, object, int]],
 ) -> int:
     """Run a worker process. ``start_worker() -> (worker, server, health, port)`` builds and starts
@@ -281,10 +147,8 @@ def serve(
     registration = None
     try:
         if args.router:
-            engine = worker.engine
-            fp = router_fingerprint(worker.fingerprint, engine.model_config.vocab_size, engine.max_model_len)
             registration = RouterRegistration(
-                args.router, role, address, fp, lambda: capacity_from_stats(worker.stats()),
+                args.router, role, address, worker.engine.fingerprint, worker.stats,
                 args.name or socket.gethostname(), args.rpc_timeout, security_from_args(args),
             )
             registration.start(args.register_timeout)

@@ -1,0 +1,3 @@
+"""What the prefill and decode workers share: their command line and process lifecycle (``process.py``),
+registration and heartbeats with the router (``registration.py``), and a worker's exceptions as gRPC
+statuses (``grpc_errors.py``)."""
