@@ -7,16 +7,12 @@ Per request:
    the prompt. A refusal for
    lack of room (RESOURCE_EXHAUSTED) or an unreachable worker moves on to the next decode worker; when
    none can take it the request waits in the ``AdmissionQueue`` (bounded, with a timeout).
-2. Subscribe to the decode worker's token ``Stream`` (before prefill, so nothing is missed).
-3. ``PrefillWorker.Prefill`` with the reservation: the prefill worker computes the KV, pushes it to the
-   decode worker and answers the first token; meanwhile the router renews the reservation's lease
-   (``Renew``, every third of it), so a prompt queued behind a backlog keeps its blocks. A local prefill
-   skips this (``prefill_locally``).
-4. Merge the first token and the decode stream by output index (either may arrive first; duplicates
-   are dropped) and yield ``WorkerEvent``s in order until a finish reason.
-5. Leaving early (client gone, stop string found by the router, error) aborts the request on both
-   workers; either way the decode worker's in-flight count is released.
-6. A worker lost under the request (``WorkerLost``: its stream broke or ended unfinished, its lease
+2. Run it there (``attempt.py``): subscribe to the decode worker's token ``Stream``, send
+   ``PrefillWorker.Prefill`` with the reservation (renewing its lease meanwhile) unless the decode worker
+   prefills it itself (``prefill_locally``), and merge the first token with the stream into
+   ``WorkerEvent``s. Leaving early (client gone, stop string found by the router, error) aborts the
+   request on both workers; either way the decode worker's in-flight count is released.
+3. A worker lost under the request (``WorkerLost``: its stream broke or ended unfinished, its lease
    expired, it reported an error or abort of its own, or the prefill worker failed) moves the request:
    placed again without the lost worker, and once tokens have streamed, resumed on another decode
    worker that prefills the prompt plus the tokens so far itself and goes on from the next output
@@ -43,21 +39,19 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
-from kvferry.engine.sampling import SamplingParams
-from kvferry.proto import generate_pb2, kv_transfer_pb2, worker_pb2, worker_pb2_grpc
+from kvferry.common.sampling import SamplingParams
+from kvferry.common.worker import WorkerRole
+from kvferry.proto import generate_pb2, worker_pb2, worker_pb2_grpc
 from kvferry.proto.cluster_security import ClusterSecurity
-from kvferry.proto.convert import prefill_timings_from_proto, refusal_from_metadata
+from kvferry.proto.convert import sampling_to_proto
 from kvferry.router.admission import AdmissionQueue, TTFTExpired
+from kvferry.router.attempt import Attempt, TransferStats, WorkerEvent, WorkerLost, rpc_error
 from kvferry.router.placement import DisaggregationPolicy, PrefillDecision, decide
-from kvferry.router.registry import Worker, WorkerRegistry, WorkerRole, prompt_block_hashes
-from kvferry.router.request import APIError, TokenLogprob, slo_rejected
+from kvferry.router.registry import Worker, WorkerRegistry, prompt_block_hashes
+from kvferry.router.request import APIError, slo_rejected
 from kvferry.router.timings import RequestTimeline
 
 logger = logging.getLogger(__name__)
-
-_MASK64 = (1 << 64) - 1
-PREFILL_ATTEMPTS = 12  # ~15 s of backoff when every prefill worker's queue is full
-DEFAULT_LEASE_S = 30.0  # a reservation's lease when the decode worker does not say (DecodeWorkerConfig)
 
 
 @dataclass(frozen=True)
@@ -69,27 +63,6 @@ class DispatchConfig:
     max_migrations: int = 2  # times one request may move after a worker was lost under it
 
 
-class WorkerLost(Exception):
-    """A worker failed under a request; it may go on elsewhere. ``cause`` ("decode_worker" or
-    "prefill_worker") labels the metric; ``failed`` are the workers not to place it on again."""
-
-    def __init__(self, cause: str, failed: list[Worker], message: str) -> None:
-        super().__init__(message)
-        self.cause = cause
-        self.failed = failed
-
-
-@dataclass
-class WorkerEvent:
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # set on the last event: "stop" | "length" | "abort" | "error"
-    error: str | None = None
-    # Prompt tokens served from the prefilling worker's prefix cache, as known so far: 0 until that
-    # worker says (a decode stream can end before the prefill worker's answer comes; then it stays 0).
-    num_cached_tokens: int = 0
-
-
 @dataclass(frozen=True)
 class Placement:
     decode: Worker
@@ -99,43 +72,6 @@ class Placement:
     ticket: int
     decision: PrefillDecision
     failed: frozenset[str] = frozenset()  # ids of workers lost under this request earlier
-
-
-@dataclass(frozen=True)
-class TransferStats:
-    kv_bytes: int
-    transfer_seconds: float
-    prefill_seconds: float
-
-
-def sampling_to_proto(params: SamplingParams) -> generate_pb2.SamplingParams:
-    """Workers get everything but ``stop`` strings and ``n``: those are the router's."""
-    msg = generate_pb2.SamplingParams(
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        min_p=params.min_p,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty,
-        stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos,
-        n=1,
-    )
-    if params.seed is not None:
-        msg.seed = params.seed & _MASK64
-    if params.logprobs is not None:
-        msg.logprobs = params.logprobs
-    return msg
-
-
-def logprob_from_proto(token_id: int, msg: kv_transfer_pb2.TokenLogprobs) -> TokenLogprob:
-    return TokenLogprob(token_id, msg.logprob, tuple(zip(msg.top_token_ids, msg.top_logprobs)))
-
-
-def _rpc_error(worker: Worker, exc: grpc.aio.AioRpcError) -> str:
-    return f"{worker.role.name.lower()} worker {worker.address}: {exc.code().name}: {exc.details()}"
 
 
 class Dispatcher:
@@ -187,11 +123,11 @@ class Dispatcher:
         for on_lost in list(self._watchers.get(worker.address, ())):
             on_lost(worker, reason)
 
-    def _watch(self, workers: list[Worker], on_lost: Callable[[Worker, str], None]) -> None:
+    def watch(self, workers: list[Worker], on_lost: Callable[[Worker, str], None]) -> None:
         for w in workers:
             self._watchers.setdefault(w.address, set()).add(on_lost)
 
-    def _unwatch(self, workers: list[Worker], on_lost: Callable[[Worker, str], None]) -> None:
+    def unwatch(self, workers: list[Worker], on_lost: Callable[[Worker, str], None]) -> None:
         for w in workers:
             watchers = self._watchers.get(w.address)
             if watchers is not None:
@@ -199,12 +135,12 @@ class Dispatcher:
                 if not watchers:
                     del self._watchers[w.address]
 
-    def _use(self, *workers: Worker | None) -> None:
+    def use(self, *workers: Worker | None) -> None:
         for w in workers:
             if w is not None:
                 self._users[w.address] = self._users.get(w.address, 0) + 1
 
-    def _unuse(self, *workers: Worker | None) -> None:
+    def unuse(self, *workers: Worker | None) -> None:
         for w in workers:
             if w is None:
                 continue
@@ -282,9 +218,9 @@ class Dispatcher:
             except TTFTExpired as exc:
                 raise slo_rejected(str(exc), exc.retry_after_s) from None
             try:
-                async with contextlib.aclosing(
-                    self._generate(attempt_id, prompt_token_ids, sampling, placement, timeline, resumed)
-                ) as events:
+                attempt = Attempt(self, attempt_id, prompt_token_ids, sampling, placement, timeline, resumed,
+                                  self.on_transfer)
+                async with contextlib.aclosing(attempt.events()) as events:
                     async for event in events:
                         produced.extend(event.token_ids)
                         yield event
@@ -303,7 +239,7 @@ class Dispatcher:
     def _ttft_deadline(self, timeline: RequestTimeline) -> float | None:
         return timeline.start + self.config.ttft_slo_ms / 1000.0 if self.config.ttft_slo_ms else None
 
-    def _ttft_budget_ms(self, timeline: RequestTimeline) -> int:
+    def ttft_budget_ms(self, timeline: RequestTimeline) -> int:
         """What is left of the TTFT target now (arrival to now subtracted); 0: no target. At least 1 ms
         once it is spent: the worker then refuses at once, with its own retry-after."""
         deadline = self._ttft_deadline(timeline)
@@ -363,30 +299,14 @@ class Dispatcher:
                 decision = PrefillDecision(True, "prefill_worker_lost", decision.num_cached_tokens)
             request = worker_pb2.ReserveRequest(
                 request_id=request_id, prompt_token_ids=prompt, sampling=sampling, prefill_locally=decision.local,
-                ttft_budget_ms=self._ttft_budget_ms(timeline) if decision.local and not resumed else 0,
+                ttft_budget_ms=self.ttft_budget_ms(timeline) if decision.local and not resumed else 0,
                 resume_output_token_ids=resumed,
             )
-            # Counted before the Reserve call, not after: requests placed while it is in flight must
-            # see this one, or a burst would all pick the same worker. Undone if the worker says no.
-            ticket = self.registry.on_reserved(decode, num_blocks)
-            timeline.reserve_start = time.monotonic()
-            try:
-                reservation = await self.decode_stub(decode).Reserve(request, timeout=self.config.rpc_timeout_s)
-            except asyncio.CancelledError:  # the client left mid-Reserve: it may have reserved anyway
-                self._use(decode)
-                self._spawn(self._abort(request_id, [decode], (decode, None)))
-                self.registry.on_released(decode, num_blocks, ticket)
-                raise
-            except grpc.aio.AioRpcError as exc:
-                self.registry.on_released(decode, num_blocks, ticket)
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise APIError(exc.details() or "invalid request", code="invalid_value") from None
-                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    logger.warning("reserve failed: %s", _rpc_error(decode, exc))
-                self.registry.on_refused(decode)
+            reserved = await self._reserve(decode, request, num_blocks, timeline)
+            if reserved is None:
                 exclude.add(decode.worker_id)
                 continue
-            timeline.reserve_end = time.monotonic()
+            reservation, ticket = reserved
             timeline.placement = f"{decision.label} ({decision.reason})"
             self.prefill_decisions[decision.label, decision.reason] += 1
             # Prefilled here or pushed here, the prompt's KV lands in this worker's prefix cache.
@@ -396,200 +316,39 @@ class Dispatcher:
             return Placement(decode, prefill, reservation, num_blocks, ticket, decision, failed)
         return None
 
-    async def _generate(
-        self,
-        request_id: str,
-        prompt: tuple[int, ...],
-        sampling: generate_pb2.SamplingParams,
-        placement: Placement,
-        timeline: RequestTimeline,
-        resumed: tuple[int, ...] = (),
-    ) -> AsyncIterator[WorkerEvent]:
-        """Events from output index ``len(resumed)`` on; raises ``WorkerLost`` when a worker fails
-        under the request (the finally aborts what the workers still hold either way)."""
-        decode, prefill = placement.decode, placement.prefill
-        if prefill is not None:
-            # Picked again now and counted at once (no await between): the Reserve that came before
-            # let other requests pick meanwhile, and a burst must not all land on one prefill worker.
-            prefill = self.registry.pick_prefill(placement.failed) or prefill
-            self.registry.on_prefill_sent(prefill, len(prompt))
-        self._use(decode, prefill)
-        want_logprobs = sampling.HasField("logprobs")
-        queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
-        stream = self.decode_stub(decode).Stream(
-            worker_pb2.StreamRequest(request_id=request_id), timeout=self.config.stream_timeout_s
-        )
-
-        def on_lost(worker: Worker, reason: str) -> None:
-            queue.put_nowait(("lost", (worker, f"{worker.role.name.lower()} worker {worker.address} {reason}")))
-
-        watched = [decode] + ([prefill] if prefill is not None else [])
-        self._watch(watched, on_lost)
-
-        async def read_stream() -> None:
-            try:
-                async for event in stream:
-                    queue.put_nowait(("event", event))
-                    if event.finish_reason:
-                        return  # the first token (from prefill) may still be on its way
-                queue.put_nowait(("lost", (decode, f"decode worker {decode.address} ended the stream unfinished")))
-            except grpc.aio.AioRpcError as exc:
-                refusal = refusal_from_metadata(exc.trailing_metadata(), exc.details() or "")
-                if refusal is not None:  # a local prefill refused for its TTFT target
-                    queue.put_nowait(("rejected", ("decode_worker", refusal)))
-                elif exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    queue.put_nowait(("error", _rpc_error(decode, exc)))
-                else:
-                    queue.put_nowait(("lost", (decode, _rpc_error(decode, exc))))
-
-        prefill_started = False  # run_prefill took over the accounting of the send counted above
-
-        async def run_prefill(worker: Worker) -> None:
-            nonlocal prefill_started
-            prefill_started = True
-            request = worker_pb2.PrefillRequest(
-                request_id=request_id,
-                prompt_token_ids=prompt,
-                sampling=sampling,
-                kv_address=placement.reservation.kv_address or decode.target,
-                block_ids=placement.reservation.block_ids,
-                receiver_instance_id=placement.reservation.receiver_instance_id,
-            )
-            # A prefill worker whose queue is full says RESOURCE_EXHAUSTED before doing anything: try
-            # another (or the same, later) while the decode reservation's lease holds. Bounded.
-            for attempt in range(PREFILL_ATTEMPTS):
-                if attempt:
-                    await asyncio.sleep(min(2.0, 0.05 * 2 ** (attempt - 1)))
-                    worker = self.registry.pick_prefill(placement.failed | {worker.worker_id}) or worker
-                    self.registry.on_prefill_sent(worker, len(prompt))
-                request.ttft_budget_ms = self._ttft_budget_ms(timeline)
-                try:
-                    response = await self.prefill_stub(worker).Prefill(request, timeout=self.config.prefill_timeout_s)
-                    queue.put_nowait(("first", response))
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    refusal = refusal_from_metadata(exc.trailing_metadata(), exc.details() or "")
-                    if refusal is not None:  # its TTFT target is lost: answered 429, not retried elsewhere
-                        queue.put_nowait(("rejected", ("prefill_worker", refusal)))
-                        return
-                    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                        queue.put_nowait(("error", _rpc_error(worker, exc)))
-                        return
-                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt + 1 == PREFILL_ATTEMPTS:
-                        queue.put_nowait(("lost", (worker, _rpc_error(worker, exc))))
-                        return
-                finally:
-                    self.registry.on_prefill_done(worker)
-
-        async def renew_lease() -> None:
-            """While the prompt waits or runs on the prefill worker, the reservation must not expire: a
-            backlog is no failure. A dead router renews nothing, so the blocks still come back."""
-            interval = max(0.1, (placement.reservation.lease_ms / 1000.0 or DEFAULT_LEASE_S) / 3)
-            stub = self.decode_stub(decode)
-            while True:
-                await asyncio.sleep(interval)
-                if prefill_done:
-                    return
-                try:
-                    await stub.Renew(worker_pb2.RenewRequest(request_id=request_id), timeout=interval)
-                except grpc.aio.AioRpcError as exc:  # the stream reports a dead worker; a late renewal is harmless
-                    logger.debug("renewing %s on %s: %s", request_id, decode.address, exc.code().name)
-
-        tasks = [asyncio.create_task(read_stream())]
-        if prefill is not None:
-            tasks.append(asyncio.create_task(run_prefill(prefill)))
-            tasks.append(asyncio.create_task(renew_lease()))
-        prefill_done = prefill is None
-        finished = False  # the decode worker reported the end and every token was passed on
-        tokens: dict[int, tuple[int, TokenLogprob | None]] = {}  # output index -> token, by arrival
-        next_index = len(resumed)
-        end_index: int | None = None  # set by the finishing event: all tokens before it, then finish
-        finish_reason: str | None = None
-        finish_error: str | None = None
-        num_cached_tokens = 0
+    async def _reserve(
+        self, decode: Worker, request: worker_pb2.ReserveRequest, num_blocks: int, timeline: RequestTimeline
+    ) -> tuple[worker_pb2.ReserveResponse, int] | None:
+        """(reservation, ticket), or None when ``decode`` refused (no room) or could not be reached: it
+        then counts as full until its next heartbeat."""
+        # Counted before the Reserve call, not after: requests placed while it is in flight must
+        # see this one, or a burst would all pick the same worker. Undone if the worker says no.
+        ticket = self.registry.on_reserved(decode, num_blocks)
+        timeline.reserve_start = time.monotonic()
         try:
-            while not finished:
-                kind, item = await queue.get()
-                if kind == "rejected":  # nothing was streamed yet: a 429 for the client; the finally aborts
-                    where, refusal = item  # type: ignore[misc]
-                    self.admission.rejections[where] += 1
-                    raise slo_rejected(f"the {where.replace('_', ' ')} refused it: {refusal.message}",
-                                       refusal.retry_after_s)
-                if kind == "error":  # not `finished`: the finally aborts whatever the workers still hold
-                    yield WorkerEvent([], finish_reason="error", error=str(item))
-                    return
-                if kind == "lost":
-                    worker, message = item  # type: ignore[misc]
-                    if worker is decode or not prefill_done:  # a prefill worker lost after its answer is no loss
-                        cause = "decode_worker" if worker is decode else "prefill_worker"
-                        raise WorkerLost(cause, [worker], message)
-                    continue
-                if kind == "first":
-                    prefill_done = True
-                    first: worker_pb2.PrefillResponse = item  # type: ignore[assignment]
-                    lp = logprob_from_proto(first.first_token_id, first.first_logprobs) if want_logprobs else None
-                    tokens.setdefault(0, (first.first_token_id, lp))
-                    timeline.prefill = prefill_timings_from_proto(first)
-                    num_cached_tokens = first.num_cached_tokens
-                    timeline.kv_transfer_seconds = first.transfer_seconds
-                    if self.on_transfer is not None:
-                        self.on_transfer(TransferStats(first.kv_bytes, first.transfer_seconds, first.prefill_seconds))
-                else:
-                    event: worker_pb2.TokenEvent = item  # type: ignore[assignment]
-                    if event.HasField("prefill_queue_seconds"):  # the decode worker prefilled it
-                        timeline.prefill = prefill_timings_from_proto(event)
-                        num_cached_tokens = event.num_cached_tokens
-                    if event.finish_reason in ("abort", "error"):
-                        # The router did not ask for it (it would not be reading): the worker failed
-                        # the request — a KV push that broke (the prefill worker's fault while it has
-                        # not answered), its engine, or its shutdown.
-                        culprit = decode if prefill_done else prefill
-                        raise WorkerLost(
-                            "decode_worker" if culprit is decode else "prefill_worker", [culprit],
-                            f"decode worker {decode.address} ended the request: {event.error or event.finish_reason}",
-                        )
-                    if event.token_ids:
-                        prefill_done = True  # the KV is committed: the prefill worker did its part
-                    for j, token_id in enumerate(event.token_ids):
-                        lp = None
-                        if want_logprobs and j < len(event.logprobs):
-                            lp = logprob_from_proto(token_id, event.logprobs[j])
-                        tokens.setdefault(event.index + j, (token_id, lp))
-                    if event.finish_reason:
-                        finish_reason, finish_error = event.finish_reason, event.error or None
-                        end_index = event.index + len(event.token_ids)
-                ready: list[tuple[int, TokenLogprob | None]] = []
-                while next_index in tokens:
-                    ready.append(tokens.pop(next_index))
-                    next_index += 1
-                done = finish_reason is not None and end_index is not None and next_index >= end_index
-                if ready or done:
-                    finished = done
-                    yield WorkerEvent(
-                        [t for t, _ in ready],
-                        [lp for _, lp in ready if lp is not None] if want_logprobs else None,
-                        finish_reason if done else None,
-                        finish_error if done else None,
-                        num_cached_tokens,
-                    )
-        finally:
-            self._unwatch(watched, on_lost)
-            for task in tasks:
-                task.cancel()
-            stream.cancel()
-            if prefill is not None and not prefill_started:  # cancelled before its first step
-                self.registry.on_prefill_done(prefill)
-            # Abort is idempotent on the workers; skip only what is known to be over.
-            targets = ([decode] if not finished else []) + ([prefill] if prefill and not prefill_done else [])
-            if targets:
-                self._spawn(self._abort(request_id, targets, (decode, prefill)))
-            else:
-                self._unuse(decode, prefill)
-            self.registry.on_released(decode, placement.num_blocks, placement.ticket)
+            reservation = await self.decode_stub(decode).Reserve(request, timeout=self.config.rpc_timeout_s)
+        except asyncio.CancelledError:  # the client left mid-Reserve: it may have reserved anyway
+            self.use(decode)
+            self.abort_later(request.request_id, [decode], (decode, None))
+            self.registry.on_released(decode, num_blocks, ticket)
+            raise
+        except grpc.aio.AioRpcError as exc:
+            self.registry.on_released(decode, num_blocks, ticket)
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise APIError(exc.details() or "invalid request", code="invalid_value") from None
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                logger.warning("reserve failed: %s", rpc_error(decode, exc))
+            self.registry.on_refused(decode)
+            return None
+        timeline.reserve_end = time.monotonic()
+        return reservation, ticket
+
+    def abort_later(self, request_id: str, targets: list[Worker], used: tuple[Worker, Worker | None]) -> None:
+        """Abort on ``targets`` in a task of its own (the request's task is being cancelled), then let
+        go of the channels the request ``used``."""
+        self._spawn(self._abort(request_id, targets, used))
 
     async def _abort(self, request_id: str, targets: list[Worker], used: tuple[Worker, Worker | None]) -> None:
-        """Abort on ``targets``, in a task of its own (the request's task is being cancelled), then let
-        go of the channels the request ``used``."""
         try:
             for worker in targets:
                 stub = self.decode_stub(worker) if worker.role is not WorkerRole.PREFILL else self.prefill_stub(worker)
@@ -598,4 +357,4 @@ class Dispatcher:
                 except grpc.aio.AioRpcError as exc:
                     logger.warning("abort of %s on %s failed: %s", request_id, worker.address, exc.details())
         finally:
-            self._unuse(*used)
+            self.unuse(*used)

@@ -23,18 +23,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvferry.common.sampling import TokenLogprobs
 from kvferry.proto import generate_pb2, generate_pb2_grpc, router_pb2, router_pb2_grpc
 from kvferry.proto.cluster_security import ClusterSecurity
+from kvferry.proto.convert import (
+    capacity_from_proto, capacity_to_proto, fingerprint_from_proto, fingerprint_to_proto, role_from_proto, role_to_proto,
+)
 from kvferry.proto.keepalive import server_keepalive
 from kvferry.router.auth import generate_interceptor
 from kvferry.router.openai_protocol import ChoiceResult, usage_of
-from kvferry.router.registry import Capacity, Fingerprint, RegistrationError, WorkerRole
+from kvferry.router.registry import RegistrationError
 from kvferry.router.request import (
     APIError,
     ChoiceDelta,
     GenerationRequest,
     ServedModel,
-    TokenLogprob,
     check_client_request_id,
     check_context,
     check_token_ids,
@@ -120,12 +123,12 @@ def parse_generate(msg: generate_pb2.GenerateRequest, model: ServedModel) -> Gen
     )
 
 
-def _logprobs(items: list[TokenLogprob] | None, model: ServedModel) -> list[generate_pb2.TokenLogprob]:
+def _logprobs(items: list[TokenLogprobs] | None, model: ServedModel) -> list[generate_pb2.TokenLogprob]:
     decode = model.tokenizer.decode
     return [
         generate_pb2.TokenLogprob(
             token_id=lp.token_id, token=decode([lp.token_id]), logprob=lp.logprob,
-            top_logprobs=[generate_pb2.TopLogprob(token_id=t, token=decode([t]), logprob=v) for t, v in lp.top],
+            top_logprobs=[generate_pb2.TopLogprob(token_id=t, token=decode([t]), logprob=v) for t, v in lp.top_logprobs.items()],
         )
         for lp in items or ()
     ]
@@ -227,10 +230,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def RegisterWorker(self, request, context):
         registry, model = self.service.registry, self.service.model
         try:
-            role = WorkerRole(request.role)
+            role = role_from_proto(request.role)
         except ValueError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown worker role {request.role}")
-        fingerprint = Fingerprint.from_proto(request.fingerprint)
+        fingerprint = fingerprint_from_proto(request.fingerprint)
         if fingerprint.vocab_size and fingerprint.vocab_size != model.vocab_size:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -239,7 +242,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             )
         try:
             worker = registry.register(
-                role, request.address, fingerprint, Capacity.from_proto(request.capacity),
+                role, request.address, fingerprint, capacity_from_proto(request.capacity),
                 name=request.worker_name, kv_address=request.kv_address,
             )
         except RegistrationError as exc:
@@ -254,7 +257,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def Heartbeat(self, request, context):
         registry = self.service.registry
-        known = registry.heartbeat(request.worker_id, Capacity.from_proto(request.capacity))
+        known = registry.heartbeat(request.worker_id, capacity_from_proto(request.capacity))
         return router_pb2.HeartbeatResponse(
             known=known, heartbeat_interval_ms=int(registry.config.heartbeat_interval_s * 1000)
         )
@@ -273,13 +276,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return router_pb2.ListWorkersResponse(
             workers=[
                 router_pb2.WorkerInfo(
-                    worker_id=w.worker_id, role=w.role.value, address=w.address, worker_name=w.name,
-                    capacity=w.capacity.to_proto(), draining=w.draining,
+                    worker_id=w.worker_id, role=role_to_proto(w.role), address=w.address, worker_name=w.name,
+                    capacity=capacity_to_proto(w.capacity), draining=w.draining,
                     seconds_since_heartbeat=now - w.last_heartbeat, requests_routed_total=w.requests_routed_total,
                 )
                 for w in registry.workers.values()
             ],
-            fingerprint=registry.fingerprint.to_proto() if registry.fingerprint else None,
+            fingerprint=fingerprint_to_proto(registry.fingerprint, router_pb2.ModelFingerprint) if registry.fingerprint else None,
         )
 
 

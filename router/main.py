@@ -29,7 +29,7 @@ from kvferry.proto.cluster_security import ClusterSecurity, add_security_argumen
 from kvferry.router.admission import AdmissionConfig, AdmissionQueue
 from kvferry.router.auth import API_KEY_ENV, api_key_from
 from kvferry.router.body_limit import DEFAULT_MAX_BODY_BYTES
-from kvferry.router.dispatch import DispatchConfig, Dispatcher
+from kvferry.router.dispatch import DispatchConfig
 from kvferry.router.grpc_api import create_grpc_server
 from kvferry.router.openai_api import create_app
 from kvferry.router.placement import DisaggregationPolicy, add_placement_arguments, placement_from_args
@@ -104,10 +104,11 @@ async def serve(
 ) -> None:
     """Run until SIGINT/SIGTERM (main thread) or until ``stop`` is set; ``on_ready(RouterHandle)`` once up."""
     model = model or load_served_model(config.model, config.served_model_name, config.max_model_len)
-    registry = WorkerRegistry(config.registry)
     admission = AdmissionQueue(config.admission)
-    dispatcher = Dispatcher(registry, admission, config.dispatch, policy=config.placement, security=config.security)
-    service = RouterService(model, registry, admission, dispatcher, request_timeout_s=config.request_timeout_s)
+    registry = WorkerRegistry(config.registry, on_change=admission.notify)  # room may have grown: wake the queue
+    service = RouterService(model, registry, admission, config.dispatch, config.placement, config.security,
+                            config.request_timeout_s)
+    dispatcher = service.dispatcher
 
     grpc_server, health_servicer, grpc_port = create_grpc_server(
         service, f"{config.grpc_host}:{config.grpc_port}", config.security, config.api_key

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from kvferry.common.sampling import TokenLogprobs
 from kvferry.router.openai_models import (
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -24,7 +25,6 @@ from kvferry.router.request import (
     ChoiceDelta,
     GenerationRequest,
     ServedModel,
-    TokenLogprob,
     Usage,
     check_context,
     check_token_ids,
@@ -160,7 +160,7 @@ class ChoiceResult:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
+    logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None
     error: str | None = None
 
@@ -215,7 +215,7 @@ class Formatter:
             text = self._token_text[token_id] = self.model.tokenizer.decode([token_id])
         return text
 
-    def _logprobs_json(self, index: int, logprobs: list[TokenLogprob] | None, text_start: int) -> dict | None:
+    def _logprobs_json(self, index: int, logprobs: list[TokenLogprobs] | None, text_start: int) -> dict | None:
         if logprobs is None:
             return None
         if self.chat:
@@ -226,7 +226,7 @@ class Formatter:
                     "bytes": list(self.token_text(lp.token_id).encode()),
                     "top_logprobs": [
                         {"token": self.token_text(t), "logprob": v, "bytes": list(self.token_text(t).encode())}
-                        for t, v in lp.top
+                        for t, v in lp.top_logprobs.items()
                     ],
                 }
                 for lp in logprobs
@@ -239,7 +239,7 @@ class Formatter:
         return {
             "tokens": tokens,
             "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in logprobs],
+            "top_logprobs": [{self.token_text(t): v for t, v in lp.top_logprobs.items()} for lp in logprobs],
             "text_offset": offsets,
         }
 

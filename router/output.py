@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from kvferry.engine.sampling import SamplingParams, check_stop, stop_holdback
+from kvferry.common.sampling import SamplingParams, TokenLogprobs
+from kvferry.engine.sampling import check_stop, stop_holdback
 from kvferry.engine.tokenizer import IncrementalDetokenizer
-from kvferry.router.request import ChoiceDelta, TokenizerLike, TokenLogprob
+from kvferry.router.request import ChoiceDelta, TokenizerLike
 
 
 class ChoiceState:
@@ -38,7 +39,7 @@ class ChoiceState:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def add(self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob] | None) -> ChoiceDelta:
+    def add(self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs] | None) -> ChoiceDelta:
         """Consume tokens; the delta carries the tokens taken (up to a stop) and the text now safe to emit."""
         delta = ChoiceDelta(self.index, logprobs=[] if self.params.logprobs is not None else None)
         for i, token_id in enumerate(token_ids):

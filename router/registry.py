@@ -26,84 +26,21 @@ Everything here runs on the router's event loop; nothing blocks and nothing need
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable
 
-from kvferry.proto import router_pb2
+from kvferry.common.fingerprint import KVFingerprint
+from kvferry.common.worker import WorkerRole, WorkerStats
 
 logger = logging.getLogger(__name__)
 
 
-class WorkerRole(enum.Enum):
-    PREFILL = router_pb2.WORKER_ROLE_PREFILL
-    DECODE = router_pb2.WORKER_ROLE_DECODE
-    COLOCATED = router_pb2.WORKER_ROLE_COLOCATED  # one engine, both phases: gets whole requests
-
-
 class RegistrationError(Exception):
     """A worker that cannot join: bad role/address, or a fingerprint unlike the cluster's."""
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """What must agree across workers (and with the router's tokenizer) for KV and token ids to match."""
-
-    model_name: str = ""
-    model_digest: str = ""
-    dtype: str = ""
-    block_size: int = 0
-    kv_layout: str = ""
-    num_layers: int = 0
-    num_kv_heads: int = 0
-    head_dim: int = 0
-    vocab_size: int = 0
-    max_model_len: int = 0
-    protocol_version: int = 0
-
-    # Fields a worker may differ in without breaking anything: the router takes the smallest context.
-    TOLERATED = ("max_model_len",)
-
-    @classmethod
-    def from_proto(cls, msg: router_pb2.ModelFingerprint) -> Fingerprint:
-        return cls(**{f.name: getattr(msg, f.name) for f in fields(cls)})
-
-    def to_proto(self) -> router_pb2.ModelFingerprint:
-        return router_pb2.ModelFingerprint(**{f.name: getattr(self, f.name) for f in fields(self)})
-
-    def differences(self, other: Fingerprint) -> list[str]:
-        """``"dtype: cluster 'bfloat16', worker 'float32'"`` for each field that must agree and does not."""
-        return [
-            f"{f.name}: cluster {getattr(self, f.name)!r}, worker {getattr(other, f.name)!r}"
-            for f in fields(self)
-            if f.name not in self.TOLERATED and getattr(self, f.name) != getattr(other, f.name)
-        ]
-
-
-@dataclass(frozen=True)
-class Capacity:
-    total_kv_blocks: int = 0
-    free_kv_blocks: int = 0
-    queued_prefill_tokens: int = 0
-    running_requests: int = 0
-    waiting_requests: int = 0
-    kv_bytes_sent_total: int = 0
-    kv_bytes_received_total: int = 0
-    kv_transfer_seconds_total: float = 0.0
-    kv_transfers_total: int = 0
-    max_running_requests: int = 0
-    engine_busy_ms: int = 0
-
-    @classmethod
-    def from_proto(cls, msg: router_pb2.WorkerCapacity) -> Capacity:
-        return cls(**{f.name: getattr(msg, f.name) for f in fields(cls)})
-
-    def to_proto(self) -> router_pb2.WorkerCapacity:
-        return router_pb2.WorkerCapacity(**{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 DEFAULT_MAX_RUNNING = 64  # batch limit assumed for a worker that does not report one
@@ -152,8 +89,8 @@ class Worker:
     role: WorkerRole
     address: str
     name: str
-    fingerprint: Fingerprint
-    capacity: Capacity
+    fingerprint: KVFingerprint
+    capacity: WorkerStats  # as of its last heartbeat
     last_heartbeat: float
     kv_address: str = ""
     draining: bool = False
@@ -212,7 +149,7 @@ class RegistryConfig:
 class WorkerRegistry:
     config: RegistryConfig = field(default_factory=RegistryConfig)
     # The cluster's fingerprint: given by the router's own model, or fixed by the first worker to join.
-    fingerprint: Fingerprint | None = None
+    fingerprint: KVFingerprint | None = None
     clock: Callable[[], float] = time.monotonic
     on_change: Callable[[], None] | None = None  # capacity may have grown: wake queued requests
     workers: dict[str, Worker] = field(default_factory=dict)
@@ -227,8 +164,8 @@ class WorkerRegistry:
         self,
         role: WorkerRole,
         address: str,
-        fingerprint: Fingerprint,
-        capacity: Capacity,
+        fingerprint: KVFingerprint,
+        capacity: WorkerStats,
         name: str = "",
         kv_address: str = "",
     ) -> Worker:
@@ -237,7 +174,7 @@ class WorkerRegistry:
         if self.fingerprint is None:
             self.fingerprint = fingerprint
         else:
-            diffs = self.fingerprint.differences(fingerprint)
+            diffs = self.fingerprint.differences(fingerprint, "cluster", "worker")
             if diffs:
                 raise RegistrationError(
                     f"{role.name.lower()} worker at {address} is incompatible with this cluster: "
@@ -264,7 +201,7 @@ class WorkerRegistry:
         self._changed()
         return worker
 
-    def heartbeat(self, worker_id: str, capacity: Capacity) -> bool:
+    def heartbeat(self, worker_id: str, capacity: WorkerStats) -> bool:
         """Record a heartbeat; False when the worker is unknown (it must re-register)."""
         worker = self.workers.get(worker_id)
         if worker is None:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
-from kvferry.engine.sampling import SamplingParams, SamplingParamsError
+from kvferry.common.sampling import SamplingParams, SamplingParamsError, TokenLogprobs
 
 
 class APIError(Exception):
@@ -109,13 +109,6 @@ class GenerationRequest:
         return self.prompts[index // self.params.n]
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), highest first
-
-
 @dataclass
 class ChoiceDelta:
     """New output of one choice. The last delta of a choice has ``finish_reason`` set."""
@@ -123,7 +116,7 @@ class ChoiceDelta:
     index: int
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    logprobs: list[TokenLogprob] | None = None
+    logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
     timings: dict[str, float] | None = None  # on a choice's last delta: phase -> seconds (timings.py)

@@ -16,8 +16,12 @@ import time
 from dataclasses import replace
 from typing import AsyncIterator
 
+from kvferry.common.timings import PHASES
 from kvferry.router.admission import AdmissionQueue, NoCapacityError
-from kvferry.router.dispatch import Dispatcher, TransferStats
+from kvferry.proto.cluster_security import ClusterSecurity
+from kvferry.router.attempt import TransferStats
+from kvferry.router.dispatch import DispatchConfig, Dispatcher
+from kvferry.router.placement import DisaggregationPolicy
 from kvferry.router.metrics import RouterMetrics
 from kvferry.router.output import ChoiceState
 from kvferry.router.registry import WorkerRegistry
@@ -25,29 +29,32 @@ from kvferry.router.request import (
     APIError, ChoiceDelta, GenerationRequest, ServedModel, deadline_exceeded, overloaded,
     unavailable,
 )
-from kvferry.router.timings import PHASES, RequestTimeline, format_timings
+from kvferry.router.timings import RequestTimeline, format_timings
 
 logger = logging.getLogger(__name__)
 
 
 class RouterService:
     def __init__(
-        self, model: ServedModel, registry: WorkerRegistry, admission: AdmissionQueue, dispatcher: Dispatcher,
-        request_timeout_s: float = 0.0,
+        self, model: ServedModel, registry: WorkerRegistry, admission: AdmissionQueue,
+        dispatch: DispatchConfig = DispatchConfig(), policy: DisaggregationPolicy = DisaggregationPolicy(),
+        security: ClusterSecurity = ClusterSecurity(), request_timeout_s: float = 0.0,
     ) -> None:
+        """``registry`` should wake ``admission`` on a change (``WorkerRegistry(on_change=admission.notify)``):
+        queued requests then try again as soon as capacity may have grown."""
         self._model = model
         self.request_timeout_s = request_timeout_s  # a request not done by then is aborted (504); 0 = none
         self.registry = registry
         self.admission = admission
-        self.dispatcher = dispatcher
+        self.dispatcher = dispatcher = Dispatcher(
+            registry, admission, dispatch, on_transfer=self._on_transfer, policy=policy, security=security
+        )
         self.num_running = 0
         self.shutting_down = False  # set on SIGTERM: new requests are refused, running ones finish
         self.metrics = RouterMetrics(registry, admission, lambda: self.num_running, dispatcher.prefill_decisions,
                                      dispatcher.migrations)
         for phase in PHASES:  # every phase's series exists from the start, at zero
             self.metrics.phase_seconds.labels(model.name, phase)
-        dispatcher.on_transfer = self._on_transfer
-        registry.on_change = admission.notify
 
     @property
     def model(self) -> ServedModel:

@@ -27,11 +27,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from kvferry.engine.request import PrefillTimings
-
-PHASES = (
-    "router_queue", "reserve", "prefill_queue", "prefill_compute", "kv_transfer", "first_token", "decode", "e2e",
-)
+from kvferry.common.timings import PrefillTimings
 
 
 @dataclass

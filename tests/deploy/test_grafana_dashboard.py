@@ -9,9 +9,10 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvferry.common.fingerprint import KVFingerprint
+from kvferry.common.worker import WorkerRole, WorkerStats
 from kvferry.router.admission import AdmissionConfig, AdmissionQueue
-from kvferry.router.dispatch import Dispatcher
-from kvferry.router.registry import Capacity, Fingerprint, WorkerRegistry, WorkerRole
+from kvferry.router.registry import WorkerRegistry
 from kvferry.router.request import ServedModel
 from kvferry.router.service import RouterService
 
@@ -21,9 +22,9 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "kvferr
 def exported_sample_names() -> set[str]:
     """Every sample name of the router's /metrics once each labelled metric has a series."""
     registry = WorkerRegistry()
-    registry.register(WorkerRole.DECODE, "127.0.0.1:7001", Fingerprint(block_size=16), Capacity(total_kv_blocks=8))
+    registry.register(WorkerRole.DECODE, "127.0.0.1:7001", KVFingerprint(block_size=16), WorkerStats(total_kv_blocks=8))
     admission = AdmissionQueue(AdmissionConfig())
-    service = RouterService(ServedModel("m", None, 10, 10), registry, admission, Dispatcher(registry, admission))
+    service = RouterService(ServedModel("m", None, 10, 10), registry, admission)
     service.metrics.requests.labels("chat", "ok").inc()
     text = service.metrics.exposition().decode()
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}

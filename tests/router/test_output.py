@@ -2,7 +2,7 @@
 
 from kvferry.engine.sampling import SamplingParams
 from kvferry.router.output import ChoiceState
-from kvferry.router.request import TokenLogprob
+from kvferry.common.sampling import TokenLogprobs
 
 
 def feed_one_by_one(state, ids):
@@ -42,7 +42,7 @@ def test_eos_text_is_trimmed_and_length_limit(served_model):
     d = state.add(ids + [eos, 5, 6], None)  # tokens after EOS are dropped
     assert d.text == " hi" and d.finish_reason == "stop" and d.token_ids == ids + [eos]
     state = ChoiceState(1, tok, [1], SamplingParams(max_tokens=2, logprobs=1))
-    d = state.add([100, 200, 300], [TokenLogprob(100, -1.0), TokenLogprob(200, -2.0), TokenLogprob(300, -3.0)])
+    d = state.add([100, 200, 300], [TokenLogprobs(100, -1.0, {}), TokenLogprobs(200, -2.0, {}), TokenLogprobs(300, -3.0, {})])
     assert d.finish_reason == "length" and d.token_ids == [100, 200] and len(d.logprobs) == 2
 
 

@@ -7,16 +7,15 @@ import argparse
 import pytest
 
 from kvferry.router.placement import DisaggregationPolicy, add_placement_arguments, decide, placement_from_args
+from kvferry.common.fingerprint import KVFingerprint
+from kvferry.common.worker import WorkerRole, WorkerStats
 from kvferry.router.registry import (
-    Capacity,
-    Fingerprint,
     RecentBlocks,
     WorkerRegistry,
-    WorkerRole,
     prompt_block_hashes,
 )
 
-FP = Fingerprint(model_name="m", dtype="bfloat16", block_size=16, num_layers=30, vocab_size=49152)
+FP = KVFingerprint(model_name="m", dtype="bfloat16", block_size=16, num_layers=30, vocab_size=49152)
 POLICY = DisaggregationPolicy(local_prefill_max_tokens=64, local_prefill_cached_fraction=0.75,
                               prefill_busy_tokens=1000, idle_decode_load=0.25)
 
@@ -24,10 +23,10 @@ POLICY = DisaggregationPolicy(local_prefill_max_tokens=64, local_prefill_cached_
 def cluster(decode_running=0, prefill_queued=0, with_prefill=True):
     reg = WorkerRegistry()
     decode = reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP,
-                          Capacity(total_kv_blocks=100, free_kv_blocks=100, running_requests=decode_running,
+                          WorkerStats(total_kv_blocks=100, free_kv_blocks=100, running_requests=decode_running,
                                    max_running_requests=8))
     if with_prefill:
-        reg.register(WorkerRole.PREFILL, "127.0.0.1:7002", FP, Capacity(queued_prefill_tokens=prefill_queued))
+        reg.register(WorkerRole.PREFILL, "127.0.0.1:7002", FP, WorkerStats(queued_prefill_tokens=prefill_queued))
     return reg, decode
 
 

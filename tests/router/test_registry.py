@@ -2,16 +2,15 @@
 
 import pytest
 
+from kvferry.common.fingerprint import KVFingerprint
+from kvferry.common.worker import WorkerRole, WorkerStats
 from kvferry.router.registry import (
-    Capacity,
-    Fingerprint,
     RegistrationError,
     RegistryConfig,
     WorkerRegistry,
-    WorkerRole,
 )
 
-FP = Fingerprint(model_name="m", dtype="bfloat16", block_size=16, num_layers=30, num_kv_heads=3, head_dim=64,
+FP = KVFingerprint(model_name="m", dtype="bfloat16", block_size=16, num_layers=30, num_kv_heads=3, head_dim=64,
                  vocab_size=49152, max_model_len=8192, protocol_version=1)
 
 
@@ -28,8 +27,8 @@ def make_registry() -> tuple[WorkerRegistry, Clock]:
     return WorkerRegistry(RegistryConfig(heartbeat_interval_s=0.5, lease_s=3.0), clock=clock), clock
 
 
-def cap(total=100, free=100, running=0, queued=0, max_running=8) -> Capacity:
-    return Capacity(total_kv_blocks=total, free_kv_blocks=free, running_requests=running,
+def cap(total=100, free=100, running=0, queued=0, max_running=8) -> WorkerStats:
+    return WorkerStats(total_kv_blocks=total, free_kv_blocks=free, running_requests=running,
                     queued_prefill_tokens=queued, max_running_requests=max_running)
 
 
@@ -52,7 +51,7 @@ def test_a_wedged_engine_gets_no_new_work_and_is_reported_once():
     reg, _ = make_registry()
     d1 = reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap())
     d2 = reg.register(WorkerRole.DECODE, "127.0.0.1:7003", FP, cap(free=10))
-    wedged = Capacity(**{**cap().__dict__, "engine_busy_ms": 31_000})  # past the 30 s default
+    wedged = WorkerStats(**{**cap().__dict__, "engine_busy_ms": 31_000})  # past the 30 s default
     assert reg.heartbeat(d1.worker_id, wedged) and reg.heartbeat(d1.worker_id, wedged)
     assert reg.take_newly_stalled() == [d1] and reg.take_newly_stalled() == []
     assert reg.live(WorkerRole.DECODE) == [d2] and reg.pick_decode(1) is d2  # d1 had more room
@@ -83,7 +82,7 @@ def test_reregistering_the_same_address_replaces_the_stale_entry():
 def test_fingerprint_mismatch_names_every_field():
     reg, _ = make_registry()
     reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap())
-    other = Fingerprint(**{**FP.__dict__, "dtype": "float32", "block_size": 32, "max_model_len": 2048})
+    other = KVFingerprint(**{**FP.__dict__, "dtype": "float32", "block_size": 32, "max_model_len": 2048})
     with pytest.raises(RegistrationError) as err:
         reg.register(WorkerRole.PREFILL, "127.0.0.1:7002", other, cap())
     message = str(err.value)
@@ -171,5 +170,5 @@ def test_max_model_len_is_the_smallest_workers():
     reg, _ = make_registry()
     assert reg.max_model_len is None
     reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap())
-    reg.register(WorkerRole.PREFILL, "127.0.0.1:7002", Fingerprint(**{**FP.__dict__, "max_model_len": 2048}), cap())
+    reg.register(WorkerRole.PREFILL, "127.0.0.1:7002", KVFingerprint(**{**FP.__dict__, "max_model_len": 2048}), cap())
     assert reg.max_model_len == 2048
