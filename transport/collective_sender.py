@@ -159,7 +159,7 @@ class SenderPair:
                 raise TransferError(TransferErrorCode.INCOMPATIBLE, "nccl needs the prefill worker's KV cache on a GPU")
             buffer = self._take_buffer(nbytes + STAMP.size, rows.device, deadline)
             packed = buffer[:nbytes].view(len(chunk.row_ids), -1)
-            ids = torch.tensor(chunk.row_ids, dtype=torch.int64, device=rows.device)
+            ids = chunk.row_index.to(rows.device)
             with torch.inference_mode():  # the engine's cache may be an inference tensor
                 if packed.shape[1] % 8 == 0:  # 8-byte elements: a row copy at memcpy speed
                     torch.index_select(rows.view(torch.float64), 0, ids, out=packed.view(torch.float64))

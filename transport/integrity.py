@@ -6,6 +6,11 @@ without ever being registered in the prefix cache (that happens only at ``commit
 xxh3_64 (the ``xxhash`` package): ~35 GB/s on one core here, the GIL released while it runs, and a
 streaming state, so a layer's chunks are hashed in order as they pass without a second pass over the
 layer. Every transport (in-process, gRPC, tcp, shm, collective) uses this one class.
+
+One exception, by default: shm. Its bytes never leave the host's memory (the receiver's own memfd
+slot, written by the sender and read by the receiver), so a checksum there would only hash the same
+memory twice; the decode worker asks for none in the slot handshake unless it runs with
+``--kv-checksum always``, and such a trailer says ``NO_CHECKSUM``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import xxhash
 
 CHECKSUM_ALGORITHM = "xxh3_64"
+NO_CHECKSUM = "none"  # a trailer of a transfer the receiver did not ask to verify (shm by default)
 
 
 class LayerChecksums:

@@ -48,6 +48,9 @@ from kvferry.transport.send_queue import QueuedSendHandle
 logger = logging.getLogger(__name__)
 
 KV_TRANSPORT_CHOICES = ("auto", "shm", "tcp", "gloo", "nccl", "grpc")
+# Which transfers the decode worker verifies: auto, every plane but shm (whose bytes never leave this
+# host's memory: integrity.py); always, shm too.
+KV_CHECKSUM_CHOICES = ("auto", "always")
 AUTO_ORDER = ("shm", "nccl", "tcp", "gloo", "grpc")  # auto's order of preference
 
 
@@ -68,10 +71,14 @@ def transports_for(kv_transport: str, kv_device: str | None = None) -> tuple[str
 
 # ---- receiver side -------------------------------------------------------------------------------
 def start_receiver_transports(
-    receiver: KVReceiver, kv_transport: str = "auto", host: str = "127.0.0.1", advertise_host: str | None = None
+    receiver: KVReceiver, kv_transport: str = "auto", host: str = "127.0.0.1", advertise_host: str | None = None,
+    kv_checksum: str = "auto",
 ) -> tuple[TransportOffer, ...]:
     """Start the data planes ``kv_transport`` allows and make the receiver offer them (and close them
-    when it closes). gRPC needs nothing started: PushKV is on the worker's server."""
+    when it closes). gRPC needs nothing started: PushKV is on the worker's server. ``kv_checksum``:
+    one of ``KV_CHECKSUM_CHOICES``."""
+    if kv_checksum not in KV_CHECKSUM_CHOICES:
+        raise ConfigError(f"--kv-checksum {kv_checksum!r}: choose one of {', '.join(KV_CHECKSUM_CHOICES)}")
     from kvferry.transport.collective_receiver import start_collective_server
     from kvferry.transport.shm_transport import start_shm_server
     from kvferry.transport.tcp_transport import start_tcp_server
@@ -83,7 +90,7 @@ def start_receiver_transports(
             offers.append(TransportOffer("grpc"))
             continue
         start = {"tcp": lambda: start_tcp_server(receiver, ticket, host, advertise_host),
-                 "shm": lambda: start_shm_server(receiver, ticket),
+                 "shm": lambda: start_shm_server(receiver, ticket, verify_checksums=kv_checksum == "always"),
                  "gloo": lambda: start_collective_server(receiver, ticket, "gloo", host, advertise_host),
                  "nccl": lambda: start_collective_server(receiver, ticket, "nccl", host, advertise_host)}[name]
         plane, offer = start()

@@ -34,7 +34,7 @@ from kvferry.transport.base import (
     TransferState,
     TransportOffer,
 )
-from kvferry.transport.integrity import CHECKSUM_ALGORITHM, LayerChecksums, mismatched_layers
+from kvferry.transport.integrity import CHECKSUM_ALGORITHM, NO_CHECKSUM, LayerChecksums, mismatched_layers
 from kvferry.transport.metrics import PairStats
 
 DEFAULT_MAX_CHUNK_BYTES = 64 * 1024 * 1024
@@ -53,7 +53,7 @@ class _Reservation:
     opened: bool = False
     layers_done: set[int] = field(default_factory=set)
     progress: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # layer -> (bytes in, partial row)
-    checksums: LayerChecksums | None = None  # of the bytes received, per layer; made at open
+    checksums: LayerChecksums | None = None  # of the bytes received, per layer; made at open unless not verified
     bytes_received: int = 0
     created: float = field(default_factory=time.monotonic)
     last_activity: float = field(default_factory=time.monotonic)
@@ -171,8 +171,10 @@ class KVReceiver:
             transports=self.offers,
         )
 
-    def open(self, header: KVTransferHeader, transport: str = "grpc") -> ReceiveSession:
-        """``transport``: the data plane the session's bytes come over (refused unless offered)."""
+    def open(self, header: KVTransferHeader, transport: str = "grpc", verify_checksums: bool = True) -> ReceiveSession:
+        """``transport``: the data plane the session's bytes come over (refused unless offered).
+        ``verify_checksums=False``: the plane's bytes never leave this host's memory (shm by default,
+        see integrity.py); nothing is hashed and the trailer's checksums are not compared."""
         self.check_accepts(transport)
         fp = self.fingerprint
         if header.fingerprint_digest != fp.digest:
@@ -210,7 +212,7 @@ class KVReceiver:
                 raise TransferError(TransferErrorCode.INVALID, f"request {header.request_id!r} already has a transfer")
             res.opened = True
             res.started = res.last_activity = time.monotonic()
-            res.checksums = LayerChecksums(fp.num_layers)
+            res.checksums = LayerChecksums(fp.num_layers) if verify_checksums else None
         return ReceiveSession(self, res, header.layer_nbytes, (header.sender_id, transport))
 
     def _end(
@@ -285,7 +287,8 @@ class ReceiveSession:
         copy = None
         with res.lock:
             carry = self._check_chunk(layer_idx, offset, n)
-            res.checksums.update(layer_idx, data)  # chunks of a layer come in order: the payload's order
+            if res.checksums is not None:  # chunks of a layer come in order: the payload's order
+                res.checksums.update(layer_idx, data)
             if carry:
                 data = bytes(carry) + bytes(data)
             row_start = (offset - len(carry)) // self._row_bytes
@@ -313,7 +316,8 @@ class ReceiveSession:
             carry = self._check_chunk(layer_idx, offset, n)
             if carry or offset % self._row_bytes:
                 raise self._invalid(f"layer {layer_idx}: device rows at {offset}, not at a row boundary")
-            res.checksums.update(layer_idx, rows.cpu().numpy())
+            if res.checksums is not None:
+                res.checksums.update(layer_idx, rows.cpu().numpy())
             row_start = offset // self._row_bytes
             target = self._target_rows[row_start : row_start + rows.shape[0]].to(rows.device)
             with torch.inference_mode():  # the engine may have made its caches as inference tensors
@@ -371,12 +375,14 @@ class ReceiveSession:
                 raise self._invalid(f"trailer before layers {missing[:8]}{'...' if len(missing) > 8 else ''}")
             if trailer.total_bytes != res.bytes_received:
                 raise self._invalid(f"trailer says {trailer.total_bytes} bytes, received {res.bytes_received}")
-            if trailer.checksum_algorithm != CHECKSUM_ALGORITHM:
+            if res.checksums is None:  # not verified here (shm): the trailer's checksums go unchecked
+                if trailer.checksum_algorithm not in (NO_CHECKSUM, CHECKSUM_ALGORITHM):
+                    raise self._invalid(f"trailer checksums are {trailer.checksum_algorithm or 'missing'!r}")
+            elif trailer.checksum_algorithm != CHECKSUM_ALGORITHM:
                 raise self._invalid(
                     f"trailer checksums are {trailer.checksum_algorithm or 'missing'!r}, expected {CHECKSUM_ALGORITHM}"
                 )
-            bad = mismatched_layers(list(trailer.layer_checksums), res.checksums.digests())
-            if bad:
+            elif bad := mismatched_layers(list(trailer.layer_checksums), res.checksums.digests()):
                 raise TransferError(
                     TransferErrorCode.CORRUPT,
                     f"request {res.request_id!r}: checksum mismatch in layer(s) {bad[:8]} "

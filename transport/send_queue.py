@@ -31,7 +31,7 @@ from kvferry.transport.base import (
     TransferState,
     gather_blocks,
 )
-from kvferry.transport.integrity import CHECKSUM_ALGORITHM, LayerChecksums
+from kvferry.transport.integrity import CHECKSUM_ALGORITHM, NO_CHECKSUM, LayerChecksums
 
 
 class LayerRows:
@@ -60,6 +60,7 @@ class Chunk:
     offset: int
     source: LayerRows
     row_ids: list[int]
+    row_index: torch.Tensor  # the same ids, int64 on the CPU (for index_select)
 
     @property
     def rows(self) -> torch.Tensor:
@@ -95,7 +96,8 @@ class QueuedSendHandle(KVSendHandle):
         self.target = target
         self.num_blocks = num_blocks
         self.chunk_bytes = chunk_bytes
-        self.checksums = LayerChecksums(num_layers)  # of the bytes sent; the transfer thread feeds it
+        # Of the bytes sent; the transfer thread feeds it. None once the receiver asked for no checksums.
+        self.checksums: LayerChecksums | None = LayerChecksums(num_layers)
         self._opened = time.monotonic()
         self._deadline = self._opened + target.timeout_s
         self._queue: queue.Queue = queue.Queue()
@@ -104,6 +106,9 @@ class QueuedSendHandle(KVSendHandle):
         self._finished = threading.Event()
         self._first_token: FirstToken | None = None
         self._interrupter = None
+        self._rows_key: tuple | None = None  # the last layer's (block ids, cache blocks): its row ids
+        self._row_ids: list[int] = []
+        self._row_index = torch.empty(0, dtype=torch.int64)
         self._thread = threading.Thread(target=self._run, name=f"kv-send-{request_id}", daemon=True)
         self._thread.start()
 
@@ -114,17 +119,25 @@ class QueuedSendHandle(KVSendHandle):
             return
         if kv_cache_layer.is_cuda:  # gather on the GPU: a packed copy the next steps cannot change
             source = gather_blocks(kv_cache_layer, block_ids)
-            row_ids = list(range(2 * len(block_ids)))
+            key = (len(block_ids), None)
         else:  # read the blocks in place: no gather copy
             source = kv_cache_layer
-            num_cache_blocks = kv_cache_layer.shape[1]
-            row_ids = list(block_ids) + [num_cache_blocks + b for b in block_ids]
+            key = (tuple(block_ids), kv_cache_layer.shape[1])
+        if key != self._rows_key:  # a transfer's layers share their blocks: the ids are built once
+            if kv_cache_layer.is_cuda:
+                row_ids = list(range(2 * len(block_ids)))
+            else:
+                row_ids = list(block_ids) + [kv_cache_layer.shape[1] + b for b in block_ids]
+            self._rows_key, self._row_ids = key, row_ids
+            self._row_index = torch.tensor(row_ids, dtype=torch.int64)
+        row_ids, row_index = self._row_ids, self._row_index
         assert source.is_contiguous()
         rows = LayerRows(source.view(torch.uint8).view(source.shape[0] * source.shape[1], -1))  # [2 * blocks, row_bytes]
         row_bytes = rows.row_bytes
         rows_per_chunk = max(1, self.chunk_bytes // row_bytes)
         for i in range(0, len(row_ids), rows_per_chunk):
-            self._queue.put(Chunk(layer_idx, i * row_bytes, rows, row_ids[i : i + rows_per_chunk]))
+            j = i + rows_per_chunk
+            self._queue.put(Chunk(layer_idx, i * row_bytes, rows, row_ids[i:j], row_index[i:j]))
 
     def finish(self, first_token: FirstToken) -> None:
         self._first_token = first_token
@@ -143,6 +156,11 @@ class QueuedSendHandle(KVSendHandle):
     # ---- the transfer thread ----
     @abc.abstractmethod
     def _transfer(self) -> None: ...
+
+    def skip_checksums(self) -> None:
+        """The receiver does not verify this transfer (shm, same host): hash nothing, and say so in
+        the trailer. Before the first chunk."""
+        self.checksums = None
 
     def set_interrupt(self, fn) -> None:
         """``fn()`` (or None to clear) unblocks the wire the transfer thread waits on: a call's cancel,
@@ -187,6 +205,8 @@ class QueuedSendHandle(KVSendHandle):
             except queue.Empty:
                 continue
             if item is _TRAILER:
+                if self.checksums is None:
+                    return KVTrailer(self._first_token, self.bytes_sent, (), NO_CHECKSUM)
                 return KVTrailer(self._first_token, self.bytes_sent, tuple(self.checksums.digests()), CHECKSUM_ALGORITHM)
             return item
 

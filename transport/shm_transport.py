@@ -44,23 +44,30 @@ from kvferry.transport.stream_server import ConnectionPayload, StreamDataServer
 NAME = "shm"
 MEMFD_NAME = "kvferry-kv-slots"  # shown in /proc/<pid>/maps as /memfd:kvferry-kv-slots
 PAGE = mmap.PAGESIZE
+NO_CHECKSUMS = 1  # HELLO_OK flag (the frame's offset): the receiver verifies no checksums (integrity.py)
 
 
-def start_shm_server(receiver: KVReceiver, ticket: str, num_slots: int = 2) -> tuple[StreamDataServer, TransportOffer]:
+def start_shm_server(
+    receiver: KVReceiver, ticket: str, num_slots: int = 2, verify_checksums: bool = False
+) -> tuple[StreamDataServer, TransportOffer]:
+    """``verify_checksums``: hash every chunk on both ends anyway (``--kv-checksum always``)."""
     name = f"kvferry-kv-{receiver.instance_id}"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind("\0" + name)  # abstract namespace: no file to leak, gone with the process
     listener.listen(64)
-    server = StreamDataServer(receiver, listener, NAME, ticket, lambda: ShmSlots(receiver, num_slots))
+    server = StreamDataServer(
+        receiver, listener, NAME, ticket, lambda: ShmSlots(receiver, num_slots, verify_checksums)
+    )
     return server, TransportOffer(NAME, address=name, boot_id=boot_id(), ticket=ticket)
 
 
 class ShmSlots(ConnectionPayload):
     """The receiver's side of one connection's slots."""
 
-    def __init__(self, receiver: KVReceiver, num_slots: int):
+    def __init__(self, receiver: KVReceiver, num_slots: int, verify_checksums: bool):
         self.receiver = receiver
         self.num_slots = num_slots
+        self.verify_checksums = verify_checksums
         self.slot_bytes = 0
         self._mm: mmap.mmap | None = None
 
@@ -78,7 +85,8 @@ class ShmSlots(ConnectionPayload):
             os.ftruncate(fd, self.num_slots * self.slot_bytes)
             self._mm = mmap.mmap(fd, self.num_slots * self.slot_bytes)
             conn.settimeout(max(deadline - time.monotonic(), 0.001))
-            socket.send_fds(conn, [framing.pack(framing.HELLO_OK, self.num_slots, 0, self.slot_bytes)], [fd])
+            flags = 0 if self.verify_checksums else NO_CHECKSUMS
+            socket.send_fds(conn, [framing.pack(framing.HELLO_OK, self.num_slots, flags, self.slot_bytes)], [fd])
         finally:
             os.close(fd)  # the mapping (and the sender's copy of the descriptor) keep the memory
 
@@ -109,9 +117,10 @@ def _unmap(mm: mmap.mmap | None) -> None:
 
 
 class ShmConnection(Connection):
-    def __init__(self, sock: socket.socket, mm: mmap.mmap, num_slots: int, slot_bytes: int):
+    def __init__(self, sock: socket.socket, mm: mmap.mmap, num_slots: int, slot_bytes: int, checksums: bool):
         super().__init__(sock)
         self._mm = mm
+        self.checksums = checksums  # whether the receiver verifies them
         self.slot_bytes = slot_bytes
         self.slots = torch.frombuffer(mm, dtype=torch.uint8).view(num_slots, slot_bytes)
         self.free = collections.deque(range(num_slots))
@@ -151,7 +160,7 @@ class ShmSenderPlane:
                 raise framing.PeerClosed(what)
             if len(msg) < len(buf):
                 framing.recv_into(sock, memoryview(buf)[len(msg) :], deadline, what)
-            kind, num_slots, _, nbytes, _ = framing.HEADER.unpack(buf)
+            kind, num_slots, flags, nbytes, _ = framing.HEADER.unpack(buf)
             if kind == framing.ERROR:
                 raise framing.error_from_payload(framing.recv_payload(sock, nbytes, deadline, what), what)
             if kind != framing.HELLO_OK or len(fds) != 1:
@@ -163,7 +172,7 @@ class ShmSenderPlane:
         finally:
             for fd in fds:
                 os.close(fd)  # mapped (or failed): the descriptor is not needed any more
-        return ShmConnection(sock, mm, num_slots, nbytes)
+        return ShmConnection(sock, mm, num_slots, nbytes, checksums=not flags & NO_CHECKSUMS)
 
     def probe(self, offer: TransportOffer, deadline: float) -> None:
         self.pool.give_back(offer, self.pool.take(offer, deadline))
@@ -171,6 +180,8 @@ class ShmSenderPlane:
     def transfer(self, handle: QueuedSendHandle, offer: TransportOffer, header) -> None:
         conn = self.pool.take(offer, time.monotonic() + handle.remaining())
         handle.set_interrupt(lambda: _shutdown(conn.sock))
+        if not conn.checksums:
+            handle.skip_checksums()
         ok = False
         try:
             stream_transfer(conn, handle, header, _send_chunk, on_frame=_slot_freed)
@@ -195,7 +206,7 @@ def _slot_freed(conn: ShmConnection, frame: tuple) -> None:
     conn.free.append(frame[1])
 
 
-def _send_chunk(conn: ShmConnection, chunk: Chunk, deadline: float, checksums: LayerChecksums) -> None:
+def _send_chunk(conn: ShmConnection, chunk: Chunk, deadline: float, checksums: LayerChecksums | None) -> None:
     if chunk.nbytes > conn.slot_bytes:
         raise TransferError(TransferErrorCode.INVALID, f"chunk of {chunk.nbytes} bytes > slot of {conn.slot_bytes}")
     while not conn.free:  # both slots in flight: wait for the receiver to drain one
@@ -206,13 +217,13 @@ def _send_chunk(conn: ShmConnection, chunk: Chunk, deadline: float, checksums: L
     slot = conn.free.popleft()
     rows, row_bytes = chunk.rows, chunk.rows.shape[1]
     out = conn.slots[slot, : chunk.nbytes].view(len(chunk.row_ids), row_bytes)
-    ids = torch.tensor(chunk.row_ids, dtype=torch.int64)
     with torch.inference_mode():  # the engine's cache may be an inference tensor
         if row_bytes % 8 == 0:  # 8-byte elements: a row copy at memcpy speed
-            torch.index_select(rows.view(torch.float64), 0, ids, out=out.view(torch.float64))
+            torch.index_select(rows.view(torch.float64), 0, chunk.row_index, out=out.view(torch.float64))
         else:
-            torch.index_select(rows, 0, ids, out=out)
-    checksums.update(chunk.layer_idx, out.numpy())
+            torch.index_select(rows, 0, chunk.row_index, out=out)
+    if checksums is not None:
+        checksums.update(chunk.layer_idx, out.numpy())
     frame = framing.pack(framing.SLOT_DATA, chunk.layer_idx, chunk.offset, chunk.nbytes, slot)
     framing.send_buffers(conn.sock, [frame], deadline, "shm slot")
 

@@ -94,12 +94,12 @@ def stream_transfer(
     conn: Connection,
     handle: QueuedSendHandle,
     header,
-    send_chunk: Callable[[Connection, Chunk, float, LayerChecksums], None],
+    send_chunk: Callable[[Connection, Chunk, float, LayerChecksums | None], None],
     on_frame: Callable[[Connection, tuple], None] | None = None,
 ) -> None:
     """Run one transfer over ``conn``; returns on the ACK, raises ``TransferError`` otherwise.
     ``send_chunk(conn, chunk, deadline, checksums)`` writes one chunk and feeds its bytes to the
-    layer's checksum; ``on_frame`` takes receiver frames other than ACK/ERROR (shm: SLOT_FREE)."""
+    layer's checksum (None: the receiver asked for none, shm); ``on_frame`` takes receiver frames other than ACK/ERROR (shm: SLOT_FREE)."""
     sock = conn.sock
     what = f"KV {handle.request_id!r} to {handle.target.address}"
 

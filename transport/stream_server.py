@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 class ConnectionPayload:
     """Where a connection's chunk bytes come from; one per connection."""
 
+    verify_checksums = True  # False: the bytes never left this host's memory (shm, integrity.py)
+
     def on_hello(self, conn: socket.socket, hello: tuple[int, int, int, int, int], deadline: float) -> None:
         framing.send_control(conn, framing.HELLO_OK, b"", deadline, "hello")
 
@@ -172,7 +174,8 @@ class StreamDataServer:
         if kind != framing.OPEN:
             raise TransferError(TransferErrorCode.INVALID, f"expected a transfer's OPEN frame, got kind {kind}")
         header = header_from_proto(pb.KVHeader.FromString(framing.recv_payload(conn, nbytes, self._deadline(), "open")))
-        session = self.receiver.open(header, transport=self.transport)  # a refusal goes back as ERROR
+        # A refusal goes back as ERROR.
+        session = self.receiver.open(header, transport=self.transport, verify_checksums=payload.verify_checksums)
         try:
             while True:
                 frame = framing.recv_frame(conn, self._deadline(), f"KV of {header.request_id!r}")

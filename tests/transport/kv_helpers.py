@@ -76,11 +76,11 @@ class Ends:
 class ReceiverServer:
     """A KVReceiver on tiny caches behind a real gRPC server on loopback, its data planes started."""
 
-    def __init__(self, kv_transport: str = "auto", fp: KVFingerprint | None = None, caches=None):
+    def __init__(self, kv_transport: str = "auto", fp: KVFingerprint | None = None, caches=None, kv_checksum="auto"):
         self.ends = Ends()
         self.receiver = KVReceiver(caches or kv_caches(fill=0.0), fp or fingerprint(), receiver_id="decode-0",
                                    on_transfer_end=self.ends)
-        self.offers = start_receiver_transports(self.receiver, kv_transport)
+        self.offers = start_receiver_transports(self.receiver, kv_transport, kv_checksum=kv_checksum)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=channel_options(64 << 20))
         add_kv_transfer_service(self.server, self.receiver)
         self.port = self.server.add_insecure_port("127.0.0.1:0")

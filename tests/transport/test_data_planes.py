@@ -19,6 +19,7 @@ from kvferry.transport.grpc_transport import GrpcKVSender
 from kvferry.transport.host import boot_id
 from kvferry.transport.metrics import TransportCollector
 from kvferry.transport.negotiation import NegotiatedKVSender, transports_for
+from kvferry.transport.receiver import ReceiveSession
 
 from kv_helpers import (
     NETWORK_TRANSPORTS,
@@ -228,6 +229,59 @@ def test_a_bit_flipped_on_the_wire_fails_the_transfer_as_corrupt(server, transpo
     (_, state, first, error), = server.ends.of("flip")
     assert state is TransferState.FAILED and first is None and error.code is TransferErrorCode.CORRUPT
     assert server.receiver.checksum_failures_total == 1
+
+
+class _FlipAfterHashing:
+    """Hashes a chunk's bytes, then changes one: what a sender writing its slot late would do."""
+
+    def __init__(self, checksums):
+        self.checksums = checksums
+
+    def update(self, layer_idx, data) -> None:
+        self.checksums.update(layer_idx, data)
+        data[0] ^= 0xFF  # the filled slot itself (a numpy view of the shared memory)
+
+
+@pytest.mark.parametrize("kv_checksum", ["auto", "always"])
+def test_shm_checksums_only_with_kv_checksum_always(kv_checksum, monkeypatch):
+    """shm's bytes never leave this host's memory, so by default neither end hashes them (the trailer
+    says none) and a slot changed after it was filled goes unseen; ``--kv-checksum always`` hashes on
+    both ends and the same change fails the transfer as CORRUPT."""
+    from kvferry.transport import shm_transport
+    from kvferry.transport.integrity import NO_CHECKSUM
+
+    send_chunk = shm_transport._send_chunk
+    trailers = []
+
+    def flipping(conn, chunk, deadline, checksums):
+        send_chunk(conn, chunk, deadline, None if checksums is None else _FlipAfterHashing(checksums))
+
+    monkeypatch.setattr(shm_transport, "_send_chunk", flipping)
+    server = ReceiverServer("shm", kv_checksum=kv_checksum)
+    real_finish = ReceiveSession.finish
+
+    def finish(session, trailer):  # records what the receiver was told
+        trailers.append(trailer)
+        real_finish(session, trailer)
+
+    monkeypatch.setattr(ReceiveSession, "finish", finish)
+    src = bit_pattern_caches()
+    server.receiver.expect("slot", [3, 9])
+    s = sender("shm")
+    try:
+        h = s.send(target(server), "slot", src, [1, 2], FirstToken(1))
+        state = h.wait(TIMEOUT)
+    finally:
+        s.close()
+        server.close()
+    if kv_checksum == "auto":
+        assert state is TransferState.DONE, h.error
+        assert trailers[0].checksum_algorithm == NO_CHECKSUM and trailers[0].layer_checksums == ()
+        assert h.checksums is None  # nothing hashed on the sender either
+    else:
+        assert state is TransferState.FAILED and h.error.code is TransferErrorCode.CORRUPT, h.error
+        assert f"checksum mismatch in layer(s) {list(range(NUM_LAYERS))}" in h.error.message  # every layer flipped
+        assert server.receiver.checksum_failures_total == 1
 
 
 def test_forced_transports_that_cannot_work_are_refused_naming_why():

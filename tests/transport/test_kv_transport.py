@@ -259,3 +259,25 @@ def test_hand_encoded_chunks_are_standard_protobuf():
     assert isinstance(view, KVDataView) and (view.layer_idx, view.offset, bytes(view.data)) == (0, 5, b"abc")
     trailer = decode_chunk(pb.KVChunk(trailer=pb.KVTrailer(first_token_id=3)).SerializeToString())
     assert trailer.trailer.first_token_id == 3
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_trailer_without_checksums_is_refused_where_the_receiver_verifies(verify):
+    """Only a session opened without verification (shm by default) takes a trailer that says none."""
+    from kvferry.transport.base import KVTrailer, KVTransferHeader, TransferError, TransferErrorCode
+    from kvferry.transport.integrity import NO_CHECKSUM
+
+    src, fp = kv_caches(seed=7), fingerprint()
+    receiver = KVReceiver(kv_caches(fill=0.0), fp)
+    receiver.expect("r10", [2])
+    session = receiver.open(KVTransferHeader("r10", NUM_LAYERS, 1, fp.layer_nbytes(1), fp.digest), verify_checksums=verify)
+    for layer_idx, layer in enumerate(src):
+        session.write(layer_idx, 0, gather_blocks(layer, [0]).view(torch.uint8).reshape(-1).numpy().tobytes())
+    trailer = KVTrailer(FirstToken(1), NUM_LAYERS * fp.layer_nbytes(1), (), NO_CHECKSUM)
+    if verify:
+        with pytest.raises(TransferError) as e:
+            session.finish(trailer)
+        assert e.value.code is TransferErrorCode.INVALID and "'none', expected xxh3_64" in e.value.message
+    else:
+        session.finish(trailer)
+        assert_blocks_equal(src, [0], receiver.kv_caches, [2])
