@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from kvferry.common.grammar import GrammarSpec
+
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (dividing by them overflows)
 MAX_TEMPERATURE = 2.0  # OpenAI's range; above 2 the distribution is near-uniform noise anyway
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
@@ -65,6 +67,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = no logprobs; n in [0, 20] = chosen token's + top n
     include_stop_str_in_output: bool = False
     n: int = 1  # choices per prompt; the router fans out
+    grammar: GrammarSpec | None = None  # structured output: what the output must match (grammar.py)
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1)
@@ -101,6 +104,11 @@ class SamplingParams:
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         _check_int("n", self.n, 1)
+        if self.grammar is not None:
+            if not isinstance(self.grammar, GrammarSpec):
+                raise SamplingParamsError("grammar", f"grammar must be a GrammarSpec, got {self.grammar!r}")
+            if self.ignore_eos:  # a complete grammar allows only EOS: ignoring it leaves no token at all
+                raise SamplingParamsError("ignore_eos", "ignore_eos cannot be combined with structured output")
 
     @property
     def greedy(self) -> bool:

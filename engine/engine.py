@@ -30,6 +30,7 @@ from kvferry.common.worker import SLORefusal, WorkerRole
 from kvferry.engine.block_manager import BlockManager
 from kvferry.engine.config import ConfigError, EngineConfig, dense_prompt_weights, num_threads
 from kvferry.engine.device import activation_bytes, cuda_kv_budget_bytes
+from kvferry.engine.grammar_mask import GrammarCompiler
 from kvferry.engine.loader import load_model
 from kvferry.engine.model import dense_copy_bytes
 from kvferry.engine.model_runner import ModelRunner
@@ -118,7 +119,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             loaded.model, num_blocks, config.cache.block_size, dtype, config.device, dense_prompt_weights=dense
         )
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.seed, GrammarCompiler(self.tokenizer, self.model_config.vocab_size))
         self._tracked: dict[str, _Tracked] = {}
         self._arrivals = itertools.count()
         self._layer_hook: KVLayerHook | None = None

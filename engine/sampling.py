@@ -10,6 +10,10 @@ Owns everything between the model's logits and "which token next, and are we don
    presence penalties (output only, OpenAI semantics), temperature, top-k, top-p, min-p, then one draw.
 4. ``check_stop`` and ``stop_holdback`` for EOS, stop tokens, stop strings and max_tokens.
 
+Structured output (``SamplingParams.grammar``): the state holds the request's grammar matcher and
+``append`` advances it; ``sample`` first sets every token the grammar does not allow next to -inf
+(engine/grammar_mask.py), so all that follows (penalties, greedy or random) sees only allowed ones.
+
 Randomness: step ``k`` of a request (its ``k``-th output token, counted from 0) uses one uniform number
 from the request's own ``torch.Generator`` reseeded from ``(seed, k)``, and inverse-CDF sampling. So a
 token depends only on the logits, the seed and the position: never on the rest of the batch, and a
@@ -28,11 +32,17 @@ import math
 import random
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from kvferry.common.sampling import SamplingParams, TokenLogprobs
+from kvferry.common.grammar import GrammarError
+from kvferry.common.sampling import SamplingParams, SamplingParamsError, TokenLogprobs
+
+if TYPE_CHECKING:
+    from kvferry.engine.grammar_mask import GrammarCompiler, GrammarMatcher
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -54,12 +64,14 @@ class SamplingState:
     """
 
     def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int], seed: int,
-                 output_token_ids: Iterable[int] = ()) -> None:
+                 output_token_ids: Iterable[int] = (), grammar: GrammarMatcher | None = None) -> None:
         self.params = params
         self.seed = seed & _MASK64
         self.num_output_tokens = 0  # the step counter of the random stream
+        self.grammar = grammar
         # The hot decode path: a batch of these is one argmax.
-        self.plain_greedy = params.greedy and not params.has_penalties and params.logprobs is None
+        self.plain_greedy = (params.greedy and not params.has_penalties and params.logprobs is None
+                             and grammar is None)
         self.generator = None if params.greedy else torch.Generator()
         self._position: dict[int, int] | None = None  # token id -> index in _ids / _counts
         self._ids = np.empty(0, dtype=np.int64)
@@ -76,6 +88,8 @@ class SamplingState:
     def append(self, token_id: int) -> None:
         """Record an accepted output token (O(1) amortised)."""
         self.num_output_tokens += 1
+        if self.grammar is not None:
+            self.grammar.consume(token_id)
         if self._position is None:
             return
         i = self._position.get(token_id)
@@ -108,15 +122,25 @@ class SampleResult:
 class Sampler:
     """Samples one token per row of a logits batch; holds the engine's RNG for unseeded requests."""
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, grammars: GrammarCompiler | None = None) -> None:
+        """``grammars``: compiles requests' grammars; None: requests with a grammar are refused."""
         self._rng = random.Random(seed)
+        self._grammars = grammars
 
     def new_state(self, params: SamplingParams, prompt_token_ids: Sequence[int],
                   output_token_ids: Iterable[int] = (), seed: int | None = None) -> SamplingState:
         """A request's state. ``seed`` (a peer's ``SamplingState.seed``) continues a stream started elsewhere."""
         if seed is None:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(64)
-        return SamplingState(params, prompt_token_ids, seed, output_token_ids)
+        matcher = None
+        if params.grammar is not None:
+            if self._grammars is None:
+                raise SamplingParamsError("grammar", "this engine does not serve structured output")
+            try:
+                matcher = self._grammars.matcher(params.grammar)
+            except GrammarError as exc:
+                raise SamplingParamsError("grammar", str(exc)) from None
+        return SamplingState(params, prompt_token_ids, seed, output_token_ids, matcher)
 
     def sample(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SampleResult:
         """``logits``: [num_seqs, vocab] float32, one row per state. Does not modify ``logits`` or the states."""
@@ -125,7 +149,7 @@ class Sampler:
         if all(s.plain_greedy for s in states):
             return SampleResult(logits.argmax(-1).tolist(), [None] * num_seqs)
 
-        processed = self._apply_penalties(logits, states)
+        processed = self._apply_penalties(self._apply_grammars(logits, states), states)
         random_rows = [i for i, s in enumerate(states) if not s.params.greedy]
         if len(random_rows) == num_seqs:
             token_ids = self._sample_random(processed, states)
@@ -136,6 +160,17 @@ class Sampler:
                 token_ids[rows] = self._sample_random(_take(processed, random_rows),
                                                       [states[i] for i in random_rows])
         return SampleResult(token_ids.tolist(), self._logprobs(logits, token_ids, states))
+
+    def _apply_grammars(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+        """Rows with a grammar get its mask (disallowed tokens -inf); the caller's logits stay raw."""
+        rows = [i for i, s in enumerate(states) if s.grammar is not None]
+        if not rows:
+            return logits
+        from kvferry.engine.grammar_mask import masked_logits
+
+        assert self._grammars is not None  # a state has a matcher only from this sampler's compiler
+        bitmask = self._grammars.fill_bitmasks([states[i].grammar for i in rows])  # type: ignore[misc]
+        return masked_logits(logits, rows, bitmask)
 
     def _apply_penalties(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
         """Penalties touch only each row's penalised tokens: one gather and one scatter for the batch."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 from kvferry.common.fingerprint import KVFingerprint
-from kvferry.common.sampling import SamplingParams, TokenLogprobs
+from kvferry.common.grammar import GrammarError, GrammarSpec
+from kvferry.common.sampling import SamplingParams, SamplingParamsError, TokenLogprobs
 from kvferry.common.timings import PrefillTimings
 from kvferry.common.worker import SLORefusal, WorkerRole, WorkerStats
 from kvferry.proto import generate_pb2, kv_transfer_pb2, router_pb2, worker_pb2
@@ -41,6 +42,8 @@ def sampling_to_proto(params: SamplingParams) -> generate_pb2.SamplingParams:
         msg.seed = params.seed & _MASK64
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.grammar is not None:
+        msg.grammar.CopyFrom(grammar_to_proto(params.grammar))
     return msg
 
 
@@ -55,7 +58,26 @@ def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
         kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
     if msg.ignore_eos:
         kwargs["ignore_eos"] = True
+    if msg.HasField("grammar"):
+        kwargs["grammar"] = grammar_from_proto(msg.grammar)
     return SamplingParams(**kwargs)
+
+
+def grammar_to_proto(spec: GrammarSpec) -> generate_pb2.Grammar:
+    if spec.kind == "json_object":
+        return generate_pb2.Grammar(json_object=True)
+    return generate_pb2.Grammar(**{spec.kind: spec.source})
+
+
+def grammar_from_proto(msg: generate_pb2.Grammar) -> GrammarSpec:
+    """Raises ``SamplingParamsError`` naming ``grammar.<kind>`` for a grammar that does not compile."""
+    kind = msg.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not msg.json_object):
+        raise SamplingParamsError("grammar", "grammar: set one of json_schema, json_object (true), regex or lark")
+    try:
+        return GrammarSpec(kind) if kind == "json_object" else GrammarSpec(kind, getattr(msg, kind))
+    except GrammarError as exc:
+        raise SamplingParamsError(f"grammar.{kind}", f"grammar.{kind}: {exc}") from None
 
 
 def logprobs_to_proto(lp: TokenLogprobs) -> kv_transfer_pb2.TokenLogprobs:

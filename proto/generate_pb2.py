@@ -24,43 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0egenerate.proto\x12\x13kvferry.generate.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"B\n\x0c\x43hatMessages\x12\x32\n\x08messages\x18\x01 \x03(\x0b\x32 .kvferry.generate.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xee\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\t\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\rH\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x04\n\x02_n\"\xf4\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x04\x63hat\x18\x03 \x01(\x0b\x32!.kvferry.generate.v1.ChatMessagesH\x00\x12\x39\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x1d.kvferry.generate.v1.TokenIdsH\x00\x12\x35\n\x08sampling\x18\x05 \x01(\x0b\x32#.kvferry.generate.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"w\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x35\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1f.kvferry.generate.v1.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xed\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x33\n\x08logprobs\x18\x05 \x03(\x0b\x32!.kvferry.generate.v1.TokenLogprob\x12\x38\n\rfinish_reason\x18\x06 \x01(\x0e\x32!.kvferry.generate.v1.FinishReason\x12)\n\x05usage\x18\x07 \x01(\x0b\x32\x1a.kvferry.generate.v1.Usage\"\xa7\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.kvferry.generate.v1.TokenLogprob\x12\x38\n\rfinish_reason\x18\x05 \x01(\x0e\x32!.kvferry.generate.v1.FinishReason\"\x8e\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x1b.kvferry.generate.v1.Choice\x12)\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.kvferry.generate.v1.Usage\"\x13\n\x11ListModelsRequest\".\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"D\n\x12ListModelsResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.kvferry.generate.v1.ModelInfo*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa0\x02\n\x08Generate\x12W\n\x08Generate\x12$.kvferry.generate.v1.GenerateRequest\x1a%.kvferry.generate.v1.GenerateResponse\x12\\\n\x0eGenerateStream\x12$.kvferry.generate.v1.GenerateRequest\x1a\".kvferry.generate.v1.GenerateChunk0\x01\x12]\n\nListModels\x12&.kvferry.generate.v1.ListModelsRequest\x1a\'.kvferry.generate.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0egenerate.proto\x12\x13kvferry.generate.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"B\n\x0c\x43hatMessages\x12\x32\n\x08messages\x18\x01 \x03(\x0b\x32 .kvferry.generate.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"`\n\x07Grammar\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"\x9d\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\t\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\rH\n\x88\x01\x01\x12-\n\x07grammar\x18\x0f \x01(\x0b\x32\x1c.kvferry.generate.v1.GrammarB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x04\n\x02_n\"\xf4\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x04\x63hat\x18\x03 \x01(\x0b\x32!.kvferry.generate.v1.ChatMessagesH\x00\x12\x39\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x1d.kvferry.generate.v1.TokenIdsH\x00\x12\x35\n\x08sampling\x18\x05 \x01(\x0b\x32#.kvferry.generate.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"w\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x35\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1f.kvferry.generate.v1.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xed\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x33\n\x08logprobs\x18\x05 \x03(\x0b\x32!.kvferry.generate.v1.TokenLogprob\x12\x38\n\rfinish_reason\x18\x06 \x01(\x0e\x32!.kvferry.generate.v1.FinishReason\x12)\n\x05usage\x18\x07 \x01(\x0b\x32\x1a.kvferry.generate.v1.Usage\"\xa7\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.kvferry.generate.v1.TokenLogprob\x12\x38\n\rfinish_reason\x18\x05 \x01(\x0e\x32!.kvferry.generate.v1.FinishReason\"\x8e\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x1b.kvferry.generate.v1.Choice\x12)\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.kvferry.generate.v1.Usage\"\x13\n\x11ListModelsRequest\".\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"D\n\x12ListModelsResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.kvferry.generate.v1.ModelInfo*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa0\x02\n\x08Generate\x12W\n\x08Generate\x12$.kvferry.generate.v1.GenerateRequest\x1a%.kvferry.generate.v1.GenerateResponse\x12\\\n\x0eGenerateStream\x12$.kvferry.generate.v1.GenerateRequest\x1a\".kvferry.generate.v1.GenerateChunk0\x01\x12]\n\nListModels\x12&.kvferry.generate.v1.ListModelsRequest\x1a\'.kvferry.generate.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1882
-  _globals['_FINISHREASON']._serialized_end=2002
+  _globals['_FINISHREASON']._serialized_start=2027
+  _globals['_FINISHREASON']._serialized_end=2147
   _globals['_CHATMESSAGE']._serialized_start=39
   _globals['_CHATMESSAGE']._serialized_end=83
   _globals['_CHATMESSAGES']._serialized_start=85
   _globals['_CHATMESSAGES']._serialized_end=151
   _globals['_TOKENIDS']._serialized_start=153
   _globals['_TOKENIDS']._serialized_end=176
-  _globals['_SAMPLINGPARAMS']._serialized_start=179
-  _globals['_SAMPLINGPARAMS']._serialized_end=673
-  _globals['_GENERATEREQUEST']._serialized_start=676
-  _globals['_GENERATEREQUEST']._serialized_end=920
-  _globals['_TOPLOGPROB']._serialized_start=922
-  _globals['_TOPLOGPROB']._serialized_end=984
-  _globals['_TOKENLOGPROB']._serialized_start=986
-  _globals['_TOKENLOGPROB']._serialized_end=1105
-  _globals['_USAGE']._serialized_start=1107
-  _globals['_USAGE']._serialized_end=1186
-  _globals['_GENERATECHUNK']._serialized_start=1189
-  _globals['_GENERATECHUNK']._serialized_end=1426
-  _globals['_CHOICE']._serialized_start=1429
-  _globals['_CHOICE']._serialized_end=1596
-  _globals['_GENERATERESPONSE']._serialized_start=1599
-  _globals['_GENERATERESPONSE']._serialized_end=1741
-  _globals['_LISTMODELSREQUEST']._serialized_start=1743
-  _globals['_LISTMODELSREQUEST']._serialized_end=1762
-  _globals['_MODELINFO']._serialized_start=1764
-  _globals['_MODELINFO']._serialized_end=1810
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1812
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1880
-  _globals['_GENERATE']._serialized_start=2005
-  _globals['_GENERATE']._serialized_end=2293
+  _globals['_GRAMMAR']._serialized_start=178
+  _globals['_GRAMMAR']._serialized_end=274
+  _globals['_SAMPLINGPARAMS']._serialized_start=277
+  _globals['_SAMPLINGPARAMS']._serialized_end=818
+  _globals['_GENERATEREQUEST']._serialized_start=821
+  _globals['_GENERATEREQUEST']._serialized_end=1065
+  _globals['_TOPLOGPROB']._serialized_start=1067
+  _globals['_TOPLOGPROB']._serialized_end=1129
+  _globals['_TOKENLOGPROB']._serialized_start=1131
+  _globals['_TOKENLOGPROB']._serialized_end=1250
+  _globals['_USAGE']._serialized_start=1252
+  _globals['_USAGE']._serialized_end=1331
+  _globals['_GENERATECHUNK']._serialized_start=1334
+  _globals['_GENERATECHUNK']._serialized_end=1571
+  _globals['_CHOICE']._serialized_start=1574
+  _globals['_CHOICE']._serialized_end=1741
+  _globals['_GENERATERESPONSE']._serialized_start=1744
+  _globals['_GENERATERESPONSE']._serialized_end=1886
+  _globals['_LISTMODELSREQUEST']._serialized_start=1888
+  _globals['_LISTMODELSREQUEST']._serialized_end=1907
+  _globals['_MODELINFO']._serialized_start=1909
+  _globals['_MODELINFO']._serialized_end=1955
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1957
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2025
+  _globals['_GENERATE']._serialized_start=2150
+  _globals['_GENERATE']._serialized_end=2438
 # @@protoc_insertion_point(module_scope)

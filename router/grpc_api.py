@@ -23,11 +23,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvferry.common.sampling import TokenLogprobs
+from kvferry.common.sampling import SamplingParamsError, TokenLogprobs
 from kvferry.proto import generate_pb2, generate_pb2_grpc, router_pb2, router_pb2_grpc
 from kvferry.proto.cluster_security import ClusterSecurity
 from kvferry.proto.convert import (
-    capacity_from_proto, capacity_to_proto, fingerprint_from_proto, fingerprint_to_proto, role_from_proto, role_to_proto,
+    capacity_from_proto, capacity_to_proto, fingerprint_from_proto, fingerprint_to_proto, grammar_from_proto,
+    role_from_proto, role_to_proto,
 )
 from kvferry.proto.keepalive import server_keepalive
 from kvferry.router.auth import generate_interceptor
@@ -115,6 +116,11 @@ def parse_generate(msg: generate_pb2.GenerateRequest, model: ServedModel) -> Gen
     if s.stop_token_ids:
         fields_["stop_token_ids"] = check_token_ids(model, list(s.stop_token_ids), "stop_token_ids")
     fields_["ignore_eos"] = s.ignore_eos
+    if s.HasField("grammar"):  # structured output: checked here, applied by every worker that samples
+        try:
+            fields_["grammar"] = grammar_from_proto(s.grammar)
+        except SamplingParamsError as exc:
+            raise APIError(f"sampling.{exc}", param=f"sampling.{exc.param}", code="invalid_value") from None
     if fields_.get("n", 1) > 16:
         raise APIError("n must be in [1, 16]", param="n")
     params = check_context(model, [prompt], make_sampling_params(**fields_), max_tokens_given)
