@@ -1,5 +1,7 @@
-// y = x @ W.T (+ b) with W kept in a GGUF block format, for a few rows of x (decode: 1-8 tokens per
-// pass; more tokens take several passes over each tile of weight rows while it sits in L1).
+// y = x @ W.T (+ b) with W kept in a GGUF block format, for the rows of a decode step (1-64 tokens).
+// Two paths: streamed (the weight read once, 1-8 tokens a pass over each tile of rows while it sits in
+// L1), and tiled (a tile of 4-bit rows unpacked once, then met by every token in register blocks: for
+// 8+ tokens, where the multiply-adds rather than the weight read are the cost).
 //
 // As in llama.cpp, x is first quantized to Q8 blocks of 32 (one scale per block), then every group
 // of 32 weights is a byte dot product (quant_formats.h: vpmaddubsw on AVX2, vpdpbusd with VNNI),
@@ -12,6 +14,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "quant_formats.h"
@@ -43,6 +46,16 @@ inline __m256 load8(const c10::BFloat16* p) {  // bf16 -> fp32 is a shift
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+
+// The token rows of one call, quantized, and for the tiled path each group of kMicroTokens tokens' scales
+// laid out as lane 2m + r wants them: [group of tokens][G][8] = x0 x0 x1 x1 x2 x2 x3 x3.
+struct Acts {
+  std::vector<QRow> rows;
+  std::vector<float> patterns;
+  std::vector<float> sums_t;    // [G][padded_tokens]: QRow::sum transposed, for the tiled path's offsets
+  std::vector<float> scales_t;  // [G][padded_tokens]: QRow::d transposed (lanes of tokens)
+  int64_t padded_tokens = 0;  // tokens rounded up to 8
+};
 
 // One row of K values -> Q8 blocks (q, d, half-block sums), as llama.cpp's quantize_row_q8_1.
 template <class T>
@@ -76,9 +89,23 @@ void quantize_row(const T* x, int64_t K, int8_t* q, float* d, float* sum, float*
   }
 }
 
-// ROWS rows of W (consecutive, row_bytes apart) against M quantized token rows: out[m][r].
+// Formats whose offset term is one value per 32-value group (all but Q6_K, whose two halves differ).
+template <class F>
+constexpr bool kGroupOffsets = !F::kSplit && !F::kSigned;
+
+// Per-thread scratch, reused from call to call (a fresh buffer per call would cost page faults).
+inline float* scratch_floats(std::vector<float>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// ROWS rows of W (consecutive, row_bytes apart) against M quantized token rows, streamed once: out[m][r].
+// The path for a few tokens, where reading the weight is the cost.
 template <class F, int M, int ROWS>
-inline void dot_rows(const uint8_t* w, int64_t row_bytes, int64_t num_blocks, const QRow* xs, float out[][ROWS]) {
+inline void dot_rows(const uint8_t* w, int64_t row_bytes, int64_t num_blocks, const QRow* xs, const float* dt,
+                     int64_t ldd, float out[][ROWS]) {
+  constexpr int64_t kGroups = F::kValues / kGroup;
+  const int64_t G = num_blocks * kGroups;
   __m256 acc[M][ROWS];
   float off[M][ROWS];
   for (int m = 0; m < M; ++m)
@@ -93,20 +120,24 @@ inline void dot_rows(const uint8_t* w, int64_t row_bytes, int64_t num_blocks, co
       if (F::kBytes > 64) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64, _MM_HINT_T0);
       if (F::kBytes > 128) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 128, _MM_HINT_T0);
       F::groups(p, [&](int g, __m256i q, float s_lo, float s_hi, float o_lo, float o_hi) {
-        const int64_t b = blk * (F::kValues / kGroup) + g;  // activation block
+        const int64_t b = blk * kGroups + g;  // activation block
         __m256i absq;
         if constexpr (F::kSigned) absq = _mm256_sign_epi8(q, q);
         // the weight's scales, shared by every token: one per lane group of 4 values
         const __m256 ws = F::kSplit ? _mm256_set_m128(_mm_set1_ps(s_hi), _mm_set1_ps(s_lo)) : _mm256_set1_ps(s_lo);
+        // lane m: the scale of token m (eight tokens from one multiply; a split format needs its two)
+        const __m256 sc8 = _mm256_mul_ps(_mm256_set1_ps(s_lo), _mm256_loadu_ps(dt + b * ldd));
+#pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
           const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs[m].q + b * kGroup));
           const __m256i dot = F::kSigned ? dot_u8s8(absq, _mm256_sign_epi8(x, q)) : dot_u8s8(q, x);
-          const __m256 scale = _mm256_mul_ps(ws, _mm256_broadcast_ss(xs[m].d + b));
+          const __m256 scale = F::kSplit ? _mm256_mul_ps(ws, _mm256_broadcast_ss(xs[m].d + b))
+                                         : _mm256_permutevar8x32_ps(sc8, _mm256_set1_epi32(m));
           acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[m][r]);
           if constexpr (F::kSplit)
             off[m][r] += o_lo * xs[m].sum_half[2 * b] + o_hi * xs[m].sum_half[2 * b + 1];
           else if constexpr (!F::kSigned)
-            off[m][r] += o_lo * xs[m].sum[b];
+            off[m][r] = std::fmaf(o_lo, xs[m].sum[b], off[m][r]);  // the order rows_tiled keeps
         }
       });
     }
@@ -120,15 +151,17 @@ inline void store(T* y, float v) { *y = static_cast<T>(v); }
 
 // Rows [n0, n1) of one weight for all M tokens (in passes of up to kMaxTokens), written to y[:, col0 + n].
 template <class F, class T>
-void rows_all_tokens(const uint8_t* w, int64_t row_bytes, int64_t K, const std::vector<QRow>& xs, const float* bias,
-                     T* y, int64_t ldy, int64_t col0, int64_t n0, int64_t n1) {
+void rows_streamed(const uint8_t* w, int64_t row_bytes, int64_t K, const Acts& a, const float* bias, T* y,
+                   int64_t ldy, int64_t col0, int64_t n0, int64_t n1) {
   const int64_t num_blocks = K / F::kValues;
-  const int64_t M = static_cast<int64_t>(xs.size());
+  const int64_t M = static_cast<int64_t>(a.rows.size());
   for (int64_t t0 = n0; t0 < n1; t0 += kTileRows) {
     const int64_t t1 = std::min(n1, t0 + kTileRows);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxTokens) {
       const int mc = static_cast<int>(std::min<int64_t>(kMaxTokens, M - m0));
-      const QRow* x = xs.data() + m0;
+      const QRow* x = a.rows.data() + m0;
+      const float* dt = a.scales_t.data() + m0;  // [G][padded_tokens]
+      const int64_t ldd = a.padded_tokens;
       int64_t n = t0;
       auto emit = [&](auto out, int rows) {
         for (int m = 0; m < mc; ++m)
@@ -140,12 +173,12 @@ void rows_all_tokens(const uint8_t* w, int64_t row_bytes, int64_t K, const std::
     constexpr int ROWS = R;                                                      \
     for (; n + ROWS <= t1; n += ROWS) {                                          \
       float out[MC][ROWS];                                                       \
-      dot_rows<F, MC, ROWS>(w + n * row_bytes, row_bytes, num_blocks, x, out);   \
+      dot_rows<F, MC, ROWS>(w + n * row_bytes, row_bytes, num_blocks, x, dt, ldd, out); \
       emit(out, ROWS);                                                           \
     }                                                                            \
     for (; n < t1; ++n) {                                                        \
       float out[MC][1];                                                          \
-      dot_rows<F, MC, 1>(w + n * row_bytes, row_bytes, num_blocks, x, out);      \
+      dot_rows<F, MC, 1>(w + n * row_bytes, row_bytes, num_blocks, x, dt, ldd, out); \
       emit(out, 1);                                                              \
     }                                                                            \
     break;                                                                       \
@@ -166,9 +199,153 @@ void rows_all_tokens(const uint8_t* w, int64_t row_bytes, int64_t K, const std::
   }
 }
 
+// The tiled path, for many tokens, where the arithmetic is the cost: a tile of weight rows is unpacked
+// once into bytes (and fp32 scales and offsets), then every token meets it in register blocks of
+// kMicroTokens tokens x 2 rows. Each product is the streamed path's, in the same order, so a token's
+// result has the same bits whichever path (and batch) computed it: the scale of a (token, row) pair is
+// w_scale * x_scale rounded to fp32 (eight of them from one vector multiply), the byte dot is the same
+// instruction, and the offset term is the same fma chain over the groups, here eight tokens a vector.
+// It pays where the weight's unpacking is shared by many tokens and the multiply-add ports are the
+// limit: the unsigned 4-bit formats (kGroupOffsets) from kTiledMinTokens tokens. Q8_0 has a sign fix
+// per pair either way and gains nothing; Q6_K's two scales per group keep the streamed path.
+constexpr int kMicroTokens = 4;
+
+template <bool kSigned, int MT, int RT>
+__attribute__((noinline)) void micro_tile(const uint8_t* q, const uint8_t* qsign, int64_t K, const int8_t* const* xq,
+                       const float* sc, int64_t G, float out[kMicroTokens][2]) {
+  __m256 acc[MT][RT];
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 2
+    for (int r = 0; r < RT; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i wq[RT], ws[RT];
+#pragma GCC unroll 2
+    for (int r = 0; r < RT; ++r) {
+      wq[r] = load32(q + r * K + g * kGroup);
+      if constexpr (kSigned) ws[r] = load32(qsign + r * K + g * kGroup);
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + g * kGroup));
+#pragma GCC unroll 2
+      for (int r = 0; r < RT; ++r) {
+        const __m256i dot = kSigned ? dot_u8s8(wq[r], _mm256_sign_epi8(x, ws[r])) : dot_u8s8(wq[r], x);
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(sc + 8 * g + 2 * m + r), acc[m][r]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 2
+    for (int r = 0; r < RT; ++r) out[m][r] = hsum(acc[m][r]);
+}
+
+template <class F, class T>
+void rows_tiled(const uint8_t* w, int64_t row_bytes, int64_t K, const Acts& a, const float* bias, T* y,
+                int64_t ldy, int64_t col0, int64_t n0, int64_t n1) {
+  constexpr int64_t kGroups = F::kValues / kGroup;
+  const int64_t num_blocks = K / F::kValues, G = K / kGroup;
+  const int64_t M = static_cast<int64_t>(a.rows.size());
+  thread_local std::vector<uint8_t> quants_buf, signs_buf;
+  thread_local std::vector<float> scales_buf, offsets_buf, pattern_buf;
+  if (quants_buf.size() < static_cast<size_t>(kTileRows * K)) quants_buf.resize(kTileRows * K);
+  if (F::kSigned && signs_buf.size() < static_cast<size_t>(kTileRows * K)) signs_buf.resize(kTileRows * K);
+  uint8_t* quants = quants_buf.data();  // [row][K]: unsigned bytes (|q| for a signed format)
+  uint8_t* signs = signs_buf.data();    // [row][K]: a signed format's own quants, for the sign trick
+  float* scales = scratch_floats(scales_buf, kTileRows * G);    // [row][G]
+  float* offsets = scratch_floats(offsets_buf, kTileRows * G);  // [row][G]
+  float* wpat = scratch_floats(pattern_buf, kTileRows / 2 * G * 8 + G * 8);  // [row pair][G][8]: r0 r1 r0 r1 ...
+  float* sc = wpat + kTileRows / 2 * G * 8;  // [G][8]: the scales of one register block
+  thread_local std::vector<float> token_offsets_buf;
+  float* token_offsets = scratch_floats(token_offsets_buf, kTileRows * a.padded_tokens);  // [row][token]
+  for (int64_t t0 = n0; t0 < n1; t0 += kTileRows) {
+    const int rows = static_cast<int>(std::min(n1, t0 + kTileRows) - t0);
+    for (int r = 0; r < rows; ++r) {
+      const uint8_t* row = w + (t0 + r) * row_bytes;
+      for (int64_t blk = 0; blk < num_blocks; ++blk)
+        F::groups(row + blk * F::kBytes, [&](int g, __m256i q, float s_lo, float, float o_lo, float) {
+          const int64_t b = blk * kGroups + g;
+          if constexpr (F::kSigned) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(quants + r * K + b * kGroup), _mm256_sign_epi8(q, q));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(signs + r * K + b * kGroup), q);
+          } else {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(quants + r * K + b * kGroup), q);
+          }
+          scales[r * G + b] = s_lo;
+          offsets[r * G + b] = o_lo;
+        });
+    }
+    for (int p = 0; p < (rows + 1) / 2; ++p) {
+      const float* s0 = scales + 2 * p * G;
+      const float* s1 = scales + std::min(2 * p + 1, rows - 1) * G;
+      for (int64_t g = 0; g < G; ++g)
+        for (int i = 0; i < 4; ++i) {
+          wpat[(p * G + g) * 8 + 2 * i] = s0[g];
+          wpat[(p * G + g) * 8 + 2 * i + 1] = s1[g];
+        }
+    }
+    // each row's offset term for every token: the streamed path's fma chain, eight tokens a vector
+    const int64_t Mp = a.padded_tokens;
+    if constexpr (kGroupOffsets<F>)
+      for (int r = 0; r < rows; ++r)
+        for (int64_t m8 = 0; m8 < Mp; m8 += 8) {
+          __m256 v = _mm256_setzero_ps();
+          for (int64_t g = 0; g < G; ++g)
+            v = _mm256_fmadd_ps(_mm256_broadcast_ss(offsets + r * G + g), _mm256_loadu_ps(a.sums_t.data() + g * Mp + m8), v);
+          _mm256_storeu_ps(token_offsets + r * Mp + m8, v);
+        }
+    for (int64_t m0 = 0; m0 < M; m0 += kMicroTokens) {
+      const int mt = static_cast<int>(std::min<int64_t>(kMicroTokens, M - m0));
+      const int8_t* xq[kMicroTokens];
+      for (int m = 0; m < kMicroTokens; ++m) xq[m] = a.rows[m0 + std::min(m, mt - 1)].q;
+      const float* xpat = a.patterns.data() + (m0 / kMicroTokens) * G * 8;
+      for (int r0 = 0; r0 < rows; r0 += 2) {
+        const int rt = std::min(2, rows - r0);
+        float out[kMicroTokens][2];
+        const uint8_t* q = quants + r0 * K;
+        const uint8_t* s = signs + r0 * K;
+        const float* wp = wpat + (r0 / 2) * G * 8;
+        // lane 2m + r of group g: the scale of token m, row r (eight from one multiply)
+        for (int64_t g = 0; g < G; ++g)
+          _mm256_storeu_ps(sc + 8 * g, _mm256_mul_ps(_mm256_loadu_ps(wp + 8 * g), _mm256_loadu_ps(xpat + 8 * g)));
+#define KVQ_MICRO(MT_, RT_) micro_tile<F::kSigned, MT_, RT_>(q, s, K, xq, sc, G, out)
+        if (rt == 2) {
+          switch (mt) { case 1: KVQ_MICRO(1, 2); break; case 2: KVQ_MICRO(2, 2); break;
+                        case 3: KVQ_MICRO(3, 2); break; default: KVQ_MICRO(4, 2); }
+        } else {
+          switch (mt) { case 1: KVQ_MICRO(1, 1); break; case 2: KVQ_MICRO(2, 1); break;
+                        case 3: KVQ_MICRO(3, 1); break; default: KVQ_MICRO(4, 1); }
+        }
+#undef KVQ_MICRO
+        for (int m = 0; m < mt; ++m)
+          for (int r = 0; r < rt; ++r) {
+            const int64_t n = t0 + r0 + r;
+            float v = out[m][r];
+            v += kGroupOffsets<F> ? token_offsets[(r0 + r) * Mp + m0 + m] : 0.f;  // as hsum + off there
+            store(y + (m0 + m) * ldy + col0 + n, v + (bias ? bias[n] : 0.f));
+          }
+      }
+    }
+  }
+}
+
+// From this many tokens the unsigned 4-bit formats take the tiled path (measured: about even at 4, ahead
+// from 8; AMD EPYC Zen 4, AVX2 build, one thread).
+constexpr int64_t kTiledMinTokens = 8;
+
+template <class F, class T>
+void rows_all_tokens(const uint8_t* w, int64_t row_bytes, int64_t K, const Acts& a, const float* bias, T* y,
+                     int64_t ldy, int64_t col0, int64_t n0, int64_t n1) {
+  if (kGroupOffsets<F> && static_cast<int64_t>(a.rows.size()) >= kTiledMinTokens)
+    rows_tiled<F, T>(w, row_bytes, K, a, bias, y, ldy, col0, n0, n1);
+  else
+    rows_streamed<F, T>(w, row_bytes, K, a, bias, y, ldy, col0, n0, n1);
+}
+
 template <class T>
-using RowsFn = void (*)(const uint8_t*, int64_t, int64_t, const std::vector<QRow>&, const float*, T*, int64_t,
-                        int64_t, int64_t, int64_t);
+using RowsFn = void (*)(const uint8_t*, int64_t, int64_t, const Acts&, const float*, T*, int64_t, int64_t,
+                        int64_t, int64_t);
 
 template <class T>
 RowsFn<T> rows_fn(int64_t qtype) {
@@ -193,12 +370,29 @@ at::Tensor run(const at::Tensor& x, const std::vector<at::Tensor>& weights, cons
   std::vector<int8_t> q(M * K);
   std::vector<float> d(M * (K / kGroup));
   std::vector<float> sum(M * (K / kGroup)), sum_half(M * (K / 16));
-  std::vector<QRow> xs(M);
+  Acts a;
+  a.rows.resize(M);
   const T* xp = x.data_ptr<T>();
+  const int64_t G = K / kGroup;
   for (int64_t m = 0; m < M; ++m) {
-    const int64_t nb = K / kGroup;
-    quantize_row(xp + m * K, K, q.data() + m * K, d.data() + m * nb, sum.data() + m * nb, sum_half.data() + m * 2 * nb);
-    xs[m] = QRow{q.data() + m * K, d.data() + m * nb, sum.data() + m * nb, sum_half.data() + m * 2 * nb};
+    quantize_row(xp + m * K, K, q.data() + m * K, d.data() + m * G, sum.data() + m * G, sum_half.data() + m * 2 * G);
+    a.rows[m] = QRow{q.data() + m * K, d.data() + m * G, sum.data() + m * G, sum_half.data() + m * 2 * G};
+  }
+  a.padded_tokens = (M + 7) / 8 * 8;
+  a.scales_t.assign(G * a.padded_tokens, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) a.scales_t[g * a.padded_tokens + m] = a.rows[m].d[g];
+  if (M >= kTiledMinTokens) {
+    const int64_t groups = (M + kMicroTokens - 1) / kMicroTokens;
+    a.patterns.assign(groups * G * 8, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        float* lane = a.patterns.data() + ((m / kMicroTokens) * G + g) * 8 + 2 * (m % kMicroTokens);
+        lane[0] = lane[1] = a.rows[m].d[g];
+      }
+    a.sums_t.assign(G * a.padded_tokens, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) a.sums_t[g * a.padded_tokens + m] = a.rows[m].sum[g];
   }
   auto y = at::empty({M, N}, x.options());
   T* yp = y.data_ptr<T>();
@@ -214,7 +408,7 @@ at::Tensor run(const at::Tensor& x, const std::vector<at::Tensor>& weights, cons
     const int64_t grain = std::max<int64_t>(kTileRows, 32768 / row_bytes / kTileRows * kTileRows);
     at::parallel_for(0, (rows + kTileRows - 1) / kTileRows, std::max<int64_t>(1, grain / kTileRows),
                      [&](int64_t begin, int64_t end) {
-                       fn(wp, row_bytes, K, xs, bias_i, yp, N, col0, begin * kTileRows,
+                       fn(wp, row_bytes, K, a, bias_i, yp, N, col0, begin * kTileRows,
                           std::min(rows, end * kTileRows));
                      });
     col0 += rows;

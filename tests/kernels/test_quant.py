@@ -98,13 +98,14 @@ def test_linear_on_ggufs_own_quantization(kernels, qtype):
     check_linear(linear(kernels, x, qw), x, qw)
 
 
-def test_segments_of_mixed_types_and_a_bias(kernels):
+@pytest.mark.parametrize("tokens", [5, 19])  # the streamed and the tiled path (quant_linear.cpp)
+def test_segments_of_mixed_types_and_a_bias(kernels, tokens):
     """A fused q/k/v whose parts were quantized differently (as K-quant mixes do), with a bias."""
     cols = 512
     qw = QuantWeight.cat([weight(NAMES["Q4_K"], 24, cols, 1), weight(NAMES["Q6_K"], 8, cols, 2),
                           weight(NAMES["Q8_0"], 9, cols, 3), weight(NAMES["Q8_0"], 3, cols, 4)])
     assert qw.qtypes == [NAMES["Q4_K"], NAMES["Q6_K"], NAMES["Q8_0"]] and qw.out_features == 44
-    x, bias = torch.randn(5, cols), torch.randn(44)
+    x, bias = torch.randn(tokens, cols), torch.randn(44)
     check_linear(linear(kernels, x, qw, bias), x, qw, bias)
     if quant.available():  # the prompt path: all segments dequantized into one reused buffer
         buffer = quant.DequantBuffer()
