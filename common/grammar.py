@@ -58,9 +58,6 @@ class GrammarSpec:
     def json_schema(cls, schema: dict | bool) -> GrammarSpec:
         return cls("json_schema", json.dumps(schema, ensure_ascii=False, separators=(",", ":")))
 
-    def to_dict(self) -> dict[str, str]:
-        return {"kind": self.kind, "source": self.source}
-
 
 def _compile(kind: str, source: str) -> str:
     try:
@@ -72,9 +69,9 @@ def _compile(kind: str, source: str) -> str:
             grammar = llguidance.LLMatcher.grammar_from_regex(source)
         else:
             grammar = llguidance.LLMatcher.grammar_from_lark(source)
-    except (ValueError, TypeError) as exc:  # not JSON, or JSON that is not an object
-        raise GrammarError(f"invalid {kind}: {exc}") from None
-    problem = llguidance.LLMatcher.validate_grammar(grammar, None)
+        problem = llguidance.LLMatcher.validate_grammar(grammar, None)
+    except Exception as exc:  # noqa: BLE001 - the library's refusal (not JSON, not an object...), whatever its type
+        raise GrammarError(f"invalid {kind}: {_first_line(str(exc))}") from None
     if problem:
         raise GrammarError(f"invalid {kind}: {_first_line(problem)}")
     return grammar

@@ -79,12 +79,30 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
+
+
+class FunctionCallIn(_Request):
+    name: StrictStr
+    arguments: StrictStr = Field(description="JSON text")
+
+
+class ToolCallIn(_Request):
+    """A tool call of an earlier assistant message."""
+
+    id: StrictStr
+    type: Literal["function"]
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request):
     role: Literal[CHAT_ROLES] = Field(description="developer is served as system")
     content: _shaped_union({"a string": StrictStr, "objects": list[TextPart]},
                            "a string or an array of text parts") | None = Field(
         None, description="null only for an assistant message")
     name: StrictStr | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, description="assistant messages: the calls it made")
+    tool_call_id: StrictStr | None = Field(None, description="tool messages: the call answered")
 
 
 class StreamOptions(_Request):
@@ -123,19 +141,63 @@ class CompletionRequest(SamplingFields):
     best_of: StrictInt | None = Field(None, ge=1, description="only equal to n")
 
 
+class JsonSchemaFormat(_Request):
+    name: StrictStr = Field(pattern=FUNCTION_NAME)
+    description: StrictStr | None = None
+    # "schema" would shadow a BaseModel attribute: stored as schema_, named schema on the wire.
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="a JSON schema; absent: any JSON object")
+    strict: StrictBool | None = Field(None, description="the schema is always enforced (a grammar mask)")
+
+
 class ResponseFormat(_Request):
-    type: Literal["text"] = Field(description="only text is served")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="with type json_schema")
+
+
+class FunctionDefinition(_Request):
+    name: StrictStr = Field(pattern=FUNCTION_NAME)
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of an object; absent: no parameters")
+    strict: StrictBool | None = Field(None, description="the schema is always enforced (a grammar mask)")
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: StrictStr
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def _choice_kind(value: Any) -> str | None:
+    return "a string" if isinstance(value, str) else "an object" if isinstance(value, dict) else None
+
+
+ToolChoice = Annotated[
+    Union[Annotated[Literal["none", "auto", "required"], Tag("a string")], Annotated[NamedToolChoice, Tag("an object")]],
+    Discriminator(_choice_kind, custom_error_type="invalid_type",
+                  custom_error_message='must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
+]
 
 
 class ChatCompletionRequest(SamplingFields):
-    """``POST /v1/chat/completions``. ``tools``, ``functions``, ``logit_bias`` and ``audio`` are refused."""
+    """``POST /v1/chat/completions``. ``functions``, ``logit_bias`` and ``audio`` are refused."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1, description="default: the context left")
     max_tokens: StrictInt | None = Field(None, ge=1, description="deprecated: equal to max_completion_tokens if both")
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = Field(None, ge=0, description=f"at most {MAX_LOGPROBS}; needs logprobs")
-    response_format: ResponseFormat | None = None
+    response_format: ResponseFormat | None = Field(None, description="structured output (docs/ROUTER.md)")
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = Field(None, description="default: auto with tools")
+    parallel_tool_calls: StrictBool | None = Field(None, description="false: at most one call (tool_choice required)")
 
 
 class TokenizeRequest(_Request):
@@ -161,8 +223,10 @@ REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, Det
 
 def _field_names(models: tuple[type[BaseModel], ...]) -> frozenset[str]:
     names: set[str] = set()
-    for m in (*models, ChatMessage, StreamOptions, TextPart, ResponseFormat):
+    for m in (*models, ChatMessage, StreamOptions, TextPart, ResponseFormat, JsonSchemaFormat, FunctionDefinition,
+              Tool, NamedFunction, NamedToolChoice, ToolCallIn, FunctionCallIn):
         names.update(m.model_fields)
+    names.add("schema")  # JsonSchemaFormat.schema_'s name on the wire
     return frozenset(names)
 
 
@@ -233,7 +297,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-FinishReason = Literal["stop", "length", "abort", "error"] | None
+FinishReason = Literal["stop", "length", "tool_calls", "abort", "error"] | None
 
 
 class CompletionChoice(BaseModel):
@@ -269,9 +333,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprobOut]
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="null when the answer is tool calls only")
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -291,9 +367,24 @@ class ChatCompletionResponse(BaseModel):
     kvferry_timings: dict[str, float] | None = Field(None, description="phase -> seconds (docs/ROUTER.md)")
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """The first delta of a call has its id, type and name; later ones add to ``arguments``."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -2,6 +2,9 @@
 pydantic models of ``openai_models``, becomes a ``GenerationRequest`` once checked against the served
 model (its name, vocabulary, context and chat template); and choices, chunks and usage are formatted the
 way the official clients expect. No I/O here; ``openai_api`` serves it.
+
+Structured output: ``response_format`` (json_object, json_schema) and ``tools`` (``openai_tools``)
+become a ``GrammarSpec`` in the sampling parameters, which every worker that samples applies as a mask.
 """
 
 from __future__ import annotations
@@ -12,13 +15,23 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from kvferry.common.sampling import TokenLogprobs
+from kvferry.common.grammar import GrammarError, GrammarSpec
 from kvferry.router.openai_models import (
     MAX_CHOICES,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    ResponseFormat,
     SamplingFields,
     validate,
+)
+from kvferry.router.openai_tools import (
+    ToolCalling,
+    ToolCallStream,
+    ToolError,
+    render_tool_calls,
+    render_tool_response,
+    tool_calling,
 )
 from kvferry.router.request import (
     APIError,
@@ -66,9 +79,17 @@ def _include_usage(request: SamplingFields) -> bool:
     return bool(request.stream_options and request.stream_options.include_usage)
 
 
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A request as the workers see it, and how its output is told to the client."""
+
+    generation: GenerationRequest
+    tool_calling: ToolCalling | None = None
+
+
 def _finish(
     request: SamplingFields, model: ServedModel, prompts: list[tuple[int, ...]], max_tokens: int | None,
-    logprobs: int | None, prefix: str, default_max_tokens: int | None,
+    logprobs: int | None, prefix: str, default_max_tokens: int | None, grammar: GrammarSpec | None = None,
 ) -> GenerationRequest:
     n = request.n or 1
     if len(prompts) * n > MAX_CHOICES:
@@ -78,7 +99,10 @@ def _finish(
     if request.stop_token_ids:
         check_token_ids(model, request.stop_token_ids, "stop_token_ids")
     max_tokens_given = max_tokens is not None
-    params = make_sampling_params(**fields_, logprobs=logprobs,
+    if grammar is not None and request.ignore_eos:
+        raise APIError("ignore_eos cannot be combined with response_format or tools: a complete answer "
+                       "ends with EOS", param="ignore_eos", code="invalid_value")
+    params = make_sampling_params(**fields_, logprobs=logprobs, grammar=grammar,
                                   max_tokens=max_tokens if max_tokens_given else default_max_tokens)
     if not max_tokens_given and default_max_tokens is None:
         params = params.with_(max_tokens=model.max_model_len)  # chat: as much as the context allows
@@ -92,7 +116,7 @@ def _finish(
     )
 
 
-def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
+def parse_completion(body: Any, model: ServedModel) -> ParsedRequest:
     request = validate(CompletionRequest, body)
     check_model(request.model, model)
     _refuse_unsupported(request, ("echo", "suffix", "logit_bias"))
@@ -107,32 +131,78 @@ def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
         prompts = [check_token_ids(model, raw, "prompt")]
     else:
         prompts = [check_token_ids(model, p, "prompt") for p in raw]
-    return _finish(request, model, prompts, request.max_tokens, request.logprobs, "cmpl",
-                   default_max_tokens=16)
+    return ParsedRequest(_finish(request, model, prompts, request.max_tokens, request.logprobs, "cmpl",
+                                 default_max_tokens=16))
 
 
 def _message_text(message: ChatMessage, i: int) -> dict:
     content = message.content
     if isinstance(content, list):  # content parts: only text is served (the model checked their type)
         content = "".join(part.text for part in content)
+    if message.tool_calls and message.role == "assistant":  # its calls, as the model is asked to write them
+        content = "\n".join(filter(None, [content, render_tool_calls(message.tool_calls)]))
     if content is None:
         if message.role != "assistant":
             raise APIError(f"messages[{i}].content is required for the {message.role} role",
                            param=f"messages[{i}].content", code="missing_required_parameter")
         content = ""
+    if message.role == "tool":
+        return {"role": "user", "content": render_tool_response(content)}
     return {"role": "system" if message.role == "developer" else message.role, "content": content}
 
 
-def chat_prompt_text(messages: list[ChatMessage], model: ServedModel, add_generation_prompt: bool = True) -> str:
-    """Validated messages through the model's chat template (chat completions, /tokenize)."""
+def chat_prompt_text(messages: list[ChatMessage], model: ServedModel, add_generation_prompt: bool = True,
+                     tools: ToolCalling | None = None) -> str:
+    """Validated messages through the model's chat template (chat completions, /tokenize); ``tools``:
+    their system prompt first, or after the request's own system message."""
     conversation = [_message_text(m, i) for i, m in enumerate(messages)]
+    if tools is not None:
+        if conversation[0]["role"] == "system":
+            conversation[0] = {"role": "system", "content": conversation[0]["content"] + "\n\n" + tools.system_prompt()}
+        else:
+            conversation.insert(0, {"role": "system", "content": tools.system_prompt()})
     return model.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
 
 
-def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
+def response_format_grammar(response_format: ResponseFormat | None) -> GrammarSpec | None:
+    if response_format is None or response_format.type == "text":
+        if response_format is not None and response_format.json_schema is not None:
+            raise APIError("response_format.json_schema is only allowed with type json_schema",
+                           param="response_format.json_schema")
+        return None
+    if response_format.type == "json_object":
+        return GrammarSpec("json_object")
+    spec = response_format.json_schema
+    if spec is None:
+        raise APIError("response_format.json_schema is required with type json_schema",
+                       param="response_format.json_schema", code="missing_required_parameter")
+    if spec.schema_ is None:
+        return GrammarSpec("json_object")
+    try:
+        return GrammarSpec.json_schema(spec.schema_)
+    except GrammarError as exc:
+        raise APIError(f"response_format.json_schema.schema: {exc}", param="response_format.json_schema.schema",
+                       code="invalid_value") from None
+
+
+def _structured_output(request: ChatCompletionRequest) -> tuple[GrammarSpec | None, ToolCalling | None]:
+    grammar = response_format_grammar(request.response_format)
+    try:
+        tools = tool_calling(request.tools or [], request.tool_choice, request.parallel_tool_calls)
+    except ToolError as exc:
+        raise APIError(str(exc), param=exc.param, code="invalid_value") from None
+    if tools is None:
+        return grammar, None
+    if grammar is not None:
+        raise APIError("response_format json_object or json_schema cannot be combined with tools unless "
+                       "tool_choice is none", param="response_format", code="invalid_value")
+    return tools.grammar(), tools
+
+
+def parse_chat(body: Any, model: ServedModel) -> ParsedRequest:
     request = validate(ChatCompletionRequest, body)
     check_model(request.model, model)
-    _refuse_unsupported(request, ("tools", "functions", "logit_bias", "audio"))
+    _refuse_unsupported(request, ("functions", "logit_bias", "audio"))
     # max_completion_tokens is OpenAI's current name, max_tokens the deprecated one: either, or both equal.
     max_tokens = request.max_completion_tokens
     if max_tokens is None:
@@ -146,8 +216,10 @@ def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
-    prompts = [encode_text(model, chat_prompt_text(request.messages, model), "messages")]
-    return _finish(request, model, prompts, max_tokens, logprobs, "chatcmpl", default_max_tokens=None)
+    grammar, tools = _structured_output(request)
+    prompts = [encode_text(model, chat_prompt_text(request.messages, model, tools=tools), "messages")]
+    gen = _finish(request, model, prompts, max_tokens, logprobs, "chatcmpl", default_max_tokens=None, grammar=grammar)
+    return ParsedRequest(gen, tools)
 
 
 # --- responses ------------------------------------------------------------------------------------
@@ -201,10 +273,13 @@ def usage_json(usage: Usage) -> dict:
 class Formatter:
     """Formats one request's responses; ``chat`` picks chat.completion over text_completion shapes."""
 
-    def __init__(self, request: GenerationRequest, model: ServedModel, chat: bool) -> None:
+    def __init__(self, request: GenerationRequest, model: ServedModel, chat: bool,
+                 tools: ToolCalling | None = None) -> None:
         self.request = request
         self.model = model
         self.chat = chat
+        self.tools = tools
+        self._tool_streams = [ToolCallStream(tools) for _ in range(request.num_choices)] if tools else []
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
         self._text_offsets = [0] * request.num_choices
@@ -247,12 +322,19 @@ class Formatter:
         out = []
         for c in sorted(choices, key=lambda c: c.index):
             item: dict[str, Any] = {"index": c.index}
+            finish_reason = c.finish_reason
             if self.chat:
                 item["message"] = {"role": "assistant", "content": c.text}
+                if self.tools is not None:
+                    parsed = self.tools.parse(c.text)
+                    item["message"]["content"] = parsed.content
+                    if parsed.tool_calls:
+                        item["message"]["tool_calls"] = [call.to_json() for call in parsed.tool_calls]
+                        finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             else:
                 item["text"] = c.text
             item["logprobs"] = self._logprobs_json(c.index, c.logprobs, 0)
-            item["finish_reason"] = c.finish_reason
+            item["finish_reason"] = finish_reason
             out.append(item)
         return {
             "id": self.request.request_id,
@@ -286,10 +368,26 @@ class Formatter:
         if self.chat:
             choice = {"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
                       "logprobs": logprobs, "finish_reason": delta.finish_reason}
+            if self._tool_streams:
+                choice["delta"], choice["finish_reason"] = self._tool_delta(delta)
         else:
             choice = {"index": delta.index, "text": delta.text, "logprobs": logprobs,
                       "finish_reason": delta.finish_reason}
         return self._chunk([choice])
+
+    def _tool_delta(self, delta: ChoiceDelta) -> tuple[dict, str | None]:
+        stream = self._tool_streams[delta.index]
+        out = stream.feed(delta.text)
+        finish_reason = delta.finish_reason
+        if finish_reason is not None:
+            end = stream.finish()
+            if "content" in end:
+                out["content"] = out.get("content", "") + end["content"]
+            if "tool_calls" in end:
+                out["tool_calls"] = out.get("tool_calls", []) + end["tool_calls"]
+            if finish_reason == "stop" and stream.num_calls:
+                finish_reason = "tool_calls"
+        return out, finish_reason
 
     def usage_chunk(self, usage: Usage) -> dict:
         return self._chunk([], usage)
