@@ -3,6 +3,7 @@
     python bench/cluster_bench.py                      # 1 prefill + 1 decode worker vs LLM in-process
     python bench/cluster_bench.py --colocated          # also: one colocated worker behind the router
     python bench/cluster_bench.py --num-prompts 32 --max-tokens 64
+    python bench/cluster_bench.py --ttft-prompt-len 2048 --kv-transport shm --single-requests 7
 
 Measures, for each system, on the same token-id prompts (greedy, ``ignore_eos`` so every request makes
 exactly ``--max-tokens`` tokens):
@@ -13,6 +14,11 @@ The cluster is measured through its HTTP API with streaming (what a client sees)
 ``LLM.stream`` / ``LLM.generate`` in this process. Single-stream requests alternate between the two so
 that other load on the machine hits both alike. Prints both, the ratios, and whether the greedy outputs
 agree. Target: single-stream TPOT through the cluster within 10% of the single-process engine.
+
+``--ttft-prompt-len N`` measures only single-stream TTFT, on distinct prompts of exactly N tokens (no
+prefix-cache hits), every one prefilled by the prefill worker (``--local-prefill never``) and its KV
+sent over ``--kv-transport``; engine and cluster alternate, and which goes first alternates too.
+Target (docs/KV_TRANSFER.md): with shm, a 2,048-token prompt's TTFT at most 5% above the engine's.
 """
 
 from __future__ import annotations
@@ -113,10 +119,21 @@ def cluster_throughput(url: str, prompts: list[list[int]], max_tokens: int) -> f
     return tokens / (time.perf_counter() - start)
 
 
-def start_cluster(args: argparse.Namespace, colocated: bool) -> launch_serve.Cluster:
-    ns = argparse.Namespace(model=args.model, host="127.0.0.1", port=free_port(), grpc_port=free_port(),
-                            colocated=colocated, dtype=args.dtype, max_model_len=None, threads=args.threads,
-                            shutdown_grace=10.0, startup_timeout=300.0)
+def start_cluster(args: argparse.Namespace, colocated: bool, extra: tuple[str, ...] = ()) -> launch_serve.Cluster:
+    """`kvferry serve` with these flags, parsed by its own parser (every default as the command has it)."""
+    parser = argparse.ArgumentParser()
+    launch_serve.add_arguments(parser)
+    argv = ["--port", str(free_port()), "--grpc-port", str(free_port()), "--threads", str(args.threads),
+            "--shutdown-grace", "10", *extra]
+    if args.model:
+        argv += ["--model", args.model]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
+    if colocated:
+        argv.append("--colocated")
+    if args.kv_transport:
+        argv += ["--kv-transport", args.kv_transport]
+    ns = parser.parse_args(argv)
     cluster = launch_serve.build_cluster(ns)
     cluster.start(ns.startup_timeout)
     return cluster
@@ -136,8 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-prompt-len", type=int, default=64)
     parser.add_argument("--max-prompt-len", type=int, default=512)
     parser.add_argument("--colocated", action="store_true", help="also measure the colocated baseline")
+    parser.add_argument("--kv-transport", default=None, help="the cluster's KV data plane (default: auto)")
+    parser.add_argument("--ttft-prompt-len", type=int, default=None,
+                        help="measure only single-stream TTFT on prompts of exactly this many tokens")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.ttft_prompt_len:
+        return ttft_main(args)
 
     prompts = make_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len)
     llm = LLM(model=args.model, dtype=args.dtype)
@@ -180,6 +202,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name} / engine: TTFT x{r['ttft_ms'] / e['ttft_ms']:.2f}, TPOT x{r['tpot_ms'] / e['tpot_ms']:.3f} "
               f"(target <= 1.10), throughput x{r['throughput'] / e['throughput']:.2f}; greedy outputs equal on "
               f"{agree[name]}/{args.single_requests}")
+    return 0
+
+
+def ttft_main(args: argparse.Namespace) -> int:
+    n = args.ttft_prompt_len
+    prompts = make_prompts(2 * args.single_requests + 2, n, n)  # distinct: nothing is in a prefix cache
+    llm = LLM(model=args.model, dtype=args.dtype)
+    cluster = start_cluster(args, colocated=False, extra=("--local-prefill", "never"))
+    ttft: dict[str, list[float]] = {"engine": [], "cluster": []}
+    max_tokens = 2
+    try:
+        engine_single(llm, prompts[0], max_tokens)  # warm-up at full length: allocations, kernels
+        cluster_single(cluster.http_url, prompts[1], max_tokens)
+        for i in range(args.single_requests):
+            runs = [("engine", lambda p: engine_single(llm, p, max_tokens)),
+                    ("cluster", lambda p: cluster_single(cluster.http_url, p, max_tokens))]
+            for name, run in runs if i % 2 == 0 else runs[::-1]:
+                prompt = prompts[2 + 2 * i + (name == "cluster")]
+                ttft[name].append(run(prompt)[0])
+    finally:
+        cluster.stop()
+    e, c = statistics.median(ttft["engine"]), statistics.median(ttft["cluster"])
+    print(f"\nsingle-stream TTFT, {n}-token prompts, median of {args.single_requests} (alternating), torch threads "
+          f"{args.threads} in the engine and in each worker, --kv-transport {args.kv_transport or 'auto'}:")
+    for name, times in ttft.items():
+        print(f"{name:8} {statistics.median(times) * 1e3:9.1f} ms   (all: {', '.join(f'{t * 1e3:.0f}' for t in times)})")
+    print(f"cluster / engine: x{c / e:.3f} (target <= 1.05: {'met' if c <= 1.05 * e else 'NOT met'})")
     return 0
 
 
