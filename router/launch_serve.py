@@ -39,6 +39,7 @@ from kvferry.log_config import log_environment
 from kvferry.proto.cluster_security import TOKEN_ENV
 from kvferry.router.auth import API_KEY_ENV
 from kvferry.router.placement import add_placement_arguments
+from kvferry.router.serve_worker_flags import add_worker_arguments, worker_argv
 from kvferry.router.supervisor import RestartPolicy, Supervisor
 from kvferry.transport.negotiation import KV_TRANSPORT_CHOICES
 
@@ -202,13 +203,18 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
 
     def worker(role: str, name: str, *extra: str) -> Child:
         # A stable name across restarts: the router's /health tells a worker that came back from one lost.
-        return Child(name, [*python, role, *worker_common, "--name", name, *extra])
+        own = worker_argv(args, role, len(workers))  # every worker setting given to serve (serve_worker_flags.py)
+        return Child(name, [*python, role, *worker_common, *own, "--name", name, *extra])
 
+    workers: list[Child] = []
     if args.colocated:
-        workers = [worker("decode", f"colocated-{i + 1}", "--colocated") for i in range(args.num_decode)]
+        for i in range(args.num_decode):
+            workers.append(worker("decode", f"colocated-{i + 1}", "--colocated"))
     else:
-        workers = [worker("prefill", f"prefill-{i + 1}") for i in range(args.num_prefill)]
-        workers += [worker("decode", f"decode-{i + 1}") for i in range(args.num_decode)]
+        for i in range(args.num_prefill):
+            workers.append(worker("prefill", f"prefill-{i + 1}"))
+        for i in range(args.num_decode):
+            workers.append(worker("decode", f"decode-{i + 1}"))
     cluster = Cluster(Child("router", router_argv), workers, f"http://{args.host}:{args.port}", router_addr,
                       args.shutdown_grace)
     # Workers on one box share its cores: split them, since OpenMP threads that outnumber the cores
@@ -297,6 +303,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"${TOKEN_ENV} (default: ${TOKEN_ENV} if set, inherited)")
     add_placement_arguments(parser)  # the router's own flags, passed on to it
     add_profile_arguments(parser)  # router and workers alike
+    add_worker_arguments(parser)  # every other flag of kvferry prefill / decode, passed to the workers
 
 
 def run(args: argparse.Namespace) -> int:
