@@ -61,6 +61,13 @@ def resolve_device(name: str | None) -> str:
     return name
 
 
+def device_label(device: str) -> str:
+    """The device as an operator reads it: "cpu", or "cuda:0 (NVIDIA H200)" (kvferry status)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
+
+
 def no_cuda_reason() -> str:
     if torch.version.cuda is None:
         return f"this torch build ({torch.__version__}) has no CUDA support (install the CUDA build of it)"

@@ -1,5 +1,5 @@
 """`kvferry status --router HOST:PORT`: the cluster as the router sees it, from its ``ListWorkers`` RPC —
-the model and KV layout every worker agreed on, then one line per worker: its role, address, KV cache
+the model and KV layout every worker agreed on, then one line per worker: its role, address, device, KV cache
 in use, running and waiting requests against its batch limit, requests routed to it, the age of its
 last heartbeat, and whether it is draining or has a wedged engine. ``--json`` prints the same as JSON.
 
@@ -33,6 +33,7 @@ class WorkerStatus:
     name: str
     role: str
     address: str
+    device: str  # what its engine runs on ("cpu", "cuda:0 (NVIDIA H200)"); "" if the worker did not say
     kv_blocks_used: int
     kv_blocks_total: int
     running: int
@@ -58,7 +59,7 @@ def worker_status(info: router_pb2.WorkerInfo) -> WorkerStatus:
     cap = info.capacity
     state = "draining" if info.draining else "wedged" if cap.engine_busy_ms > WEDGED_MS else "serving"
     return WorkerStatus(
-        name=info.worker_name or info.worker_id, role=_role_name(info.role), address=info.address,
+        name=info.worker_name or info.worker_id, role=_role_name(info.role), address=info.address, device=info.device,
         kv_blocks_used=cap.total_kv_blocks - cap.free_kv_blocks, kv_blocks_total=cap.total_kv_blocks,
         running=cap.running_requests, waiting=cap.waiting_requests, max_running=cap.max_running_requests,
         routed_total=info.requests_routed_total, heartbeat_age_s=round(info.seconds_since_heartbeat, 1), state=state,
@@ -78,11 +79,11 @@ def model_line(fp: router_pb2.ModelFingerprint) -> str:
 
 
 def table(workers: list[WorkerStatus]) -> str:
-    header = ("NAME", "ROLE", "ADDRESS", "KV USED", "RUNNING", "WAITING", "ROUTED", "HEARTBEAT", "STATE")
+    header = ("NAME", "ROLE", "ADDRESS", "DEVICE", "KV USED", "RUNNING", "WAITING", "ROUTED", "HEARTBEAT", "STATE")
     rows = [header]
     for w in sorted(workers, key=lambda w: (w.role, w.name)):
         limit = f"/{w.max_running}" if w.max_running else ""
-        rows.append((w.name, w.role, w.address, f"{w.kv_blocks_used}/{w.kv_blocks_total} ({w.kv_used_fraction:.0%})",
+        rows.append((w.name, w.role, w.address, w.device or "-", f"{w.kv_blocks_used}/{w.kv_blocks_total} ({w.kv_used_fraction:.0%})",
                      f"{w.running}{limit}", str(w.waiting), str(w.routed_total), f"{w.heartbeat_age_s:g} s ago",
                      w.state))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0crouter.proto\x12\x11kvferry.router.v1\"\xf3\x01\n\x10ModelFingerprint\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x11\n\tkv_layout\x18\x05 \x01(\t\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x15\n\rmax_model_len\x18\n \x01(\r\x12\x18\n\x10protocol_version\x18\x0b \x01(\r\"\xc7\x02\n\x0eWorkerCapacity\x12\x17\n\x0ftotal_kv_blocks\x18\x01 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x02 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x03 \x01(\r\x12\x18\n\x10running_requests\x18\x04 \x01(\r\x12\x18\n\x10waiting_requests\x18\x05 \x01(\r\x12\x1b\n\x13kv_bytes_sent_total\x18\x06 \x01(\x04\x12\x1f\n\x17kv_bytes_received_total\x18\x07 \x01(\x04\x12!\n\x19kv_transfer_seconds_total\x18\x08 \x01(\x01\x12\x1a\n\x12kv_transfers_total\x18\t \x01(\x04\x12\x1c\n\x14max_running_requests\x18\n \x01(\r\x12\x16\n\x0e\x65ngine_busy_ms\x18\x0b \x01(\r\"\xfe\x01\n\x15RegisterWorkerRequest\x12+\n\x04role\x18\x01 \x01(\x0e\x32\x1d.kvferry.router.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x38\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32#.kvferry.router.v1.ModelFingerprint\x12\x33\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32!.kvferry.router.v1.WorkerCapacity\x12\x13\n\x0bworker_name\x18\x05 \x01(\t\x12\x12\n\nkv_address\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\"\\\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\"Z\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x33\n\x08\x63\x61pacity\x18\x02 \x01(\x0b\x32!.kvferry.router.v1.WorkerCapacity\"A\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\"8\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"\x14\n\x12\x44\x65registerResponse\"\x14\n\x12ListWorkersRequest\"\xf9\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12+\n\x04role\x18\x02 \x01(\x0e\x32\x1d.kvferry.router.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0bworker_name\x18\x04 \x01(\t\x12\x33\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32!.kvferry.router.v1.WorkerCapacity\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x1f\n\x17seconds_since_heartbeat\x18\x07 \x01(\x01\x12\x1d\n\x15requests_routed_total\x18\x08 \x01(\x04\"\x7f\n\x13ListWorkersResponse\x12.\n\x07workers\x18\x01 \x03(\x0b\x32\x1d.kvferry.router.v1.WorkerInfo\x12\x38\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32#.kvferry.router.v1.ModelFingerprint*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\x80\x03\n\x06Router\x12\x65\n\x0eRegisterWorker\x12(.kvferry.router.v1.RegisterWorkerRequest\x1a).kvferry.router.v1.RegisterWorkerResponse\x12V\n\tHeartbeat\x12#.kvferry.router.v1.HeartbeatRequest\x1a$.kvferry.router.v1.HeartbeatResponse\x12Y\n\nDeregister\x12$.kvferry.router.v1.DeregisterRequest\x1a%.kvferry.router.v1.DeregisterResponse\x12\\\n\x0bListWorkers\x12%.kvferry.router.v1.ListWorkersRequest\x1a&.kvferry.router.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0crouter.proto\x12\x11kvferry.router.v1\"\xf3\x01\n\x10ModelFingerprint\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x11\n\tkv_layout\x18\x05 \x01(\t\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x15\n\rmax_model_len\x18\n \x01(\r\x12\x18\n\x10protocol_version\x18\x0b \x01(\r\"\xc7\x02\n\x0eWorkerCapacity\x12\x17\n\x0ftotal_kv_blocks\x18\x01 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x02 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x03 \x01(\r\x12\x18\n\x10running_requests\x18\x04 \x01(\r\x12\x18\n\x10waiting_requests\x18\x05 \x01(\r\x12\x1b\n\x13kv_bytes_sent_total\x18\x06 \x01(\x04\x12\x1f\n\x17kv_bytes_received_total\x18\x07 \x01(\x04\x12!\n\x19kv_transfer_seconds_total\x18\x08 \x01(\x01\x12\x1a\n\x12kv_transfers_total\x18\t \x01(\x04\x12\x1c\n\x14max_running_requests\x18\n \x01(\r\x12\x16\n\x0e\x65ngine_busy_ms\x18\x0b \x01(\r\"\x8e\x02\n\x15RegisterWorkerRequest\x12+\n\x04role\x18\x01 \x01(\x0e\x32\x1d.kvferry.router.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x38\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32#.kvferry.router.v1.ModelFingerprint\x12\x33\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32!.kvferry.router.v1.WorkerCapacity\x12\x13\n\x0bworker_name\x18\x05 \x01(\t\x12\x12\n\nkv_address\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\"\\\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\"Z\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x33\n\x08\x63\x61pacity\x18\x02 \x01(\x0b\x32!.kvferry.router.v1.WorkerCapacity\"A\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\"8\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"\x14\n\x12\x44\x65registerResponse\"\x14\n\x12ListWorkersRequest\"\x89\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12+\n\x04role\x18\x02 \x01(\x0e\x32\x1d.kvferry.router.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0bworker_name\x18\x04 \x01(\t\x12\x33\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32!.kvferry.router.v1.WorkerCapacity\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x1f\n\x17seconds_since_heartbeat\x18\x07 \x01(\x01\x12\x1d\n\x15requests_routed_total\x18\x08 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\"\x7f\n\x13ListWorkersResponse\x12.\n\x07workers\x18\x01 \x03(\x0b\x32\x1d.kvferry.router.v1.WorkerInfo\x12\x38\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32#.kvferry.router.v1.ModelFingerprint*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\x80\x03\n\x06Router\x12\x65\n\x0eRegisterWorker\x12(.kvferry.router.v1.RegisterWorkerRequest\x1a).kvferry.router.v1.RegisterWorkerResponse\x12V\n\tHeartbeat\x12#.kvferry.router.v1.HeartbeatRequest\x1a$.kvferry.router.v1.HeartbeatResponse\x12Y\n\nDeregister\x12$.kvferry.router.v1.DeregisterRequest\x1a%.kvferry.router.v1.DeregisterResponse\x12\\\n\x0bListWorkers\x12%.kvferry.router.v1.ListWorkersRequest\x1a&.kvferry.router.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=1604
-  _globals['_WORKERROLE']._serialized_end=1721
+  _globals['_WORKERROLE']._serialized_start=1636
+  _globals['_WORKERROLE']._serialized_end=1753
   _globals['_MODELFINGERPRINT']._serialized_start=36
   _globals['_MODELFINGERPRINT']._serialized_end=279
   _globals['_WORKERCAPACITY']._serialized_start=282
   _globals['_WORKERCAPACITY']._serialized_end=609
   _globals['_REGISTERWORKERREQUEST']._serialized_start=612
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=866
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=868
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=960
-  _globals['_HEARTBEATREQUEST']._serialized_start=962
-  _globals['_HEARTBEATREQUEST']._serialized_end=1052
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1054
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1119
-  _globals['_DEREGISTERREQUEST']._serialized_start=1121
-  _globals['_DEREGISTERREQUEST']._serialized_end=1177
-  _globals['_DEREGISTERRESPONSE']._serialized_start=1179
-  _globals['_DEREGISTERRESPONSE']._serialized_end=1199
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1201
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1221
-  _globals['_WORKERINFO']._serialized_start=1224
-  _globals['_WORKERINFO']._serialized_end=1473
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1475
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1602
-  _globals['_ROUTER']._serialized_start=1724
-  _globals['_ROUTER']._serialized_end=2108
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=882
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=884
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=976
+  _globals['_HEARTBEATREQUEST']._serialized_start=978
+  _globals['_HEARTBEATREQUEST']._serialized_end=1068
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1070
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1135
+  _globals['_DEREGISTERREQUEST']._serialized_start=1137
+  _globals['_DEREGISTERREQUEST']._serialized_end=1193
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1195
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1215
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1217
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1237
+  _globals['_WORKERINFO']._serialized_start=1240
+  _globals['_WORKERINFO']._serialized_end=1505
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1507
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1634
+  _globals['_ROUTER']._serialized_start=1756
+  _globals['_ROUTER']._serialized_end=2140
 # @@protoc_insertion_point(module_scope)

@@ -71,7 +71,7 @@ class WorkerCapacity(_message.Message):
     def __init__(self, total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_bytes_sent_total: _Optional[int] = ..., kv_bytes_received_total: _Optional[int] = ..., kv_transfer_seconds_total: _Optional[float] = ..., kv_transfers_total: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., engine_busy_ms: _Optional[int] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("role", "address", "fingerprint", "capacity", "worker_name", "kv_address", "version")
+    __slots__ = ("role", "address", "fingerprint", "capacity", "worker_name", "kv_address", "version", "device")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class RegisterWorkerRequest(_message.Message):
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     role: WorkerRole
     address: str
     fingerprint: ModelFingerprint
@@ -86,7 +87,8 @@ class RegisterWorkerRequest(_message.Message):
     worker_name: str
     kv_address: str
     version: str
-    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., worker_name: _Optional[str] = ..., kv_address: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    device: str
+    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., worker_name: _Optional[str] = ..., kv_address: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
     __slots__ = ("worker_id", "heartbeat_interval_ms", "lease_ms")
@@ -131,7 +133,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "worker_name", "capacity", "draining", "seconds_since_heartbeat", "requests_routed_total")
+    __slots__ = ("worker_id", "role", "address", "worker_name", "capacity", "draining", "seconds_since_heartbeat", "requests_routed_total", "device")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +142,7 @@ class WorkerInfo(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_ROUTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -148,7 +151,8 @@ class WorkerInfo(_message.Message):
     draining: bool
     seconds_since_heartbeat: float
     requests_routed_total: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., worker_name: _Optional[str] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., draining: _Optional[bool] = ..., seconds_since_heartbeat: _Optional[float] = ..., requests_routed_total: _Optional[int] = ...) -> None: ...
+    device: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., worker_name: _Optional[str] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., draining: _Optional[bool] = ..., seconds_since_heartbeat: _Optional[float] = ..., requests_routed_total: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers", "fingerprint")

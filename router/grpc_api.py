@@ -249,7 +249,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         try:
             worker = registry.register(
                 role, request.address, fingerprint, capacity_from_proto(request.capacity),
-                name=request.worker_name, kv_address=request.kv_address,
+                name=request.worker_name, kv_address=request.kv_address, device=request.device,
             )
         except RegistrationError as exc:
             logger.warning("refused a worker: %s", exc)
@@ -285,6 +285,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     worker_id=w.worker_id, role=role_to_proto(w.role), address=w.address, worker_name=w.name,
                     capacity=capacity_to_proto(w.capacity), draining=w.draining,
                     seconds_since_heartbeat=now - w.last_heartbeat, requests_routed_total=w.requests_routed_total,
+                    device=w.device,
                 )
                 for w in registry.workers.values()
             ],

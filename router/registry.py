@@ -93,6 +93,7 @@ class Worker:
     capacity: WorkerStats  # as of its last heartbeat
     last_heartbeat: float
     kv_address: str = ""
+    device: str = ""  # what its engine runs on, as the worker said ("cpu", "cuda:0 (NVIDIA H200)")
     draining: bool = False
     stalled: bool = False  # its engine loop has been stuck in one turn past RegistryConfig.stalled_after_s
     requests_routed_total: int = 0
@@ -168,6 +169,7 @@ class WorkerRegistry:
         capacity: WorkerStats,
         name: str = "",
         kv_address: str = "",
+        device: str = "",
     ) -> Worker:
         if not address or ":" not in address:
             raise RegistrationError(f"worker address must be host:port, got {address!r}")
@@ -196,6 +198,7 @@ class WorkerRegistry:
             capacity=capacity,
             last_heartbeat=self.clock(),
             kv_address=kv_address,
+            device=device,
         )
         self.workers[worker_id] = worker
         self._changed()

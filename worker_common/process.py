@@ -26,7 +26,7 @@ import grpc
 from kvferry.common.errors import ConfigError
 from kvferry.common.worker import WorkerRole
 from kvferry.engine.config import CacheConfig, EngineConfig, SchedulerConfig, default_model_path
-from kvferry.engine.device import add_device_arguments, kv_cache_sizing, resolve_device
+from kvferry.engine.device import add_device_arguments, device_label, kv_cache_sizing, resolve_device
 from kvferry.engine.profiles import ProfileError, add_profile_arguments, profile_from_args
 from kvferry.proto.cluster_security import add_security_arguments, security_from_args
 from kvferry.transport.negotiation import KV_TRANSPORT_CHOICES
@@ -150,6 +150,7 @@ def serve(
             registration = RouterRegistration(
                 args.router, role, address, worker.engine.fingerprint, worker.stats,
                 args.name or socket.gethostname(), args.rpc_timeout, security_from_args(args),
+                device=device_label(worker.engine.config.device),
             )
             registration.start(args.register_timeout)
         signum = wait_for_signal()

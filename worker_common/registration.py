@@ -42,6 +42,7 @@ class RouterRegistration:
         name: str,
         rpc_timeout_s: float = 3.0,
         security: ClusterSecurity = ClusterSecurity(),
+        device: str = "",
     ):
         role = WorkerRole(role)
         self.router_address = router_address
@@ -49,6 +50,7 @@ class RouterRegistration:
             role=role_to_proto(role), address=address,
             fingerprint=fingerprint_to_proto(fingerprint, router_pb2.ModelFingerprint), worker_name=name,
             kv_address=address if role is not WorkerRole.PREFILL else "", version=kvferry.__version__,
+            device=device,
         )
         self.capacity = lambda: capacity_to_proto(stats())
         self.rpc_timeout_s = rpc_timeout_s

@@ -51,11 +51,12 @@ def test_status_lists_the_workers_with_their_kv_use_and_load(cluster, capsys, mo
     lines = out.splitlines()
     assert lines[0] == f"router {router.grpc_address}: 1 prefill, 1 decode, 0 colocated worker(s)"
     assert lines[1].startswith("model: SmolLM2-135M-Instruct.Q4_1 (float32 KV, 16-token blocks, 30 layers")
-    assert lines[2].split() == ["NAME", "ROLE", "ADDRESS", "KV", "USED", "RUNNING", "WAITING", "ROUTED", "HEARTBEAT",
-                                "STATE"]
+    assert lines[2].split() == ["NAME", "ROLE", "ADDRESS", "DEVICE", "KV", "USED", "RUNNING", "WAITING", "ROUTED",
+                                "HEARTBEAT", "STATE"]
     rows = {line.split()[1]: line.split() for line in lines[3:]}
-    assert rows["decode"][2] == decode.address and rows["decode"][3:5] == ["16/64", "(25%)"]
-    assert rows["decode"][5] == "0/64" and rows["decode"][-1] == "serving"
+    assert rows["decode"][2] == decode.address and rows["decode"][3] == "-"  # scripted: no device said
+    assert rows["decode"][4:6] == ["16/64", "(25%)"]
+    assert rows["decode"][6] == "0/64" and rows["decode"][-1] == "serving"
     assert rows["prefill"][2] == prefill.address and rows["prefill"][-1] == "serving"
 
     assert main(["status", "--router", router.grpc_address, "--json"]) == 0
@@ -81,3 +82,27 @@ def test_status_needs_the_cluster_token(cluster, capsys, monkeypatch):
 def test_status_of_an_unreachable_router_is_a_clear_error(capsys):
     assert main(["status", "--router", "127.0.0.1:1", "--timeout", "1"]) == 1
     assert "router 127.0.0.1:1: UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_status_shows_the_device_a_worker_registered_with(cluster, capsys, monkeypatch):
+    """Through the workers' own registration (worker_common/registration.py), as kvferry decode sends it."""
+    from kvferry.common.worker import WorkerStats
+    from kvferry.proto.convert import fingerprint_from_proto
+    from kvferry.worker_common.registration import RouterRegistration
+
+    router, (decode, _) = cluster
+    registration = RouterRegistration(
+        router.grpc_address, "colocated", "127.0.0.1:9", fingerprint_from_proto(decode.fingerprint),
+        lambda: WorkerStats(total_kv_blocks=8, free_kv_blocks=8), "gpu-box", security=ClusterSecurity(token=TOKEN),
+        device="cuda:0 (NVIDIA H200)")
+    registration.start(10)
+    try:
+        monkeypatch.setenv("KVFERRY_CLUSTER_TOKEN", TOKEN)
+        assert main(["status", "--router", router.grpc_address]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("gpu-box"))
+        assert row.split()[1:7] == ["colocated", "127.0.0.1:9", "cuda:0", "(NVIDIA", "H200)", "0/8"], row
+        assert main(["status", "--router", router.grpc_address, "--json"]) == 0
+        by_name = {w["name"]: w for w in json.loads(capsys.readouterr().out)["workers"]}
+        assert by_name["gpu-box"]["device"] == "cuda:0 (NVIDIA H200)"
+    finally:
+        registration.stop()
