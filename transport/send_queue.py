@@ -210,6 +210,10 @@ class QueuedSendHandle(KVSendHandle):
                 return KVTrailer(self._first_token, self.bytes_sent, tuple(self.checksums.digests()), CHECKSUM_ALGORITHM)
             return item
 
+    def ready(self) -> bool:
+        """True when the next item is queued already (``next_item`` will not wait for the engine)."""
+        return not self._queue.empty()
+
     def remaining(self) -> float:
         return max(self._deadline - time.monotonic(), 0.0)
 

@@ -48,7 +48,7 @@ NO_CHECKSUMS = 1  # HELLO_OK flag (the frame's offset): the receiver verifies no
 
 
 def start_shm_server(
-    receiver: KVReceiver, ticket: str, num_slots: int = 2, verify_checksums: bool = False
+    receiver: KVReceiver, ticket: str, num_slots: int = 4, verify_checksums: bool = False
 ) -> tuple[StreamDataServer, TransportOffer]:
     """``verify_checksums``: hash every chunk on both ends anyway (``--kv-checksum always``)."""
     name = f"kvferry-kv-{receiver.instance_id}"
@@ -68,6 +68,7 @@ class ShmSlots(ConnectionPayload):
         self.receiver = receiver
         self.num_slots = num_slots
         self.verify_checksums = verify_checksums
+        self._freed: list[bytes] = []  # SLOT_FREE frames held back while more SLOT_DATA is waiting
         self.slot_bytes = 0
         self._mm: mmap.mmap | None = None
 
@@ -100,11 +101,26 @@ class ShmSlots(ConnectionPayload):
         return memoryview(self._mm)[start : start + nbytes]
 
     def done_with(self, conn, frame, deadline) -> None:
-        framing.send_buffers(conn, [framing.pack(framing.SLOT_FREE, frame[4])], deadline, "slot free")
+        # While the sender's next frames are waiting, its slots are not what it waits for: answer them
+        # together (one wake-up of the sender instead of one per chunk).
+        self._freed.append(framing.pack(framing.SLOT_FREE, frame[4]))
+        if len(self._freed) >= batch_size(self.num_slots) or not framing.readable(conn):
+            self.flush(conn, deadline)
+
+    def flush(self, conn, deadline) -> None:
+        if self._freed:
+            frames, self._freed = self._freed, []
+            framing.send_buffers(conn, frames, deadline, "slot free")
 
     def close(self) -> None:
         _unmap(self._mm)
         self._mm = None
+
+
+def batch_size(num_slots: int) -> int:
+    """Slot frames sent together: half the slots, so one side fills (or drains) while the other drains
+    (or fills) the rest; fewer wake-ups, each a switch between the two processes on a busy box."""
+    return max(1, num_slots // 2)
 
 
 def _unmap(mm: mmap.mmap | None) -> None:
@@ -124,6 +140,13 @@ class ShmConnection(Connection):
         self.slot_bytes = slot_bytes
         self.slots = torch.frombuffer(mm, dtype=torch.uint8).view(num_slots, slot_bytes)
         self.free = collections.deque(range(num_slots))
+        self.batch = batch_size(num_slots)
+        self.pending: list[bytes] = []  # SLOT_DATA frames of filled slots not sent yet
+
+    def flush(self, deadline: float) -> None:
+        if self.pending:
+            frames, self.pending = self.pending, []
+            framing.send_buffers(self.sock, frames, deadline, "shm slot")
 
     def close(self) -> None:
         super().close()
@@ -209,7 +232,8 @@ def _slot_freed(conn: ShmConnection, frame: tuple) -> None:
 def _send_chunk(conn: ShmConnection, chunk: Chunk, deadline: float, checksums: LayerChecksums | None) -> None:
     if chunk.nbytes > conn.slot_bytes:
         raise TransferError(TransferErrorCode.INVALID, f"chunk of {chunk.nbytes} bytes > slot of {conn.slot_bytes}")
-    while not conn.free:  # both slots in flight: wait for the receiver to drain one
+    while not conn.free:  # every slot in flight: wait for the receiver to drain one
+        conn.flush(deadline)  # it frees only slots it was told about
         frame = framing.recv_frame(conn.sock, deadline, "shm slot")
         if frame[0] == framing.ERROR:
             raise framing.error_from_payload(framing.recv_payload(conn.sock, frame[3], deadline, "shm"), "shm")
@@ -224,8 +248,9 @@ def _send_chunk(conn: ShmConnection, chunk: Chunk, deadline: float, checksums: L
             torch.index_select(rows, 0, chunk.row_index, out=out)
     if checksums is not None:
         checksums.update(chunk.layer_idx, out.numpy())
-    frame = framing.pack(framing.SLOT_DATA, chunk.layer_idx, chunk.offset, chunk.nbytes, slot)
-    framing.send_buffers(conn.sock, [frame], deadline, "shm slot")
+    conn.pending.append(framing.pack(framing.SLOT_DATA, chunk.layer_idx, chunk.offset, chunk.nbytes, slot))
+    if len(conn.pending) >= conn.batch:
+        conn.flush(deadline)
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -31,6 +31,10 @@ class Connection:
     def __init__(self, sock: socket.socket):
         self.sock = sock
 
+    def flush(self, deadline: float) -> None:
+        """Send the frames ``send_chunk`` held back (shm batches its slot frames); called before the
+        transfer waits for the engine's next layer and before the trailer."""
+
     def close(self) -> None:
         self.sock.close()
 
@@ -99,7 +103,8 @@ def stream_transfer(
 ) -> None:
     """Run one transfer over ``conn``; returns on the ACK, raises ``TransferError`` otherwise.
     ``send_chunk(conn, chunk, deadline, checksums)`` writes one chunk and feeds its bytes to the
-    layer's checksum (None: the receiver asked for none, shm); ``on_frame`` takes receiver frames other than ACK/ERROR (shm: SLOT_FREE)."""
+    layer's checksum (None: the receiver asked for none, shm); ``on_frame`` takes receiver frames
+    other than ACK/ERROR (shm: SLOT_FREE)."""
     sock = conn.sock
     what = f"KV {handle.request_id!r} to {handle.target.address}"
 
@@ -109,8 +114,11 @@ def stream_transfer(
     try:
         framing.send_control(sock, framing.OPEN, header_to_proto(header).SerializeToString(), deadline(), what)
         while True:
+            if not handle.ready():  # about to wait for the engine: what is written goes now
+                conn.flush(deadline())
             item = handle.next_item()
             if isinstance(item, KVTrailer):
+                conn.flush(deadline())
                 framing.send_control(sock, framing.FINISH, trailer_to_proto(item).SerializeToString(), deadline(), what)
                 while True:
                     frame = framing.recv_frame(sock, deadline(), what)

@@ -47,6 +47,9 @@ class ConnectionPayload:
     def done_with(self, conn: socket.socket, frame: tuple[int, int, int, int, int], deadline: float) -> None:
         """The chunk is in the blocks; its buffer may be reused."""
 
+    def flush(self, conn: socket.socket, deadline: float) -> None:
+        """Send what ``done_with`` held back (shm batches its SLOT_FREE frames); before the ACK."""
+
     def close(self) -> None: ...
 
 
@@ -183,6 +186,7 @@ class StreamDataServer:
                 if kind == framing.FINISH:
                     trailer = pb.KVTrailer.FromString(framing.recv_payload(conn, nbytes, self._deadline(), "finish"))
                     session.finish(trailer_from_proto(trailer))
+                    payload.flush(conn, self._deadline())
                     ack = pb.PushKVResponse(
                         request_id=header.request_id, bytes_received=session.bytes_received,
                         receive_seconds=session.seconds,
