@@ -255,8 +255,8 @@ void rows_tiled(const uint8_t* w, int64_t row_bytes, int64_t K, const Acts& a, c
   uint8_t* signs = signs_buf.data();    // [row][K]: a signed format's own quants, for the sign trick
   float* scales = scratch_floats(scales_buf, kTileRows * G);    // [row][G]
   float* offsets = scratch_floats(offsets_buf, kTileRows * G);  // [row][G]
-  float* wpat = scratch_floats(pattern_buf, kTileRows / 2 * G * 8 + G * 8);  // [row pair][G][8]: r0 r1 r0 r1 ...
-  float* sc = wpat + kTileRows / 2 * G * 8;  // [G][8]: the scales of one register block
+  float* wpat = scratch_floats(pattern_buf, kTileRows * G * 8);  // [row pair][G][8]: r0 r1 r0 r1 ...
+  float* sc = wpat + kTileRows / 2 * G * 8;  // [row pair][G][8]: the scales of one group of tokens
   thread_local std::vector<float> token_offsets_buf;
   float* token_offsets = scratch_floats(token_offsets_buf, kTileRows * a.padded_tokens);  // [row][token]
   for (int64_t t0 = n0; t0 < n1; t0 += kTileRows) {
@@ -285,31 +285,41 @@ void rows_tiled(const uint8_t* w, int64_t row_bytes, int64_t K, const Acts& a, c
           wpat[(p * G + g) * 8 + 2 * i + 1] = s1[g];
         }
     }
-    // each row's offset term for every token: the streamed path's fma chain, eight tokens a vector
+    // each row's offset term for every token: the streamed path's fma chain, eight tokens a vector and
+    // up to eight vectors at once (one chain alone waits on each fma's latency)
     const int64_t Mp = a.padded_tokens;
     if constexpr (kGroupOffsets<F>)
       for (int r = 0; r < rows; ++r)
-        for (int64_t m8 = 0; m8 < Mp; m8 += 8) {
-          __m256 v = _mm256_setzero_ps();
-          for (int64_t g = 0; g < G; ++g)
-            v = _mm256_fmadd_ps(_mm256_broadcast_ss(offsets + r * G + g), _mm256_loadu_ps(a.sums_t.data() + g * Mp + m8), v);
-          _mm256_storeu_ps(token_offsets + r * Mp + m8, v);
+        for (int64_t m8 = 0; m8 < Mp; m8 += 64) {
+          const int n8 = static_cast<int>(std::min<int64_t>(8, (Mp - m8) / 8));
+          __m256 v[8];
+          for (int j = 0; j < 8; ++j) v[j] = _mm256_setzero_ps();
+          for (int64_t g = 0; g < G; ++g) {
+            const __m256 o = _mm256_broadcast_ss(offsets + r * G + g);
+            const float* t = a.sums_t.data() + g * Mp + m8;
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j)
+              if (j < n8) v[j] = _mm256_fmadd_ps(o, _mm256_loadu_ps(t + 8 * j), v[j]);
+          }
+          for (int j = 0; j < n8; ++j) _mm256_storeu_ps(token_offsets + r * Mp + m8 + 8 * j, v[j]);
         }
     for (int64_t m0 = 0; m0 < M; m0 += kMicroTokens) {
       const int mt = static_cast<int>(std::min<int64_t>(kMicroTokens, M - m0));
       const int8_t* xq[kMicroTokens];
       for (int m = 0; m < kMicroTokens; ++m) xq[m] = a.rows[m0 + std::min(m, mt - 1)].q;
       const float* xpat = a.patterns.data() + (m0 / kMicroTokens) * G * 8;
+      // lane 2m + r of group g for row pair p: the scale of token m, row 2p + r (eight from one multiply)
+      for (int p = 0; p < (rows + 1) / 2; ++p)
+        for (int64_t g = 0; g < G; ++g)
+          _mm256_storeu_ps(sc + (p * G + g) * 8,
+                           _mm256_mul_ps(_mm256_loadu_ps(wpat + (p * G + g) * 8), _mm256_loadu_ps(xpat + 8 * g)));
       for (int r0 = 0; r0 < rows; r0 += 2) {
         const int rt = std::min(2, rows - r0);
         float out[kMicroTokens][2];
         const uint8_t* q = quants + r0 * K;
         const uint8_t* s = signs + r0 * K;
-        const float* wp = wpat + (r0 / 2) * G * 8;
-        // lane 2m + r of group g: the scale of token m, row r (eight from one multiply)
-        for (int64_t g = 0; g < G; ++g)
-          _mm256_storeu_ps(sc + 8 * g, _mm256_mul_ps(_mm256_loadu_ps(wp + 8 * g), _mm256_loadu_ps(xpat + 8 * g)));
-#define KVQ_MICRO(MT_, RT_) micro_tile<F::kSigned, MT_, RT_>(q, s, K, xq, sc, G, out)
+        const float* scp = sc + (r0 / 2) * G * 8;
+#define KVQ_MICRO(MT_, RT_) micro_tile<F::kSigned, MT_, RT_>(q, s, K, xq, scp, G, out)
         if (rt == 2) {
           switch (mt) { case 1: KVQ_MICRO(1, 2); break; case 2: KVQ_MICRO(2, 2); break;
                         case 3: KVQ_MICRO(3, 2); break; default: KVQ_MICRO(4, 2); }
