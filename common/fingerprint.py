@@ -22,6 +22,8 @@ def dtype_name(dtype: object) -> str:
 
 @dataclass(frozen=True)
 class KVFingerprint:
+    """One worker's model, KV layout and protocol; ``LLMEngine.fingerprint`` makes a worker's."""
+
     model_name: str = ""
     model_digest: str = ""  # sha256 (16 hex digits) of every field of the model config
     dtype: str = ""  # of the KV cache: "bfloat16", "float32", ...

@@ -29,7 +29,7 @@ from kvferry.proto.cluster_security import ClusterSecurity, add_security_argumen
 from kvferry.router.admission import AdmissionConfig, AdmissionQueue
 from kvferry.router.auth import API_KEY_ENV, api_key_from
 from kvferry.router.body_limit import DEFAULT_MAX_BODY_BYTES
-from kvferry.router.dispatch import DispatchConfig
+from kvferry.router.dispatch import DispatchConfig, Dispatcher
 from kvferry.router.grpc_api import create_grpc_server
 from kvferry.router.openai_api import create_app
 from kvferry.router.placement import DisaggregationPolicy, add_placement_arguments, placement_from_args
@@ -99,6 +99,25 @@ class RouterHandle:
     stop: asyncio.Event
 
 
+async def expire_workers(registry: WorkerRegistry, dispatcher: Dispatcher, stop: asyncio.Event,
+                         interval_s: float) -> None:
+    """Until ``stop``: remove the workers whose lease ran out and move the requests of those and of
+    wedged ones now, not when their streams time out."""
+    while not stop.is_set():
+        for worker in registry.expire():
+            logger.warning("worker %s (%s at %s) missed its heartbeats: removed",
+                           worker.worker_id, worker.role.name.lower(), worker.address)
+            dispatcher.worker_lost(worker, "missed its heartbeats")  # its requests move now
+            await dispatcher.forget(worker.address)
+        for worker in registry.take_newly_stalled():
+            logger.warning("worker %s (%s at %s): its engine has been busy in one step for %.0f s; no new "
+                           "requests for it, and its requests move", worker.worker_id, worker.role.name.lower(),
+                           worker.address, worker.capacity.engine_busy_ms / 1000)
+            dispatcher.worker_lost(worker, "has a wedged engine")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+
+
 async def serve(
     config: RouterConfig, on_ready=None, stop: asyncio.Event | None = None, model: ServedModel | None = None
 ) -> None:
@@ -126,23 +145,8 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
 
-    async def expire_workers() -> None:
-        while not stop.is_set():
-            for worker in registry.expire():
-                logger.warning("worker %s (%s at %s) missed its heartbeats: removed",
-                               worker.worker_id, worker.role.name.lower(), worker.address)
-                dispatcher.worker_lost(worker, "missed its heartbeats")  # its requests move now
-                await dispatcher.forget(worker.address)
-            for worker in registry.take_newly_stalled():
-                logger.warning("worker %s (%s at %s): its engine has been busy in one step for %.0f s; no new "
-                               "requests for it, and its requests move", worker.worker_id, worker.role.name.lower(),
-                               worker.address, worker.capacity.engine_busy_ms / 1000)
-                dispatcher.worker_lost(worker, "has a wedged engine")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), config.registry.heartbeat_interval_s)
-
     http_task = asyncio.create_task(http.serve())
-    expiry_task = asyncio.create_task(expire_workers())
+    expiry_task = asyncio.create_task(expire_workers(registry, dispatcher, stop, config.registry.heartbeat_interval_s))
     for _ in range(600):  # up to 30 s
         if http.started or http_task.done():
             break

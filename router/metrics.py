@@ -46,6 +46,11 @@ class _WorkerCollector(Collector):
         self.migrations = migrations
 
     def collect(self) -> Iterable[Metric]:
+        yield from self._worker_metrics()
+        yield from self._router_metrics()
+
+    def _worker_metrics(self) -> Iterable[Metric]:
+        """One series per registered worker, from its last heartbeat and the router's own counts."""
         labels = ["worker_id", "role", "address"]
         g = {
             name: GaugeMetricFamily(f"kvferry_worker_{name}", doc, labels=labels)
@@ -88,6 +93,8 @@ class _WorkerCollector(Collector):
             c["requests_routed"].add_metric(lv, w.requests_routed_total)
         yield from g.values()
         yield from c.values()
+
+    def _router_metrics(self) -> Iterable[Metric]:
         workers = GaugeMetricFamily("kvferry_router_workers", "registered workers", labels=["role"])
         for role in ("prefill", "decode", "colocated"):
             workers.add_metric([role], sum(w.role.name.lower() == role for w in self.workers.workers.values()))
