@@ -1,7 +1,8 @@
 """Scripted prefill and decode workers for router tests: real gRPC servers on loopback speaking
 worker.proto and registering with the router over router.proto, but producing a fixed token script
 instead of running a model, so the router's own behaviour (placement, queueing, ordering, stop strings,
-aborts, disconnects) is tested in seconds. The real workers are tested end to end in tests/cluster.
+aborts, disconnects) is tested in seconds. The real workers are tested end to end in tests/cluster;
+test_stand_in_workers.py checks that the scripted decode worker reserves and frees as the real one does.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
                 self.used_blocks -= r.num_blocks
 
     def Reserve(self, request, context):
-        need = -(-(len(request.prompt_token_ids) + 1) // BLOCK_SIZE)
+        need = -(-len(request.prompt_token_ids) // BLOCK_SIZE)  # the prompt's blocks, as the real worker reserves
         time.sleep(self.reserve_delay)
         with self.lock:
             if need > self.free_blocks:
