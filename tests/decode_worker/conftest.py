@@ -4,61 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from kvferry.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-
-NUM_BLOCKS = 48
-BLOCK_SIZE = 16
-
-
-def engine_config(num_blocks: int = NUM_BLOCKS) -> EngineConfig:
-    return EngineConfig(
-        dtype="bfloat16",
-        cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=num_blocks),
-        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512),
-    )
-
-
-@pytest.fixture(scope="session")
-def decode_engine(model_path):
-    from kvferry.engine.engine import LLMEngine
-
-    return LLMEngine(engine_config(), role="decode")
-
-
-@pytest.fixture(scope="session")
-def prefill_engine(model_path):
-    from kvferry.engine.engine import LLMEngine
-
-    return LLMEngine(engine_config(), role="prefill")
+from fixtures_workers import decode_engine, decode_worker_factory, prefill_engine, prefill_worker_factory  # noqa: F401
 
 
 @pytest.fixture
-def decode_worker(decode_engine):
-    from kvferry.decode_worker.worker import DecodeWorker, DecodeWorkerConfig
-
-    worker = DecodeWorker(decode_engine, DecodeWorkerConfig(lease_s=30.0, idle_wait_s=0.01), worker_id="decode-0")
-    worker.start()
-    yield worker
-    worker.stop()
-    assert decode_engine.block_manager.num_used_blocks == 0, "a test left blocks on the decode engine"
-    decode_engine.block_manager.check_integrity()
-
-
-@pytest.fixture
-def prefill_worker_factory(prefill_engine):
-    """make(sender) -> a started PrefillWorker on the shared prefill engine (stopped after the test)."""
-    from kvferry.prefill_worker.worker import PrefillWorker
-
-    made = []
-
-    def make(sender):
-        worker = PrefillWorker(prefill_engine, sender, worker_id="prefill-0")
-        worker.start()
-        made.append(worker)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.stop()
-    assert prefill_engine.block_manager.num_used_blocks == 0, "a test left blocks on the prefill engine"
-    prefill_engine.block_manager.check_integrity()
+def decode_worker(decode_worker_factory):
+    """A started DecodeWorker with no data plane but its gRPC receiver."""
+    return decode_worker_factory()

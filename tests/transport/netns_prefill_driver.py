@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the transport tests' conftest
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: fixtures_workers
 
 TIMEOUT = 60.0
 
@@ -22,7 +22,7 @@ TIMEOUT = 60.0
 def main(argv: list[str]) -> None:
     import grpc
 
-    from conftest import engine_config
+    from fixtures_workers import engine_config
     from kvferry.engine.engine import LLMEngine
     from kvferry.engine.sampling import SamplingParams
     from kvferry.prefill_worker.worker import PrefillWorker
