@@ -18,8 +18,13 @@ import torch
 
 from kvferry.kernels._triton import tl, triton
 from kvferry.kernels.attention import decode_attention_ref
-from kvferry.kernels.attention_dot import LOG2E as _LOG2E
-from kvferry.kernels.attention_dot import attention_dot as _dot
+from kvferry.kernels.attention_common import (
+    LOG2E,
+    check_paged_attention,
+    online_softmax_tile,
+    output_for,
+    paged_key_ptrs,
+)
 
 __all__ = ["decode_attention", "decode_attention_ref"]
 
@@ -74,20 +79,14 @@ def _decode_attention_kernel(
     for start in range(split_start, split_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < split_end
-        block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        kv_offs = block * cache_stride_b + (n % BLOCK_SIZE) * cache_stride_s + kv_head * cache_stride_h
-        kv_ptrs = cache_ptr + kv_offs[:, None] + d[None, :]
+        k_ptrs = paged_key_ptrs(
+            cache_ptr, table, n, n_mask, kv_head, d, cache_stride_b, cache_stride_s, cache_stride_h, BLOCK_SIZE
+        )
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(kv_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, DIM_PAD]
-        s = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(kv_ptrs + cache_stride_kv, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_tile(
+            q, k_ptrs, cache_stride_kv, kv_mask, n_mask[None, :], m_i, l_i, acc, qk_scale,
+            UPCAST_DOT, DOT_PRECISION,
+        )
     # A split past the end of a shorter sequence saw no keys: output 0 with weight exp2(-inf) = 0.
     has_keys = l_i > 0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -159,20 +158,12 @@ def decode_attention(
     block_n: int | None = None,  # tile size in tokens (default: the cache block size, at least 16)
     num_splits: int | None = None,  # split-KV ranges per sequence (default: default_num_splits)
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
-    assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2, kv_cache.shape
-    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-    assert query.dim() == 3 and query.shape[2] == head_dim, (query.shape, kv_cache.shape)
+    block_size, num_kv_heads, head_dim = check_paged_attention(query, kv_cache, block_tables)
     num_seqs, num_heads, _ = query.shape
-    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
-    assert query.dtype == kv_cache.dtype, (query.dtype, kv_cache.dtype)
-    assert block_tables.dim() == 2 and block_tables.shape[0] == num_seqs, block_tables.shape
-    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
+    assert block_tables.shape[0] == num_seqs, (block_tables.shape, query.shape)
     assert context_lens.shape == (num_seqs,) and context_lens.dtype == torch.int32, context_lens.shape
-    assert query.stride(-1) == 1 and kv_cache.stride(-1) == 1, "head_dim must be contiguous"
     assert query.device == kv_cache.device == block_tables.device == context_lens.device
-    if out is None:
-        out = torch.empty_like(query)
-    assert out.shape == query.shape and out.dtype == query.dtype and out.stride(-1) == 1, out.shape
+    out = output_for(query, out)
     if num_seqs == 0:
         return out
     block_n = block_n or max(16, block_size)
@@ -199,7 +190,7 @@ def decode_attention(
         kv_cache,
         block_tables,
         context_lens,
-        scale * _LOG2E,
+        scale * LOG2E,
         split_len,
         num_heads,
         query.stride(0),

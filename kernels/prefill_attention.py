@@ -15,8 +15,13 @@ import torch
 
 from kvferry.kernels._triton import tl, triton
 from kvferry.kernels.attention import prefill_attention_ref
-from kvferry.kernels.attention_dot import LOG2E as _LOG2E
-from kvferry.kernels.attention_dot import attention_dot as _dot
+from kvferry.kernels.attention_common import (
+    LOG2E,
+    check_paged_attention,
+    online_softmax_tile,
+    output_for,
+    paged_key_ptrs,
+)
 
 __all__ = ["prefill_attention", "prefill_attention_ref"]
 
@@ -76,22 +81,15 @@ def _prefill_attention_kernel(
     for start in range(0, key_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < context_len
-        block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        kv_offs = block * cache_stride_b + (n % BLOCK_SIZE) * cache_stride_s + kv_head * cache_stride_h
-        kv_ptrs = cache_ptr + kv_offs[:, None] + d[None, :]
+        k_ptrs = paged_key_ptrs(
+            cache_ptr, table, n, n_mask, kv_head, d, cache_stride_b, cache_stride_s, cache_stride_h, BLOCK_SIZE
+        )
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(kv_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, DIM_PAD]
-        s = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        # Key 0 is visible to every row, so each row sees a key in the first tile.
         visible = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        # Key 0 is visible to every row, so m_new is finite from the first tile on.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(kv_ptrs + cache_stride_kv, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_tile(
+            q, k_ptrs, cache_stride_kv, kv_mask, visible, m_i, l_i, acc, qk_scale, UPCAST_DOT, DOT_PRECISION
+        )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         out_ptr + tokens[:, None] * out_stride_t + head * out_stride_h + d[None, :],
@@ -113,18 +111,12 @@ def prefill_attention(
     block_n: int | None = None,  # keys per tile: 64, or 32 in fp32
     num_warps: int | None = None,  # 4, or 8 for head dims over 64
 ) -> torch.Tensor:  # [num_prefill_tokens, num_heads, head_dim]
-    assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2, kv_cache.shape
-    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-    assert query.dim() == 3 and query.shape[2] == head_dim, (query.shape, kv_cache.shape)
+    block_size, num_kv_heads, head_dim = check_paged_attention(query, kv_cache, block_tables)
     num_tokens, num_heads, _ = query.shape
-    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
-    assert query.dtype == kv_cache.dtype, (query.dtype, kv_cache.dtype)
     num_chunks = context_lens.shape[0]
-    assert block_tables.dim() == 2 and block_tables.shape[0] == num_chunks, block_tables.shape
-    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
+    assert block_tables.shape[0] == num_chunks, (block_tables.shape, context_lens.shape)
     assert query_starts.shape == (num_chunks + 1,) and query_starts.dtype == torch.int32, query_starts.shape
     assert context_lens.dtype == torch.int32 and context_lens.dim() == 1, context_lens.shape
-    assert query.stride(-1) == 1 and kv_cache.stride(-1) == 1, "head_dim must be contiguous"
     devices = {t.device for t in (query, kv_cache, block_tables, query_starts, context_lens)}
     assert len(devices) == 1, devices
     # Defaults chosen so that ptxas reports no register spills for sm_90 (compiled, never run).
@@ -132,9 +124,7 @@ def prefill_attention(
     block_n = block_n or (32 if query.dtype == torch.float32 else 64)
     for b in (block_m, block_n):
         assert b >= 16 and b & (b - 1) == 0, f"tile sizes are powers of two >= 16, got {b}"
-    if out is None:
-        out = torch.empty_like(query)
-    assert out.shape == query.shape and out.dtype == query.dtype and out.stride(-1) == 1, out.shape
+    out = output_for(query, out)
     if num_chunks == 0 or num_tokens == 0:
         return out
     dim_pad = max(16, triton.next_power_of_2(head_dim))
@@ -148,7 +138,7 @@ def prefill_attention(
         block_tables,
         query_starts,
         context_lens,
-        scale * _LOG2E,
+        scale * LOG2E,
         query.stride(0),
         query.stride(1),
         out.stride(0),

@@ -3,7 +3,7 @@
 # Reload order: a module comes after the kernel modules it imports names from.
 KERNEL_MODULES = (
     "kvferry.kernels._triton",
-    "kvferry.kernels.attention_dot",
+    "kvferry.kernels.attention_common",
     "kvferry.kernels.store_kv",
     "kvferry.kernels.kv_transfer",
     "kvferry.kernels.decode_attention",
