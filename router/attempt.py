@@ -2,8 +2,10 @@
 
 1. Open the decode worker's token ``Stream`` (before prefill, so nothing is missed).
 2. ``PrefillWorker.Prefill`` with the reservation, retried on another prefill worker (or later) while
-   their queues are full; meanwhile the reservation's lease is renewed (``Renew``, every third of it),
-   so a prompt queued behind a backlog keeps its blocks. A local prefill skips this.
+   their queues are full (the abort, the loss watch and the channel's count move to the worker that
+   takes it); meanwhile the reservation's lease is renewed (``Renew``, every third of it), so a prompt
+   queued behind a backlog keeps its blocks. A local prefill skips this. A Prefill that answers tells
+   the registry the pair's KV arrives; a transfer that fails for the link's sake counts against the pair.
 3. Merge the first token (from the prefill answer) and the decode stream by output index (either may
    come first; duplicates are dropped) into ``WorkerEvent``s in order, up to the finish reason.
 4. At the end, however it came: abort on the workers whatever they still hold, let go of the channels,
@@ -30,6 +32,7 @@ from kvferry.common.sampling import TokenLogprobs
 from kvferry.common.worker import SLORefusal
 from kvferry.proto import generate_pb2, worker_pb2
 from kvferry.proto.convert import logprobs_from_proto, prefill_timings_from_proto, refusal_from_metadata
+from kvferry.router.pair_health import transfer_failure_reason
 from kvferry.router.registry import Worker
 from kvferry.router.request import slo_rejected
 from kvferry.router.timings import RequestTimeline
@@ -124,6 +127,7 @@ class Attempt:
         self.prefill_done = self.prefill is None
         self.prefill_started = False  # _run_prefill took over the accounting of the send counted in start
         self.finished = False  # the decode worker reported the end and every token was passed on
+        self.pair_failed = False  # a KV-transfer failure of this attempt's pair was counted (once)
         self.ended = False  # ended early with an error event
         self.num_cached_tokens = 0
 
@@ -146,7 +150,7 @@ class Attempt:
         if self.prefill is not None:
             # Picked again now and counted at once (no await between): the Reserve that came before
             # let other requests pick meanwhile, and a burst must not all land on one prefill worker.
-            self.prefill = self.registry.pick_prefill(self.placement.failed) or self.prefill
+            self.prefill = self.registry.pick_prefill(self.placement.failed, self.decode) or self.prefill
             self.registry.on_prefill_sent(self.prefill, len(self.prompt))
         self.dispatcher.use(self.decode, self.prefill)
         self.stream = self.dispatcher.decode_stub(self.decode).Stream(
@@ -156,7 +160,7 @@ class Attempt:
         self.dispatcher.watch(self.watched, self._notify_lost)
         self.tasks = [asyncio.create_task(self._read_stream())]
         if self.prefill is not None:
-            self.tasks.append(asyncio.create_task(self._run_prefill(self.prefill)))
+            self.tasks.append(asyncio.create_task(self._run_prefill()))
             self.tasks.append(asyncio.create_task(self._renew_lease()))
 
     def _end(self) -> None:
@@ -201,8 +205,9 @@ class Attempt:
             else:
                 self._put(self._on_lost, decode, rpc_error(decode, exc))
 
-    async def _run_prefill(self, worker: Worker) -> None:
+    async def _run_prefill(self) -> None:
         self.prefill_started = True
+        worker = self.prefill
         reservation = self.placement.reservation
         request = worker_pb2.PrefillRequest(
             request_id=self.request_id, prompt_token_ids=self.prompt, sampling=self.sampling,
@@ -214,12 +219,14 @@ class Attempt:
         for attempt in range(PREFILL_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(min(2.0, 0.05 * 2 ** (attempt - 1)))
-                worker = self.registry.pick_prefill(self.placement.failed | {worker.worker_id}) or worker
+                worker = self.registry.pick_prefill(self.placement.failed | {worker.worker_id}, self.decode) or worker
+                self._move_prefill(worker)
                 self.registry.on_prefill_sent(worker, len(self.prompt))
             request.ttft_budget_ms = self.dispatcher.ttft_budget_ms(self.timeline)
             try:
                 response = await self.dispatcher.prefill_stub(worker).Prefill(
                     request, timeout=self.dispatcher.config.prefill_timeout_s)
+                self.registry.pairs.record_success(worker.worker_id, self.decode.worker_id)  # its KV arrived
                 self._put(self._on_first, response)
                 return
             except grpc.aio.AioRpcError as exc:
@@ -227,6 +234,29 @@ class Attempt:
                     return
             finally:
                 self.registry.on_prefill_done(worker)
+
+    def _move_prefill(self, worker: Worker) -> None:
+        """The prompt goes to ``worker`` now (the last one refused it, holding nothing): the abort at the
+        end, the loss watch and the channel's count of users follow it. Set before the Prefill is sent,
+        on this task, so an end that comes meanwhile aborts the worker that may hold the prompt."""
+        old = self.prefill
+        if worker is old or old is None:
+            return
+        self.dispatcher.unwatch([old], self._notify_lost)
+        self.dispatcher.watch([worker], self._notify_lost)
+        self.dispatcher.use(worker)
+        self.dispatcher.unuse(old)
+        self.prefill = worker
+        self.watched = [self.decode, worker]
+
+    def _count_pair_failure(self, message: str) -> None:
+        """A KV transfer between this attempt's prefill and decode workers failed for a reason of the
+        link (pair_health.py): counted once per attempt, whichever side reported it first."""
+        reason = transfer_failure_reason(message)
+        if reason is None or self.pair_failed or self.prefill is None:
+            return
+        self.pair_failed = True
+        self.dispatcher.pair_failed(self.prefill, self.decode, reason, message)
 
     def _prefill_failed(self, worker: Worker, exc: grpc.aio.AioRpcError, last: bool) -> bool:
         """Reports a failed Prefill; True when another try may follow (the worker's queue was full)."""
@@ -236,6 +266,7 @@ class Attempt:
         elif exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
             self._put(self._on_error, rpc_error(worker, exc))
         elif exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or last:
+            self._count_pair_failure(exc.details() or "")
             self._put(self._on_lost, worker, rpc_error(worker, exc))
         else:
             return True
@@ -267,9 +298,12 @@ class Attempt:
         return WorkerEvent([], finish_reason="error", error=message)
 
     def _on_lost(self, worker: Worker, message: str) -> None:
-        if worker is self.decode or not self.prefill_done:  # a prefill worker lost after its answer is no loss
-            cause = "decode_worker" if worker is self.decode else "prefill_worker"
-            raise WorkerLost(cause, [worker], message)
+        if worker is self.decode:
+            raise WorkerLost("decode_worker", [worker], message)
+        # A prefill worker lost after its answer is no loss, nor one that refused the prompt before
+        # another took it (its notice may come after the move).
+        if worker is self.prefill and not self.prefill_done:
+            raise WorkerLost("prefill_worker", [worker], message)
 
     def _on_first(self, first: worker_pb2.PrefillResponse) -> WorkerEvent | None:
         self.prefill_done = True
@@ -291,6 +325,8 @@ class Attempt:
             # a KV push that broke (the prefill worker's fault while it has not answered), its engine,
             # or its shutdown.
             culprit = self.decode if self.prefill_done else self.prefill
+            if culprit is self.prefill:
+                self._count_pair_failure(event.error)
             raise WorkerLost(
                 "decode_worker" if culprit is self.decode else "prefill_worker", [culprit],
                 f"decode worker {self.decode.address} ended the request: {event.error or event.finish_reason}",

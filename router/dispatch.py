@@ -18,7 +18,10 @@ Per request:
    worker that prefills the prompt plus the tokens so far itself and goes on from the next output
    index (``resume_output_token_ids``). Token positions key the seeded random stream, so the client
    sees the same tokens an undisturbed run gives, none twice. At most ``max_migrations`` a request;
-   then the client gets an error naming the last failure.
+   then the client gets an error naming the last failure. A failed KV transfer also counts against its
+   (prefill, decode) pair; a pair that keeps failing is left out of placement for a cool-down
+   (pair_health.py), and a decode worker no prefill worker reaches then prefills locally if the policy
+   allows, or is passed over.
 With a TTFT target (``ttft_slo_ms``) every Reserve (local prefill) and Prefill carries what is left of it
 (``ttft_budget_ms``); a worker that cannot meet it any more refuses (RESOURCE_EXHAUSTED with refusal
 metadata), and so does the admission queue once it has passed: the client gets a 429 with Retry-After.
@@ -122,6 +125,15 @@ class Dispatcher:
         now, not when their streams time out."""
         for on_lost in list(self._watchers.get(worker.address, ())):
             on_lost(worker, reason)
+
+    def pair_failed(self, prefill: Worker, decode: Worker, reason: str, message: str) -> None:
+        """A KV transfer from ``prefill`` to ``decode`` failed (``reason``: the transport's code); after
+        enough in a row the pair gets no requests for a while (pair_health.py)."""
+        pairs = self.registry.pairs
+        if pairs.record_failure(prefill.worker_id, prefill.name, decode.worker_id, decode.name, reason):
+            logger.warning("KV of prefill worker %s cannot reach decode worker %s (%s; %s): no requests on this "
+                           "pair for %.0f s", prefill.name, decode.name, reason, message,
+                           pairs.cooldown_s(prefill.worker_id, decode.worker_id))
 
     def watch(self, workers: list[Worker], on_lost: Callable[[Worker, str], None]) -> None:
         for w in workers:
@@ -256,6 +268,9 @@ class Dispatcher:
         text = f"the request needs {num_blocks} KV blocks ({free})"
         if not prefill and any(w.role is WorkerRole.DECODE for w in decode):
             text += "; no prefill worker is registered"
+        excluded = self.registry.pairs.excluded_pairs()
+        if excluded:
+            text += "; KV cannot reach: " + ", ".join(f"{p.prefill} -> {p.decode} ({p.reason})" for p in excluded)
         return text
 
     def _decide(
@@ -264,9 +279,17 @@ class Dispatcher:
         cached = decode.recent_blocks.num_cached_blocks(hashes) * self.registry.block_size
         if decode.role is WorkerRole.COLOCATED:
             return PrefillDecision(True, "colocated", cached)
-        # Prefill workers lost under this request do not count: with none left it is prefilled locally.
-        prefill = [w for w in self.registry.live(WorkerRole.PREFILL) if w.worker_id not in failed]
-        return decide(self.policy, decode, prefill, num_prompt_tokens, cached)
+        # Prefill workers lost under this request do not count, nor those whose KV cannot reach this
+        # decode worker (pair_health.py): with none left it is prefilled locally, if the policy allows.
+        prefill = self.registry.reachable_prefill(decode, failed)
+        decision = decide(self.policy, decode, prefill, num_prompt_tokens, cached)
+        if decision.reason == "no_prefill_worker" and self._cut_off(decode, failed):
+            decision = PrefillDecision(True, "prefill_unreachable", cached)
+        return decision
+
+    def _cut_off(self, decode: Worker, failed: frozenset[str]) -> bool:
+        """Prefill workers there are, but none whose KV reaches ``decode`` now."""
+        return bool(self.registry.reachable_prefill(None, failed)) and not self.registry.reachable_prefill(decode, failed)
 
     async def _try_place(
         self,
@@ -290,8 +313,11 @@ class Dispatcher:
                 decision = PrefillDecision(True, "migrated")
             else:
                 decision = self._decide(decode, len(prompt), hashes, failed)
-            prefill = None if decision.local else self.registry.pick_prefill(failed)
+            prefill = None if decision.local else self.registry.pick_prefill(failed, decode)
             if prefill is None and not decision.local:
+                if self._cut_off(decode, failed):  # and the policy wants a prefill worker: go elsewhere
+                    exclude.add(decode.worker_id)
+                    continue
                 if not failed:
                     return None  # wait for a prefill worker to join
                 # Moved once already: prefilled by its decode worker rather than kept waiting, whatever

@@ -32,6 +32,7 @@ from kvferry.router.body_limit import DEFAULT_MAX_BODY_BYTES
 from kvferry.router.dispatch import DispatchConfig, Dispatcher
 from kvferry.router.grpc_api import create_grpc_server
 from kvferry.router.openai_api import create_app
+from kvferry.router.pair_health import PairHealthConfig
 from kvferry.router.placement import DisaggregationPolicy, add_placement_arguments, placement_from_args
 from kvferry.router.registry import RegistryConfig, WorkerRegistry
 from kvferry.router.request import ServedModel
@@ -198,6 +199,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-migrations", type=int, default=DispatchConfig.max_migrations,
                         help="times one request may move to another worker after the one it ran on was lost "
                              f"(default {DispatchConfig.max_migrations}; 0: fail it at once)")
+    parser.add_argument("--pair-failure-limit", type=int, default=PairHealthConfig.failure_limit,
+                        help="KV transfers in a row that may fail between a prefill and a decode worker (refused "
+                             "connection, failed handshake, deadline, corrupt bytes) before the router stops "
+                             "placing requests on that pair for a cool-down (default %(default)s; 0: never)")
+    parser.add_argument("--pair-cooldown", type=float, default=PairHealthConfig.cooldown_s,
+                        help="seconds such a pair is left out before it is tried again; doubled each time it "
+                             f"fails again, up to {PairHealthConfig.max_cooldown_s:g} s (default %(default)s)")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds in-flight requests get to finish on SIGTERM before they are cut "
                              "(default %(default)s)")
@@ -231,6 +239,14 @@ def _profile(args: argparse.Namespace) -> SLOProfile:
         raise ConfigError(str(exc)) from None
 
 
+def _pairs(args: argparse.Namespace) -> PairHealthConfig:
+    try:
+        return PairHealthConfig(args.pair_failure_limit, args.pair_cooldown,
+                                max(PairHealthConfig.max_cooldown_s, args.pair_cooldown))
+    except ValueError as exc:
+        raise ConfigError(f"--pair-failure-limit / --pair-cooldown: {exc}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     if args.max_migrations < 0:
         raise ConfigError(f"--max-migrations must be 0 or more, got {args.max_migrations}")
@@ -243,7 +259,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         grpc_host=args.grpc_host or args.host,
         grpc_port=args.grpc_port,
         shutdown_grace_s=args.shutdown_grace,
-        registry=RegistryConfig(args.heartbeat_interval, args.worker_lease),
+        registry=RegistryConfig(args.heartbeat_interval, args.worker_lease, pairs=_pairs(args)),
         admission=AdmissionConfig(max_waiting=args.max_queue, timeout_s=args.queue_timeout),
         dispatch=DispatchConfig(ttft_slo_ms=_profile(args).ttft_slo_ms, max_migrations=args.max_migrations),
         placement=_placement(args),

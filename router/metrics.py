@@ -5,9 +5,11 @@ tokens, request outcomes, KV transfers as the prefill workers report them, and e
 ``kvferry_router_request_phase_seconds{model_name,phase}``, phases as in timings.py). Where prefill ran
 (``kvferry_router_prefill_decisions_total{decision,reason}``, placement.py) and requests moved after a
 worker was lost (``kvferry_router_migrations_total{cause}``) are read from the dispatcher's counts at
-scrape time. Worker-level figures (KV
-blocks used/free per worker, queued prefill tokens, cumulative transfer bytes and seconds) are read from
-the worker registry at scrape time by a collector, so they are never staler than the last heartbeat.
+scrape time. Worker-level figures (KV blocks used/free per worker, queued prefill tokens, cumulative
+transfer bytes and seconds), KV-transfer failures per worker pair
+(``kvferry_router_pair_failures_total{prefill,decode,reason}``) and the pairs excluded for them
+(``kvferry_router_pairs_excluded``, pair_health.py) are read from the worker registry at scrape time by
+a collector, so they are never staler than the last heartbeat.
 """
 
 from __future__ import annotations
@@ -48,6 +50,22 @@ class _WorkerCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         yield from self._worker_metrics()
         yield from self._router_metrics()
+        yield from self._pair_metrics()
+
+    def _pair_metrics(self) -> Iterable[Metric]:
+        """KV-transfer failures per (prefill, decode) pair and the pairs out of placement (pair_health.py)."""
+        pairs = self.workers.pairs
+        failures = CounterMetricFamily(
+            "kvferry_router_pair_failures", "KV transfers that failed between a prefill and a decode worker "
+            "(worker names), by the transport's reason", labels=["prefill", "decode", "reason"],
+        )
+        for (prefill, decode, reason), n in sorted(pairs.failures_total.items()):
+            failures.add_metric([prefill, decode, reason], n)
+        yield failures
+        yield GaugeMetricFamily(
+            "kvferry_router_pairs_excluded", "prefill-decode pairs left out of placement for a cool-down after "
+            "KV-transfer failures in a row", value=len(pairs.excluded_pairs()),
+        )
 
     def _worker_metrics(self) -> Iterable[Metric]:
         """One series per registered worker, from its last heartbeat and the router's own counts."""

@@ -274,6 +274,8 @@ async def health(request: Request) -> JSONResponse:
              "seconds_ago": round(reg.clock() - w.lost_at, 1), "times_lost": w.times_lost}
             for w in reg.lost.values()
         ],
+        # Prefill -> decode pairs whose KV transfers failed in a row, out of placement for a cool-down.
+        "excluded_pairs": [dataclasses.asdict(p) for p in reg.pairs.excluded_pairs()],
     }
     return JSONResponse(body, status_code=200 if ready else 503)
 

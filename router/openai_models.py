@@ -458,6 +458,14 @@ class LostWorker(BaseModel):
     times_lost: int
 
 
+class ExcludedPair(BaseModel):
+    prefill: str
+    decode: str
+    reason: str = Field(description="the last KV-transfer failure: unavailable, incompatible, deadline, corrupt")
+    failures: int = Field(description="KV-transfer failures in a row")
+    seconds_left: float = Field(description="until the pair is tried again")
+
+
 class HealthResponse(BaseModel):
     """200 when the router can serve (a colocated worker, or a prefill and a decode worker), else 503."""
 
@@ -466,3 +474,6 @@ class HealthResponse(BaseModel):
     queued: int
     running: int
     lost_workers: list[LostWorker] = Field(description="workers whose heartbeats stopped, not back under their name")
+    excluded_pairs: list[ExcludedPair] = Field(
+        description="prefill -> decode worker pairs whose KV transfers failed in a row: no requests on them until "
+                    "their cool-down ends")

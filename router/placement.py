@@ -36,6 +36,7 @@ DECISIONS = (
     ("local", "colocated"),
     ("local", "always"),
     ("local", "no_prefill_worker"),
+    ("local", "prefill_unreachable"),  # prefill workers there are, but none whose KV reaches this one
     ("local", "short_prompt"),
     ("local", "cached"),
     ("local", "prefill_busy"),

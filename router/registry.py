@@ -16,7 +16,8 @@ Picking (``pick_decode`` then ``pick_prefill``):
   both count; neither alone spreads load when workers differ in size.
 - prefill: the live, non-draining prefill worker with the fewest queued prefill tokens (as reported plus
   what the router sent since), then fewest in flight. Prefill time is roughly linear in prompt tokens, so
-  queued tokens predict TTFT better than a request count.
+  queued tokens predict TTFT better than a request count. Only those whose KV reaches the decode worker
+  picked count: ``pairs`` (pair_health.py) leaves out a pair whose transfers kept failing, for a while.
 
 Whether the decode worker prefills a prompt itself is ``placement.py``'s call; for it each decode worker
 keeps ``recent_blocks``, the router's estimate of that worker's prefix cache.
@@ -35,6 +36,7 @@ from typing import Callable
 
 from kvferry.common.fingerprint import KVFingerprint
 from kvferry.common.worker import WorkerRole, WorkerStats
+from kvferry.router.pair_health import PairHealth, PairHealthConfig
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +142,7 @@ class RegistryConfig:
     # A worker whose engine loop has been inside one turn this long is wedged (a chunked-prefill step
     # takes seconds at most): it gets no new work and its requests move, though its heartbeats go on.
     stalled_after_s: float = 30.0
+    pairs: PairHealthConfig = field(default_factory=PairHealthConfig)  # KV-transfer failures per pair
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval_s < self.lease_s:
@@ -158,6 +161,10 @@ class WorkerRegistry:
     newly_stalled: list[Worker] = field(default_factory=list)  # see take_newly_stalled
     _times_lost: dict[str, int] = field(default_factory=dict)  # name -> expiries so far (a flapping worker)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    pairs: PairHealth = field(init=False)  # which prefill workers' KV reaches which decode workers
+
+    def __post_init__(self) -> None:
+        self.pairs = PairHealth(self.config.pairs, self.clock)
 
     # --- membership -------------------------------------------------------------------------------
 
@@ -185,7 +192,7 @@ class WorkerRegistry:
         # A worker re-registering from the same address (restart, or after expiry) replaces its old
         # entry: stale peers must not linger next to their successors.
         for old in [w for w in self.workers.values() if w.address == address]:
-            del self.workers[old.worker_id]
+            self._remove(old)
         if name and self.lost.pop(name, None) is not None:
             logger.info("worker %s is back at %s", name, address)
         worker_id = f"{role.name.lower()}-{next(self._ids)}"
@@ -228,15 +235,19 @@ class WorkerRegistry:
         if draining:
             worker.draining = True
         else:
-            del self.workers[worker_id]
+            self._remove(worker)
         return True
+
+    def _remove(self, worker: Worker) -> None:
+        del self.workers[worker.worker_id]
+        self.pairs.forget_worker(worker.worker_id)
 
     def expire(self) -> list[Worker]:
         """Remove the workers whose lease ran out; returns them."""
         deadline = self.clock() - self.config.lease_s
         dead = [w for w in self.workers.values() if w.last_heartbeat < deadline]
         for w in dead:
-            del self.workers[w.worker_id]
+            self._remove(w)
             times = self._times_lost[w.name] = self._times_lost.get(w.name, 0) + 1
             self.lost[w.name] = LostWorker(w.name, w.role, w.address, self.clock(), times)
         return dead
@@ -283,8 +294,15 @@ class WorkerRegistry:
 
         return max(candidates, key=score)
 
-    def pick_prefill(self, exclude: frozenset[str] = frozenset()) -> Worker | None:
-        candidates = [w for w in self.live(WorkerRole.PREFILL) if w.worker_id not in exclude]
+    def reachable_prefill(self, decode: Worker | None, exclude: frozenset[str] = frozenset()) -> list[Worker]:
+        """Live prefill workers not in ``exclude`` whose KV reaches ``decode`` (pair_health.py: a pair
+        that failed its transfers in a row is out for a cool-down); ``decode`` None: every one."""
+        return [w for w in self.live(WorkerRole.PREFILL) if w.worker_id not in exclude
+                and (decode is None or not self.pairs.excluded(w.worker_id, decode.worker_id))]
+
+    def pick_prefill(self, exclude: frozenset[str] = frozenset(), decode: Worker | None = None) -> Worker | None:
+        """The prefill worker for a prompt whose KV goes to ``decode``, or None."""
+        candidates = self.reachable_prefill(decode, exclude)
         if not candidates:
             return None
         return min(

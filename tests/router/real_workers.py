@@ -28,13 +28,14 @@ class RealWorker:
     server: object
     address: str
 
-    def register(self, router_grpc_address: str, role: str | None = None):
-        """A started ``RouterRegistration`` (role defaults to the worker's own); ``stop()`` it after."""
+    def register(self, router_grpc_address: str, role: str | None = None, name: str = ""):
+        """A started ``RouterRegistration`` (role defaults to the worker's own; ``name`` to
+        ``<role>-test``); ``stop()`` it after."""
         from kvferry.worker_common.registration import RouterRegistration
 
         role = role or self.role
         registration = RouterRegistration(router_grpc_address, role, self.address, self.worker.engine.fingerprint,
-                                          self.worker.stats, f"{role}-test")
+                                          self.worker.stats, name or f"{role}-test")
         registration.start(10)
         return registration
 
@@ -43,34 +44,49 @@ class RealWorker:
         self.server.stop(None)
 
 
+def start_decode(config: EngineConfig | None = None, decode_config=None, advertise_host: str | None = None,
+                 worker_id: str = "decode-test") -> RealWorker:
+    """A started decode worker on 127.0.0.1; ``advertise_host``: the host its reservations give prefill
+    workers for the KV (its own by default; another one makes its KV port one they cannot reach)."""
+    from kvferry.decode_worker.service import create_decode_server
+    from kvferry.decode_worker.worker import DecodeWorker, DecodeWorkerConfig
+    from kvferry.engine.engine import LLMEngine
+
+    decode = DecodeWorker(LLMEngine(config or small_engine_config(), role="decode"),
+                          decode_config or DecodeWorkerConfig(), worker_id=worker_id)
+    server, _, port = create_decode_server(decode, "127.0.0.1", 0, advertise_host=advertise_host)
+    decode.start()
+    server.start()
+    return RealWorker("decode", decode, server, f"127.0.0.1:{port}")
+
+
+def start_prefill(config: EngineConfig | None = None, prefill_step_model=None, prefill_config=None,
+                  worker_id: str = "prefill-test") -> RealWorker:
+    """A started prefill worker on 127.0.0.1 that pushes KV over gRPC; ``prefill_step_model``: a fixed
+    step-time model for its engine; ``prefill_config``: its ``PrefillWorkerConfig``."""
+    from kvferry.engine.engine import LLMEngine
+    from kvferry.prefill_worker.service import create_prefill_server
+    from kvferry.prefill_worker.worker import PrefillWorker
+    from kvferry.transport.grpc_transport import GrpcKVSender
+
+    engine = LLMEngine(config or small_engine_config(), role="prefill")
+    if prefill_step_model is not None:
+        engine.scheduler.step_model = prefill_step_model
+    prefill = PrefillWorker(engine, GrpcKVSender(engine.fingerprint, sender_id=worker_id), prefill_config,
+                            worker_id=worker_id)
+    server, _, port = create_prefill_server(prefill, "127.0.0.1", 0)
+    prefill.start()
+    server.start()
+    return RealWorker("prefill", prefill, server, f"127.0.0.1:{port}")
+
+
 def start_decode_and_prefill(
     config: EngineConfig | None = None, decode_config=None, prefill_step_model=None
 ) -> tuple[RealWorker, RealWorker]:
     """(decode, prefill), started; the prefill worker pushes KV to the decode worker over gRPC.
     ``config``: both engines' (default ``small_engine_config()``); ``decode_config``: the decode worker's
     ``DecodeWorkerConfig``; ``prefill_step_model``: a fixed step-time model for the prefill engine."""
-    from kvferry.decode_worker.service import create_decode_server
-    from kvferry.decode_worker.worker import DecodeWorker, DecodeWorkerConfig
-    from kvferry.engine.engine import LLMEngine
-    from kvferry.prefill_worker.service import create_prefill_server
-    from kvferry.prefill_worker.worker import PrefillWorker
-    from kvferry.transport.grpc_transport import GrpcKVSender
-
-    config = config or small_engine_config()
-    decode = DecodeWorker(LLMEngine(config, role="decode"), decode_config or DecodeWorkerConfig(),
-                          worker_id="decode-test")
-    prefill_engine = LLMEngine(config, role="prefill")
-    if prefill_step_model is not None:
-        prefill_engine.scheduler.step_model = prefill_step_model
-    prefill = PrefillWorker(prefill_engine, GrpcKVSender(decode.fingerprint, sender_id="prefill-test"),
-                            worker_id="prefill-test")
-    started = []
-    for role, worker, create in (("decode", decode, create_decode_server), ("prefill", prefill, create_prefill_server)):
-        server, _, port = create(worker, "127.0.0.1", 0)
-        worker.start()
-        server.start()
-        started.append(RealWorker(role, worker, server, f"127.0.0.1:{port}"))
-    return started[0], started[1]
+    return start_decode(config, decode_config), start_prefill(config, prefill_step_model)
 
 
 def assert_unharmed(router_url: str, workers: tuple[RealWorker, ...], log_records) -> None:
