@@ -40,7 +40,7 @@ from kvferry.engine.device import kv_cache_sizing
 from kvferry.engine.profiles import profile_argv
 from kvferry.proto.cluster_security import TOKEN_ENV
 from kvferry.router.auth import API_KEY_ENV
-from kvferry.router.launch_serve import Child, curl_example
+from kvferry.router.serve_common import Child, curl_example, router_flags_argv
 
 logger = logging.getLogger("kvferry.serve")
 
@@ -52,11 +52,7 @@ def router_argv(args: argparse.Namespace) -> list[str]:
     argv = [sys.executable, "-m", "kvferry.cli", "router", "--host", args.host, "--port", str(args.port),
             "--grpc-port", str(args.grpc_port), "--shutdown-grace", str(args.shutdown_grace)]
     argv += _model_argv(args) + profile_argv(args)  # the router sends what is left of the TTFT target
-    for flag in ("local_prefill", "local_prefill_max_tokens", "local_prefill_cached_fraction", "max_migrations",
-                 "worker_lease"):
-        if getattr(args, flag, None) is not None:
-            argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    return argv
+    return argv + router_flags_argv(args)
 
 
 def worker_argv(args: argparse.Namespace, router_address: str, device: str) -> list[str]:

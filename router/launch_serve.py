@@ -18,12 +18,10 @@ Lifecycle:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -39,6 +37,7 @@ from kvferry.log_config import log_environment
 from kvferry.proto.cluster_security import TOKEN_ENV
 from kvferry.router.auth import API_KEY_ENV
 from kvferry.router.placement import add_placement_arguments
+from kvferry.router.serve_common import POLL_S, Child, add_router_flag_arguments, curl_example, router_flags_argv
 from kvferry.router.serve_worker_flags import add_worker_arguments, worker_argv
 from kvferry.router.supervisor import RestartPolicy, Supervisor
 from kvferry.transport.negotiation import KV_TRANSPORT_CHOICES
@@ -46,60 +45,6 @@ from kvferry.transport.negotiation import KV_TRANSPORT_CHOICES
 logger = logging.getLogger("kvferry.serve")
 
 STARTUP_TIMEOUT_S = 300.0  # model loading on a small CPU box
-POLL_S = 0.25
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the launcher dies, however it dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: the launcher's own shutdown path still stops its children
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    process: subprocess.Popen | None = None
-
-    def start(self, env: dict[str, str]) -> None:
-        logger.info("starting %s: %s", self.name, " ".join(self.argv))
-        self.process = subprocess.Popen(
-            self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent,
-        )
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    @property
-    def exit_code(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def terminate(self) -> None:
-        if self.alive:
-            self.process.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout: float, force: threading.Event | None = None) -> bool:
-        """Wait for the process to exit; False on timeout or when ``force`` is set (a second Ctrl-C)."""
-        if self.process is None:
-            return True
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not (force is not None and force.is_set()):
-            try:
-                self.process.wait(POLL_S)
-                return True
-            except subprocess.TimeoutExpired:
-                continue
-        return self.process.poll() is not None
-
-    def kill(self) -> None:
-        if self.alive:
-            logger.warning("%s did not stop in time: killing it", self.name)
-            self.process.kill()
-            self.process.wait(10)
 
 
 @dataclass
@@ -183,10 +128,7 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
     if args.max_model_len:
         common += ["--max-model-len", str(args.max_model_len)]
     router_argv += common + profile_argv(args)  # the router sends what is left of the TTFT target
-    for flag in ("local_prefill", "local_prefill_max_tokens", "local_prefill_cached_fraction", "max_migrations",
-                 "worker_lease"):
-        if getattr(args, flag, None) is not None:
-            router_argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    router_argv += router_flags_argv(args)
     worker_common = [*common, *profile_argv(args), "--router", router_addr, "--host", args.host, "--port", "0"]
     if args.dtype:
         worker_common += ["--dtype", args.dtype]
@@ -242,13 +184,6 @@ def device_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def curl_example(url: str, model: str, api_key: str = "") -> str:
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello in French."}],
-                       "max_tokens": 32})
-    auth = " -H 'Authorization: Bearer <your API key>'" if api_key else ""  # the key itself stays off the screen
-    return f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
-
-
 def _model_name(url: str, api_key: str = "") -> str:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
@@ -268,12 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prefill", type=int, default=1, help="prefill workers (default 1; none with --colocated)")
     parser.add_argument("--num-decode", type=int, default=1,
                         help="decode workers, or colocated ones with --colocated (default 1)")
-    parser.add_argument("--max-migrations", type=int, default=None,
-                        help="times one request may move to another worker after the one it ran on was lost "
-                             "(the router's flag; default 2)")
-    parser.add_argument("--worker-lease", type=float, default=None,
-                        help="seconds without a heartbeat before the router drops a worker and moves its "
-                             "requests (the router's flag; default 3)")
+    add_router_flag_arguments(parser)  # --max-migrations, --worker-lease, --pair-*: passed to the router
     parser.add_argument("--max-restarts", type=int, default=RestartPolicy.max_restarts,
                         help="a process that exits this many times within --restart-window is not started again "
                              f"(default {RestartPolicy.max_restarts})")

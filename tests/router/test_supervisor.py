@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
-from kvferry.router.launch_serve import Child
+from kvferry.router.serve_common import Child
 from kvferry.router.supervisor import RestartPolicy, Supervisor
 from waiting import wait_until
 
