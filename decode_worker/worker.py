@@ -34,9 +34,10 @@ from kvferry.common.sampling import SamplingParams, TokenLogprobs
 from kvferry.common.timings import PrefillTimings
 from kvferry.common.worker import NoRoom, WorkerRole, WorkerStats
 from kvferry.engine.engine import LLMEngine, RequestOutput
-from kvferry.engine.engine_loop import EngineLoop, busy_ms
+from kvferry.engine.engine_loop import EngineLoop
 from kvferry.transport.base import FirstToken, TransferError, TransferState
 from kvferry.transport.receiver import KVReceiver
+from kvferry.worker_common.stats import engine_stats
 
 logger = logging.getLogger(__name__)
 
@@ -195,28 +196,22 @@ class DecodeWorker:
         return bool(self._loop.call(lambda: self._abort(request_id, "abort", reason)))
 
     def stats(self) -> WorkerStats:
-        bm = self.engine.block_manager
         tracked = list(self._tracked.values())
         reserved = sum(1 for t in tracked if t.waiting_for_kv and not t.finished)
         r = self.receiver
-        return WorkerStats(
-            role=WorkerRole.DECODE,
-            instance_id=self.instance_id,
-            block_size=bm.block_size,
-            total_kv_blocks=bm.num_blocks,
-            free_kv_blocks=bm.num_free_blocks,
-            used_kv_blocks=bm.num_used_blocks,
+        return engine_stats(
+            self.engine,
+            self._loop,
+            WorkerRole.DECODE,
+            self.instance_id,
             running_requests=sum(1 for t in tracked if not t.waiting_for_kv and not t.finished),
             waiting_requests=reserved,
             queued_prefill_tokens=self._queued_local_prefill_tokens(tracked),
-            max_running_requests=self.max_num_seqs,
             kv_bytes_received_total=r.bytes_received_total,
             kv_transfer_seconds_total=r.transfer_seconds_total,
             kv_transfers_total=r.transfers_total,
             kv_transfer_failures_total=self.counters.transfers_failed_total,
             leases_expired_total=self.counters.leases_expired_total,
-            requests_rejected_total=self.engine.scheduler.num_rejected,
-            engine_busy_ms=busy_ms(self._loop),
         )
 
     def _queued_local_prefill_tokens(self, tracked: list[_Tracked]) -> int:

@@ -34,7 +34,7 @@ from kvferry.common.sampling import SamplingParams, TokenLogprobs
 from kvferry.common.timings import PrefillTimings
 from kvferry.common.worker import NoRoom, SLORefusal, WorkerRole, WorkerStats
 from kvferry.engine.engine import LLMEngine, RequestOutput
-from kvferry.engine.engine_loop import EngineLoop, busy_ms
+from kvferry.engine.engine_loop import EngineLoop
 from kvferry.transport.base import (
     FirstToken,
     KVSender,
@@ -44,6 +44,7 @@ from kvferry.transport.base import (
     TransferErrorCode,
     TransferState,
 )
+from kvferry.worker_common.stats import engine_stats
 
 logger = logging.getLogger(__name__)
 
@@ -176,26 +177,20 @@ class PrefillWorker:
         return bool(self._loop.call(lambda: self._abort(request_id, "aborted by request")))
 
     def stats(self) -> WorkerStats:
-        bm = self.engine.block_manager
         jobs = list(self._jobs.values())
         queued = [j for j in jobs if j.first is None]
-        return WorkerStats(
-            role=WorkerRole.PREFILL,
-            instance_id=self.worker_id,
-            block_size=bm.block_size,
-            total_kv_blocks=bm.num_blocks,
-            free_kv_blocks=bm.num_free_blocks,
-            used_kv_blocks=bm.num_used_blocks,
+        return engine_stats(
+            self.engine,
+            self._loop,
+            WorkerRole.PREFILL,
+            self.worker_id,
             running_requests=len(jobs) - len(queued),
             waiting_requests=len(queued),
             queued_prefill_tokens=sum(j.num_prompt_tokens for j in queued),
-            max_running_requests=self.engine.config.scheduler.max_num_seqs,
             kv_bytes_sent_total=self.kv_bytes_sent_total,
             kv_transfer_seconds_total=self.kv_transfer_seconds_total,
             kv_transfers_total=self.kv_transfers_total,
             kv_transfer_failures_total=self.kv_transfer_failures_total,
-            requests_rejected_total=self.engine.scheduler.num_rejected,
-            engine_busy_ms=busy_ms(self._loop),
         )
 
     # ---- the loop (its thread) -------------------------------------------------------------------
