@@ -13,21 +13,9 @@ import sys
 from types import ModuleType
 
 import kvferry
+from kvferry.commands import COMMANDS
 from kvferry.config_file import add_config_argument, apply_settings
 from kvferry.log_config import add_logging_arguments, configure_logging
-
-COMMANDS = {
-    "generate": "generate text for one prompt and print it",
-    "chat": "interactive chat with the model's chat template",
-    "serve": "router + prefill and decode workers on this machine, supervised",
-    "router": "run the router (HTTP OpenAI API + gRPC Generate)",
-    "prefill": "run a prefill worker that registers with a router",
-    "decode": "run a decode worker that registers with a router",
-    "scale": "resize the pools of a `kvferry serve --ray` deployment at run time",
-    "status": "the router's workers: roles, KV cache in use, load, heartbeats",
-    "build-kernels": "compile the C++ CPU kernels for this machine (make setup does)",
-    "bench": "benchmark an OpenAI-compatible server: goodput sweeps and plots",
-}
 
 
 def load(command: str) -> ModuleType:

@@ -17,6 +17,8 @@ import shlex
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from kvferry.commands import COMMANDS
+
 ENV_PREFIX = "KVFERRY_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 _TRUE = {"1", "true", "yes", "on"}
@@ -86,8 +88,6 @@ def load_config(path: str, command: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise SettingError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    from kvferry.cli import COMMANDS
-
     # A mapping under a command's name is a section; a plain value is a flag (`router: host:port`).
     sections = {k for k, v in data.items() if k in COMMANDS and isinstance(v, dict)}
     settings = {str(k): v for k, v in data.items() if k not in sections}
