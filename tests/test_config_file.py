@@ -17,6 +17,7 @@ import pytest
 
 from kvferry.cli import add_command_arguments, load
 from kvferry.config_file import apply_settings
+from loopback import free_port
 from waiting import wait_until
 
 
@@ -92,14 +93,8 @@ def test_bad_settings_exit_2_naming_where(config, capsys, text, env, argv, messa
         assert path in err  # the file is named
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_router_process_takes_file_environment_and_flags(config):
-    http_port, file_port, grpc_port = _free_port(), _free_port(), _free_port()
+    http_port, file_port, grpc_port = free_port(), free_port(), free_port()
     path = config(f"served-model-name: from-file\nport: {file_port}\nrouter:\n  log-format: json\n")
     env = {**os.environ, "KVFERRY_GRPC_PORT": str(grpc_port), "KVFERRY_LOG_LEVEL": "info"}
     process = subprocess.Popen([sys.executable, "-m", "kvferry.cli", "router", "--config", path, "--port",

@@ -12,13 +12,7 @@ import pytest
 from kvferry.log_config import configure_logging, log_environment
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def test_json_lines_at_the_chosen_level(capsys):

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import grpc
 import httpx
+
+from loopback import free_port
+from waiting import wait_for
 
 from kvferry.proto import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -22,22 +23,6 @@ STARTUP_TIMEOUT_S = 240.0
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 CHAT = [{"role": "user", "content": "Name three colors."}]
 MAX_TOKENS = 12
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(cond, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def http_ok(url: str) -> bool:

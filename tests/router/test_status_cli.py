@@ -5,7 +5,6 @@ and state; the cluster token is honoured, from the flag or the environment."""
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
@@ -17,14 +16,7 @@ from router_test_workers import ScriptedDecode, ScriptedPrefill, WorkerProcess
 TOKEN = "status-token"
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """`kvferry` sets up the root logger for its command; later tests get theirs (and pytest's) back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")  # `kvferry` sets up the root logger for its command
 
 
 @pytest.fixture
