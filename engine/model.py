@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kvferry.engine.config import ModelConfig, RopeScaling
+from kvferry.engine import kv_memory
 from kvferry.engine.cpu_decode_path import CpuDecodePath
 from kvferry.kernels import cpu_features, cpu_kernels, dispatch, quant
 from kvferry.kernels.attention import AttentionMetadata
@@ -395,6 +396,10 @@ def allocate_kv_caches(
     dtype: torch.dtype,
     device: str | torch.device = "cpu",
 ) -> list[Tensor]:
-    """One zeroed ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` tensor per layer."""
+    """One zeroed ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` tensor per layer. On the CPU
+    under Linux they live in one memfd (``engine/kv_memory.py``), which a decode worker on the same
+    host can map read-only and copy blocks out of (the shm plane's one copy); elsewhere plain zeros."""
     shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    if torch.device(device).type == "cpu" and kv_memory.memfd_supported():
+        return kv_memory.shared_zeros([shape] * config.num_layers, dtype)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]

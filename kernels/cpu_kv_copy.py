@@ -7,6 +7,8 @@ transfer's critical path next to gRPC's own copies, so the C++ versions:
 - ``pack_rows``: builds the message (a header, then the rows) as one new ``bytes`` with the GIL
   released, so gRPC's threads run while the next message is built (the reference, ``b"".join`` of
   memoryviews, holds the GIL throughout).
+- ``copy_rows``: the shm plane's one copy, rows of the prefill worker's cache (mapped read-only) by
+  id straight into the decode worker's blocks, with the same streaming stores as ``scatter_rows``.
 - ``scatter_rows``: writes a received chunk's rows into their blocks with streaming stores, which skip
   reading each destination line first (the blocks are cold and not read until a later decode step);
   the reference is ``index_put_`` on the rows viewed as 8-byte words.
@@ -77,3 +79,24 @@ def scatter_rows(cache_rows: torch.Tensor, data: memoryview | bytes, row_ids: to
         scatter_rows_ref(cache_rows, data, row_ids)
     else:
         ext.scatter_rows(cache_rows, data, row_ids)
+
+
+def copy_rows_ref(cache_rows: torch.Tensor, row_ids: torch.Tensor, src, src_row_ids: torch.Tensor) -> None:
+    row_bytes = cache_rows.shape[1]
+    with warnings.catch_warnings():  # a read-only buffer is fine: we only copy out of it
+        warnings.simplefilter("ignore", UserWarning)
+        rows = torch.frombuffer(src, dtype=torch.uint8)
+    rows = rows[: rows.numel() // row_bytes * row_bytes].view(-1, row_bytes)
+    if len(src_row_ids) and not 0 <= int(src_row_ids.min()) <= int(src_row_ids.max()) < rows.shape[0]:
+        raise IndexError(f"copy_rows: source rows out of range [0, {rows.shape[0]})")
+    scatter_rows_ref(cache_rows, memoryview(rows.index_select(0, src_row_ids).numpy()), row_ids)
+
+
+def copy_rows(cache_rows: torch.Tensor, row_ids: torch.Tensor, src, src_row_ids: torch.Tensor) -> None:
+    """``cache_rows[row_ids[i]] = src_rows[src_row_ids[i]]``, ``src`` any buffer (read-only is fine) of
+    whole ``row_bytes`` rows; ``cache_rows`` ``[num_rows, row_bytes]`` uint8, contiguous, CPU."""
+    ext = load()
+    if ext is None:
+        copy_rows_ref(cache_rows, row_ids, src, src_row_ids)
+    else:
+        ext.copy_rows(cache_rows, row_ids, src, src_row_ids)

@@ -93,9 +93,36 @@ void scatter_rows(torch::Tensor cache_rows, py::buffer data, torch::Tensor row_i
 #endif
 }
 
+// cache_rows[row_ids[i]] = src rows[src_row_ids[i]] for every i: one gather-scatter from another
+// process's read-only mapping of its cache (``src``, any buffer of whole rows) straight into the blocks.
+void copy_rows(torch::Tensor cache_rows, torch::Tensor row_ids, py::buffer src, torch::Tensor src_row_ids) {
+  check_rows(cache_rows, row_ids, "copy_rows");
+  py::buffer_info info = src.request();  // read-only buffers are fine: we only read them
+  const int64_t row_bytes = cache_rows.size(1);
+  const int64_t n = row_ids.numel();
+  const int64_t src_rows = (info.size * info.itemsize) / row_bytes;
+  TORCH_CHECK(src_row_ids.device().is_cpu() && src_row_ids.is_contiguous() && src_row_ids.dim() == 1 &&
+                  src_row_ids.dtype() == torch::kInt64 && src_row_ids.numel() == n,
+              "copy_rows: src_row_ids must be a contiguous CPU int64 tensor as long as row_ids");
+  const int64_t* src_ids = src_row_ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(src_ids[i] >= 0 && src_ids[i] < src_rows, "copy_rows: source row ", src_ids[i],
+                " out of range [0, ", src_rows, ")");
+  }
+  const char* from = static_cast<const char*>(info.ptr);
+  char* dst = static_cast<char*>(cache_rows.data_ptr());
+  const int64_t* ids = row_ids.data_ptr<int64_t>();
+  py::gil_scoped_release nogil;
+  for (int64_t i = 0; i < n; ++i) store_row_streaming(dst + ids[i] * row_bytes, from + src_ids[i] * row_bytes, row_bytes);
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_rows", &pack_rows, "prefix + cache rows, as one new bytes object (GIL released while copying)");
   m.def("scatter_rows", &scatter_rows, "copy a buffer's rows into cache rows (streaming stores, GIL released)");
+  m.def("copy_rows", &copy_rows, "copy rows of a buffer, by id, into cache rows (streaming stores, GIL released)");
 }
