@@ -25,7 +25,8 @@ import time
 from kvferry.transport.base import TransferError, TransferErrorCode
 
 HEADER = struct.Struct("<B3xIQQQ")
-HELLO, OPEN, DATA, FINISH, ACK, ERROR, ABORT, HELLO_OK, SLOT_DATA, SLOT_FREE = range(1, 11)
+HEADER_SEQ = struct.Struct("<q")  # a READY frame's payload opens with the transfer's guard value
+HELLO, OPEN, DATA, FINISH, ACK, ERROR, ABORT, HELLO_OK, SLOT_DATA, SLOT_FREE, CACHE, READY = range(1, 13)
 MAX_CONTROL_BYTES = 1 << 20  # a header, trailer or error message; larger is a protocol error
 IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
 

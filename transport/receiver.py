@@ -324,6 +324,25 @@ class ReceiveSession:
                 self._receiver.cache_rows[layer_idx].index_copy_(0, target, rows)
             self._advance(layer_idx, offset, n, b"")
 
+    def copy_rows_from(self, layer_idx: int, offset: int, src, src_row_ids: torch.Tensor) -> None:
+        """Whole rows of the layer's payload copied straight from ``src`` (the prefill worker's cache,
+        mapped read-only: shm's one copy), row ``i`` of the chunk being ``src`` row ``src_row_ids[i]``;
+        hashed from the blocks they were copied into. ``offset`` must start a row."""
+        res, row_bytes = self._res, self._row_bytes
+        n = len(src_row_ids) * row_bytes
+        with res.lock:  # cancel() takes this lock: after it, no copy touches the blocks
+            carry = self._check_chunk(layer_idx, offset, n)
+            if carry or offset % row_bytes or not self._copy_inline:
+                raise self._invalid(f"layer {layer_idx}: shared rows at {offset} (row boundaries, CPU caches only)")
+            row_start = offset // row_bytes
+            target = self._target_rows[row_start : row_start + len(src_row_ids)]
+            cache_rows = self._receiver.cache_rows[layer_idx]
+            cpu_kv_copy.copy_rows(cache_rows, target, src, src_row_ids)
+            if res.checksums is not None:  # over the copied blocks, in payload order
+                for r, k in cpu_kv_copy.row_runs(target.tolist()):
+                    res.checksums.update(layer_idx, cache_rows[r : r + k].numpy())
+            self._advance(layer_idx, offset, n, b"")
+
     def _check_chunk(self, layer_idx: int, offset: int, n: int) -> bytes:
         """Raise unless ``n`` bytes at ``offset`` are the layer's next chunk; returns the partial row
         carried over from the previous chunk. Under the reservation's lock."""

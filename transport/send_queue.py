@@ -106,6 +106,7 @@ class QueuedSendHandle(KVSendHandle):
         self._finished = threading.Event()
         self._first_token: FirstToken | None = None
         self._interrupter = None
+        self._before_fail = None
         self._rows_key: tuple | None = None  # the last layer's (block ids, cache blocks): its row ids
         self._row_ids: list[int] = []
         self._row_index = torch.empty(0, dtype=torch.int64)
@@ -171,6 +172,12 @@ class QueuedSendHandle(KVSendHandle):
         if failed and fn is not None:
             fn()
 
+    def set_before_fail(self, fn) -> None:
+        """``fn()`` (or None to clear) runs when the transfer fails, before ``poll()`` can say FAILED
+        (and the prefill worker free the blocks): shm's one copy revokes the receiver's reads there."""
+        with self._lock:
+            self._before_fail = fn
+
     def _interrupt(self) -> None:
         with self._lock:
             fn = self._interrupter
@@ -227,6 +234,8 @@ class QueuedSendHandle(KVSendHandle):
         with self._lock:
             if self._state is not TransferState.PENDING:
                 return
+            if self._before_fail is not None:
+                self._before_fail()
             self.error = error
             self._state = TransferState.FAILED
         self._interrupt()

@@ -1,6 +1,18 @@
 """The shm data plane: prefill and decode workers on one host (same boot id) move KV through shared
-memory; the socket carries only 32-byte frames.
+memory; the socket carries only frames.
 
+One copy, where it can: a prefill worker's CPU cache lives in a memfd (``engine/kv_memory.py``). The
+sender passes that memfd (a read-only descriptor) and a guard page once per connection (a CACHE frame
+and SCM_RIGHTS), then names each chunk's rows in its own cache (READY: layer, offset, the rows' ids)
+instead of copying them; the receiver copies those rows from its read-only mapping straight into the
+reserved blocks (``copy_rows``: one gather-scatter) and acknowledges the transfer as before. The
+sender holds the blocks until that acknowledgement, as on every plane; a transfer that fails first
+revokes the guard before the blocks can be freed, and the receiver checks the guard after its last
+copy (``shm_cache.py``). Both ends say in HELLO / HELLO_OK whether they take this path (flag
+ONE_COPY); a cache that is not in a memfd (a GPU cache, or any other) and a receiver that declines go
+through the slots below, chunk by chunk.
+
+The slots:
 Each data connection (an abstract-namespace Unix socket, named after the receiver instance) gets its
 own slots: on HELLO the receiver creates a memfd of ``num_slots`` slots, each at least the sender's
 chunk size, maps it and passes the descriptor with SCM_RIGHTS; the sender maps it too. Per chunk the
@@ -38,6 +50,7 @@ from kvferry.transport.host import boot_id
 from kvferry.transport.integrity import LayerChecksums
 from kvferry.transport.receiver import KVReceiver
 from kvferry.transport.send_queue import Chunk, QueuedSendHandle
+from kvferry.transport.shm_cache import Guard, GuardView, SharedCache, find_shared_cache
 from kvferry.transport.stream_client import Connection, ConnectionPool, stream_transfer
 from kvferry.transport.stream_server import ConnectionPayload, StreamDataServer
 
@@ -45,6 +58,8 @@ NAME = "shm"
 MEMFD_NAME = "kvferry-kv-slots"  # shown in /proc/<pid>/maps as /memfd:kvferry-kv-slots
 PAGE = mmap.PAGESIZE
 NO_CHECKSUMS = 1  # HELLO_OK flag (the frame's offset): the receiver verifies no checksums (integrity.py)
+ONE_COPY = 2  # HELLO (its ``a``) and HELLO_OK flag: the sender can share its cache, the receiver copies from it
+MAX_READY_BATCH = 64  # READY frames sent in one write when the engine keeps queueing
 
 
 def start_shm_server(
@@ -62,7 +77,7 @@ def start_shm_server(
 
 
 class ShmSlots(ConnectionPayload):
-    """The receiver's side of one connection's slots."""
+    """The receiver's side of one connection: its slots, and the sender's cache once shared (one copy)."""
 
     def __init__(self, receiver: KVReceiver, num_slots: int, verify_checksums: bool):
         self.receiver = receiver
@@ -71,6 +86,10 @@ class ShmSlots(ConnectionPayload):
         self._freed: list[bytes] = []  # SLOT_FREE frames held back while more SLOT_DATA is waiting
         self.slot_bytes = 0
         self._mm: mmap.mmap | None = None
+        self.one_copy = False  # agreed at HELLO
+        self._cache: mmap.mmap | None = None  # the sender's cache, read-only (PROT_READ)
+        self._guard: GuardView | None = None
+        self._seq: int | None = None  # the one-copy transfer in progress (its guard value)
 
     def on_hello(self, conn, hello, deadline) -> None:
         requested = hello[4]  # the sender's chunk size
@@ -87,6 +106,8 @@ class ShmSlots(ConnectionPayload):
             self._mm = mmap.mmap(fd, self.num_slots * self.slot_bytes)
             conn.settimeout(max(deadline - time.monotonic(), 0.001))
             flags = 0 if self.verify_checksums else NO_CHECKSUMS
+            self.one_copy = bool(hello[1] & ONE_COPY) and self.receiver.cache_rows[0].device.type == "cpu"
+            flags |= ONE_COPY if self.one_copy else 0
             socket.send_fds(conn, [framing.pack(framing.HELLO_OK, self.num_slots, flags, self.slot_bytes)], [fd])
         finally:
             os.close(fd)  # the mapping (and the sender's copy of the descriptor) keep the memory
@@ -100,6 +121,56 @@ class ShmSlots(ConnectionPayload):
         start = slot * self.slot_bytes
         return memoryview(self._mm)[start : start + nbytes]
 
+    def handle(self, conn, frame, session, deadline) -> bool:
+        if frame[0] == framing.CACHE:
+            self._map_cache(conn, frame, deadline)
+        elif frame[0] == framing.READY:
+            self._copy_ready(conn, frame, session, deadline)
+        else:
+            return False
+        return True
+
+    def _map_cache(self, conn, frame, deadline) -> None:
+        if not self.one_copy:
+            raise TransferError(TransferErrorCode.INVALID, "a shared cache on a connection without one copy")
+        size = frame[3]
+        conn.settimeout(max(deadline - time.monotonic(), 0.001))
+        _, fds, _, _ = socket.recv_fds(conn, 1, 2)
+        try:
+            if len(fds) != 2 or os.fstat(fds[0]).st_size < size or size == 0:
+                raise TransferError(TransferErrorCode.INVALID, "a shared cache frame without its memfds")
+            self.close_cache()
+            self._cache = mmap.mmap(fds[0], size, access=mmap.ACCESS_READ)  # PROT_READ: never written here
+            self._guard = GuardView(fds[1])
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _copy_ready(self, conn, frame, session, deadline) -> None:
+        _, layer_idx, offset, nbytes, base = frame
+        row_bytes = self.receiver.cache_rows[0].shape[1]
+        if self._cache is None or nbytes == 0 or nbytes % row_bytes or nbytes > self.receiver.max_chunk_bytes:
+            raise TransferError(TransferErrorCode.INVALID, f"rows ready ({nbytes} bytes) without a shared cache")
+        num_rows = nbytes // row_bytes
+        ids = framing.recv_payload(conn, 8 * (num_rows + 1), deadline, "ready rows")
+        seq, *_ = framing.HEADER_SEQ.unpack_from(ids)
+        if self._seq is not None and seq != self._seq:
+            raise TransferError(TransferErrorCode.INVALID, f"rows of transfer {seq} within transfer {self._seq}")
+        self._seq = seq
+        src_ids = torch.frombuffer(bytearray(ids[8:]), dtype=torch.int64)
+        available = (len(self._cache) - base) // row_bytes if base < len(self._cache) else 0
+        if not 0 <= int(src_ids.min()) <= int(src_ids.max()) < available:
+            raise TransferError(TransferErrorCode.INVALID, f"shared rows out of the sender's cache ({available} rows)")
+        with memoryview(self._cache) as view, view[base:] as src:
+            session.copy_rows_from(layer_idx, offset, src, src_ids)
+
+    def before_finish(self, conn, session) -> None:
+        seq, self._seq = self._seq, None
+        if seq is not None and self._guard.valid() != seq:
+            raise TransferError(
+                TransferErrorCode.ABORTED, "the sender gave the transfer up while its blocks were being copied"
+            )
+
     def done_with(self, conn, frame, deadline) -> None:
         # While the sender's next frames are waiting, its slots are not what it waits for: answer them
         # together (one wake-up of the sender instead of one per chunk).
@@ -112,9 +183,17 @@ class ShmSlots(ConnectionPayload):
             frames, self._freed = self._freed, []
             framing.send_buffers(conn, frames, deadline, "slot free")
 
+    def close_cache(self) -> None:
+        _unmap(self._cache)
+        self._cache = None
+        if self._guard is not None:
+            self._guard.close()
+            self._guard = None
+
     def close(self) -> None:
         _unmap(self._mm)
         self._mm = None
+        self.close_cache()
 
 
 def batch_size(num_slots: int) -> int:
@@ -133,7 +212,9 @@ def _unmap(mm: mmap.mmap | None) -> None:
 
 
 class ShmConnection(Connection):
-    def __init__(self, sock: socket.socket, mm: mmap.mmap, num_slots: int, slot_bytes: int, checksums: bool):
+    def __init__(
+        self, sock: socket.socket, mm: mmap.mmap, num_slots: int, slot_bytes: int, checksums: bool, one_copy: bool
+    ):
         super().__init__(sock)
         self._mm = mm
         self.checksums = checksums  # whether the receiver verifies them
@@ -141,7 +222,13 @@ class ShmConnection(Connection):
         self.slots = torch.frombuffer(mm, dtype=torch.uint8).view(num_slots, slot_bytes)
         self.free = collections.deque(range(num_slots))
         self.batch = batch_size(num_slots)
-        self.pending: list[bytes] = []  # SLOT_DATA frames of filled slots not sent yet
+        self.pending: list[bytes] = []  # SLOT_DATA / READY frames not sent yet
+        self.chunks = {"one_copy": 0, "slots": 0}  # the plane's counts (shared)
+        self.one_copy = one_copy  # the receiver copies from our cache
+        self.guard = Guard() if one_copy else None
+        self.shared: SharedCache | None = None  # the cache the receiver has mapped
+        self.seq = 0  # of the transfer in progress (the guard's value while it may be trusted)
+        self.bases: dict[int, int | None] = {}  # this transfer's layer rows (address) -> offset in the memfd
 
     def flush(self, deadline: float) -> None:
         if self.pending:
@@ -153,13 +240,68 @@ class ShmConnection(Connection):
         self.slots = None  # drops the tensor's export of the mapping, so it can be unmapped
         _unmap(self._mm)
         self._mm = None
+        if self.guard is not None:
+            self.guard.set(0)
+            self.guard.close()
+            self.guard = None
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
+
+    def begin(self, handle: QueuedSendHandle) -> None:
+        """A transfer starts: a new guard value, revoked the moment it fails."""
+        if self.guard is None:
+            return
+        self.seq += 1
+        self.bases = {}
+        self.guard.set(self.seq)
+        guard = self.guard
+        handle.set_before_fail(lambda: guard.set(0))
+
+    def end(self, handle: QueuedSendHandle) -> None:
+        handle.set_before_fail(None)
+        if self.guard is not None:
+            self.guard.set(0)
+
+    def base_of(self, rows: torch.Tensor, deadline: float) -> int | None:
+        """Offset of the layer's rows in the memfd the receiver maps (shared once per connection and
+        cache), or None: not in a memfd, these chunks go through the slots."""
+        key = rows.data_ptr()
+        if key in self.bases:
+            return self.bases[key]
+        base = None if self.shared is None else self.shared.offset_of(rows)
+        if base is None or not self.bases:  # the first layer of a transfer: is this memfd still the one?
+            found = find_shared_cache(rows)
+            if found is not None and (self.shared is None or _inode(found) != _inode(self.shared)):
+                self._share(found, deadline)
+            elif found is not None:
+                found.close()
+            base = None if found is None else self.shared.offset_of(rows)
+        self.bases[key] = base
+        return base
+
+    def _share(self, found: SharedCache, deadline: float) -> None:
+        self.flush(deadline)
+        framing.send_buffers(self.sock, [framing.pack(framing.CACHE, 0, 0, found.size)], deadline, "shm cache")
+        self.sock.settimeout(framing._timeout(deadline, "shm cache"))
+        try:
+            socket.send_fds(self.sock, [b"F"], [found.fd, self.guard.fd])
+        except OSError as e:
+            found.close()
+            raise TransferError(TransferErrorCode.UNAVAILABLE, f"shm cache: {e}") from None
+        if self.shared is not None:
+            self.shared.close()
+        self.shared = found
 
 
 class ShmSenderPlane:
     name = NAME
 
-    def __init__(self, chunk_bytes: int, max_idle_per_peer: int = 8):
+    def __init__(self, chunk_bytes: int, max_idle_per_peer: int = 8, one_copy: bool = True):
+        """``one_copy=False``: always the slots (tests, and the benchmark's comparison)."""
         self.chunk_bytes = chunk_bytes
+        self.one_copy = one_copy
+        self.chunks = {"one_copy": 0, "slots": 0}  # chunks sent each way (tests, the benchmark)
         self.pool = ConnectionPool(self._connect, max_idle_per_peer)
 
     def _connect(self, offer: TransportOffer, deadline: float) -> ShmConnection:
@@ -173,7 +315,7 @@ class ShmSenderPlane:
             except OSError as e:  # another network namespace, or the receiver is gone
                 raise TransferError(TransferErrorCode.UNAVAILABLE, f"{what}: {e}") from None
             ticket = offer.ticket.encode()
-            hello = [framing.pack(framing.HELLO, 0, 0, len(ticket), self.chunk_bytes), ticket]
+            hello = [framing.pack(framing.HELLO, ONE_COPY if self.one_copy else 0, 0, len(ticket), self.chunk_bytes), ticket]
             framing.send_buffers(sock, hello, deadline, what)
             sock.settimeout(framing._timeout(deadline, what))
             msg, fds, _, _ = socket.recv_fds(sock, framing.HEADER.size, 1)
@@ -195,7 +337,11 @@ class ShmSenderPlane:
         finally:
             for fd in fds:
                 os.close(fd)  # mapped (or failed): the descriptor is not needed any more
-        return ShmConnection(sock, mm, num_slots, nbytes, checksums=not flags & NO_CHECKSUMS)
+        conn = ShmConnection(
+            sock, mm, num_slots, nbytes, checksums=not flags & NO_CHECKSUMS, one_copy=bool(flags & ONE_COPY)
+        )
+        conn.chunks = self.chunks
+        return conn
 
     def probe(self, offer: TransportOffer, deadline: float) -> None:
         self.pool.give_back(offer, self.pool.take(offer, deadline))
@@ -207,9 +353,11 @@ class ShmSenderPlane:
             handle.skip_checksums()
         ok = False
         try:
+            conn.begin(handle)
             stream_transfer(conn, handle, header, _send_chunk, on_frame=_slot_freed)
             ok = True
         finally:
+            conn.end(handle)
             handle.set_interrupt(None)
             if ok:
                 self.pool.give_back(offer, conn)
@@ -229,7 +377,15 @@ def _slot_freed(conn: ShmConnection, frame: tuple) -> None:
     conn.free.append(frame[1])
 
 
+def _inode(shared: SharedCache) -> int:
+    return os.fstat(shared.fd).st_ino
+
+
 def _send_chunk(conn: ShmConnection, chunk: Chunk, deadline: float, checksums: LayerChecksums | None) -> None:
+    if conn.one_copy and _announce(conn, chunk, deadline, checksums):
+        conn.chunks["one_copy"] += 1
+        return
+    conn.chunks["slots"] += 1
     if chunk.nbytes > conn.slot_bytes:
         raise TransferError(TransferErrorCode.INVALID, f"chunk of {chunk.nbytes} bytes > slot of {conn.slot_bytes}")
     while not conn.free:  # every slot in flight: wait for the receiver to drain one
@@ -258,3 +414,22 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+def _announce(conn: ShmConnection, chunk: Chunk, deadline: float, checksums: LayerChecksums | None) -> bool:
+    """One copy: name the chunk's rows in our cache (READY) instead of copying them; False when the
+    cache is not shared (the chunk goes through a slot)."""
+    rows = chunk.device_rows
+    if rows.device.type != "cpu":
+        return False
+    base = conn.base_of(rows, deadline)
+    if base is None:
+        return False
+    if checksums is not None:  # over the source blocks, in payload order
+        for view in chunk.views():
+            checksums.update(chunk.layer_idx, view)
+    ids = framing.HEADER_SEQ.pack(conn.seq) + chunk.row_index.numpy().tobytes()
+    conn.pending += [framing.pack(framing.READY, chunk.layer_idx, chunk.offset, chunk.nbytes, base), ids]
+    if len(conn.pending) >= 2 * MAX_READY_BATCH:
+        conn.flush(deadline)
+    return True

@@ -44,6 +44,13 @@ class ConnectionPayload:
     def data(self, conn: socket.socket, frame: tuple[int, int, int, int, int], deadline: float) -> memoryview:
         raise TransferError(TransferErrorCode.INVALID, f"unexpected frame kind {frame[0]}")
 
+    def handle(self, conn: socket.socket, frame: tuple[int, int, int, int, int], session, deadline: float) -> bool:
+        """Frames of the plane's own (shm: a shared cache, blocks ready in it); True when consumed."""
+        return False
+
+    def before_finish(self, conn: socket.socket, session) -> None:
+        """Raise when the KV read so far cannot be trusted (shm's one copy: the sender revoked it)."""
+
     def done_with(self, conn: socket.socket, frame: tuple[int, int, int, int, int], deadline: float) -> None:
         """The chunk is in the blocks; its buffer may be reused."""
 
@@ -185,6 +192,7 @@ class StreamDataServer:
                 kind, a, offset, nbytes, _ = frame
                 if kind == framing.FINISH:
                     trailer = pb.KVTrailer.FromString(framing.recv_payload(conn, nbytes, self._deadline(), "finish"))
+                    payload.before_finish(conn, session)
                     session.finish(trailer_from_proto(trailer))
                     payload.flush(conn, self._deadline())
                     ack = pb.PushKVResponse(
@@ -196,6 +204,8 @@ class StreamDataServer:
                 if kind == framing.ABORT:
                     reason = framing.recv_payload(conn, nbytes, self._deadline(), "abort").decode(errors="replace")
                     raise TransferError(TransferErrorCode.ABORTED, f"sender aborted: {reason}")
+                if payload.handle(conn, frame, session, self._deadline()):
+                    continue
                 data = payload.data(conn, frame, self._deadline())
                 session.write(a, offset, data)
                 if not session.copies_inline:

@@ -58,6 +58,12 @@ def sender(fp, transport: str, address: str, instance_id: str, request_id: str, 
 
     block_ids = [int(b) for b in blocks.split(",")]
     src = caches(fp, max(block_ids) + 1, None)
+    if transport == "shm+memfd":  # the cache in a memfd, as an engine's: shm's one copy
+        from kvferry.engine.kv_memory import shared_zeros
+
+        src, transport = shared_zeros([tuple(c.shape) for c in src], src[0].dtype), "shm"
+        for layer in src:
+            layer.copy_(torch.randn(layer.shape).to(layer.dtype))
     tx = NegotiatedKVSender(fp, sender_id="prefill-peer", kv_transport=transport, chunk_bytes=4096)
     handle = tx.open(KVTarget(address, instance_id, timeout_s=60.0), request_id, len(block_ids))
     for layer_idx in range(num_layers):

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from kvferry.engine.kv_memory import KV_CACHE_MEMFD
 from kvferry.engine.sampling import SamplingParams
 from kvferry.transport.base import KVTarget, TransferError, TransferErrorCode
 from kvferry.transport.negotiation import NegotiatedKVSender
@@ -55,7 +56,13 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+def maps_peer_cache() -> bool:
+    """A read-only mapping of another process's KV cache (shm's one copy)."""
+    with open("/proc/self/maps") as f:
+        return any(KV_CACHE_MEMFD in line and line.split()[1] == "r--s" for line in f)
+
+
+@pytest.mark.parametrize("transport", [*TRANSPORTS, "shm+memfd"])
 def test_sender_killed_mid_transfer_fails_the_reservation_fast_and_frees_its_blocks(decode_worker_factory, transport):
     decode = decode_worker_factory("auto")
     engine = decode.engine
@@ -91,6 +98,7 @@ def test_sender_killed_mid_transfer_fails_the_reservation_fast_and_frees_its_blo
     assert decode.counters.transfers_failed_total == 1
     assert dev_shm() == shm_before
     assert wait_until(lambda: not maps_slots())
+    assert wait_until(lambda: not maps_peer_cache())  # the dead sender's cache is unmapped here
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -104,10 +112,13 @@ def test_receiver_killed_mid_transfer_fails_the_prefill_fast_and_frees_its_block
     peer = spawn("receiver", json.dumps(dataclasses.asdict(fp)), "8", "warm:6", "victim:0,1,2")
     try:
         info = json.loads(read_line(peer))
-        prefill = prefill_worker_factory(NegotiatedKVSender(fp, sender_id="prefill-0", kv_transport=transport))
+        tx = NegotiatedKVSender(fp, sender_id="prefill-0", kv_transport=transport)
+        prefill = prefill_worker_factory(tx)
         target = KVTarget(info["address"], info["instance_id"], timeout_s=60.0)
         warm = prefill.prefill("warm", list(range(3000, 3010)), GREEDY, target)  # negotiates, pools a connection
         assert warm.result(timeout=60).first_token_id >= 0
+        if transport == "shm":  # the engine's cache is in a memfd: the receiver copied from it
+            assert tx.planes["shm"].chunks["one_copy"] > 0 and tx.planes["shm"].chunks["slots"] == 0
         peer.send_signal(signal.SIGSTOP)  # the decode side hangs with the transfer in flight...
         victim = prefill.prefill("victim", list(range(3100, 3141)), GREEDY, target)
         assert wait_until(lambda: prefill.stats().running_requests == 1, timeout_s=30.0)  # KV computed, sending
