@@ -9,7 +9,12 @@ from __future__ import annotations
 import argparse
 
 from kvferry.common.worker import WorkerRole
-from kvferry.worker_common.process import add_engine_arguments, engine_config_from_args, serve
+from kvferry.worker_common.process import (
+    add_engine_arguments,
+    add_kv_checksum_argument,
+    engine_config_from_args,
+    serve,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lease", type=float, default=30.0,
                         help="seconds a reservation waits for its KV (and a stream for its subscriber)")
     parser.add_argument("--colocated", action="store_true", help="prefill locally too (register as colocated)")
+    add_kv_checksum_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_warm_up:
             engine.warm_up()  # seeds the step-time model the scheduler plans with
         worker = DecodeWorker(engine, DecodeWorkerConfig(lease_s=args.lease), worker_id=args.name or "decode")
-        start_receiver_transports(worker.receiver, args.kv_transport, args.host, args.advertise_host)
+        start_receiver_transports(worker.receiver, args.kv_transport, args.host, args.advertise_host,
+                                  kv_checksum=args.kv_checksum)
         if args.metrics_port is not None:
             start_metrics_server(args.metrics_port, args.host, worker.receiver.pair_stats, "receiver")
         server, health, port = create_decode_server(worker, args.host, args.port, args.advertise_host,

@@ -29,7 +29,7 @@ from kvferry.engine.config import CacheConfig, EngineConfig, SchedulerConfig, de
 from kvferry.engine.device import add_device_arguments, device_label, kv_cache_sizing, resolve_device
 from kvferry.engine.profiles import ProfileError, add_profile_arguments, profile_from_args
 from kvferry.proto.cluster_security import add_security_arguments, security_from_args
-from kvferry.transport.negotiation import KV_TRANSPORT_CHOICES
+from kvferry.transport.negotiation import KV_CHECKSUM_CHOICES, KV_TRANSPORT_CHOICES
 from kvferry.worker_common.registration import RegistrationRefused, RouterRegistration
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="give up if the router cannot be reached for this long at start")
     parser.add_argument("--rpc-timeout", type=float, default=3.0, help="deadline of each call to the router")
     add_security_arguments(parser)  # the cluster token (server and every client) and mutual TLS
+
+
+def add_kv_checksum_argument(parser: argparse.ArgumentParser) -> None:
+    """The receiving (decode) worker's choice: the sender hashes whatever the receiver asks for."""
+    parser.add_argument("--kv-checksum", default="auto", choices=KV_CHECKSUM_CHOICES,
+                        help="per-layer xxh3 checksums of received KV: auto (verify every data plane but shm, whose bytes never leave this host's memory) or always (shm too: hashed over the source blocks on the sender, over the copied blocks here)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -269,3 +269,18 @@ def test_checksums_always_catch_a_source_block_changed_before_the_receiver_copie
     finally:
         s.close()
         server.close()
+
+
+def test_decode_worker_takes_kv_checksum_and_serve_passes_it_on():
+    import argparse
+
+    from kvferry.decode_worker.main import add_arguments
+    from kvferry.router.serve_worker_flags import passed_through
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).kv_checksum == "auto"
+    assert parser.parse_args(["--kv-checksum", "always"]).kv_checksum == "always"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-checksum", "never"])
+    assert passed_through()["kv_checksum"][1] == ("decode",)  # kvferry serve --kv-checksum reaches decode workers
