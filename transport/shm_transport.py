@@ -44,6 +44,7 @@ import time
 
 import torch
 
+from kvferry.kernels.cpu_kv_copy import pack_rows
 from kvferry.transport import framing
 from kvferry.transport.base import TransferError, TransferErrorCode, TransportOffer
 from kvferry.transport.host import boot_id
@@ -426,7 +427,10 @@ def _announce(conn: ShmConnection, chunk: Chunk, deadline: float, checksums: Lay
     if base is None:
         return False
     if checksums is not None:  # over the source blocks, in payload order
-        for view in chunk.views():
+        views = chunk.views()
+        if len(views) > 16:  # scattered blocks: one gathered hash call beats one per run (~4 us each)
+            views = [pack_rows(b"", chunk.rows, chunk.row_ids)]
+        for view in views:
             checksums.update(chunk.layer_idx, view)
     ids = framing.HEADER_SEQ.pack(conn.seq) + chunk.row_index.numpy().tobytes()
     conn.pending += [framing.pack(framing.READY, chunk.layer_idx, chunk.offset, chunk.nbytes, base), ids]
