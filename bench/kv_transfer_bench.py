@@ -16,6 +16,10 @@ own ceiling). The trials alternate (all receivers stay up) so that other load on
 alike; each figure is the median of ``--repeats`` transfers after one warm-up round. Prints the ratios
 against the targets: shm >= 0.5x memcpy, tcp >= 0.8x raw TCP, gloo >= 0.6x raw TCP; grpc >= 0.6x.
 Prints the CPU model and its flags first (the figures depend on the machine).
+
+The sender's cache is allocated as an engine's (``allocate_kv_caches``: a memfd on Linux), so shm takes
+its one-copy path (the receiver copies the rows straight out of the sender's cache); "shm-slots" forces
+shm's fallback (rows -> a slot -> the blocks: two copies) on the same cache for comparison.
 """
 
 from __future__ import annotations
@@ -32,11 +36,15 @@ from concurrent import futures
 import torch
 
 from kvferry.engine.config import DTYPES, ModelConfig
+from kvferry.engine.model import allocate_kv_caches
 from kvferry.transport.base import FirstToken, KVFingerprint, KVTarget, TransferState, gather_blocks
 from kvferry.transport.grpc_transport import DEFAULT_CHUNK_BYTES, DEFAULT_WINDOW_BYTES
+from kvferry.transport.negotiation import KV_CHECKSUM_CHOICES
+from kvferry.transport.shm_transport import ShmSenderPlane
 
-TRANSPORTS = ("shm", "tcp", "gloo", "grpc")  # kvferry's data planes measured here (nccl needs two GPUs)
-TARGETS = {"shm": ("memcpy", 0.5), "tcp": ("raw TCP", 0.8), "gloo": ("raw TCP", 0.6), "grpc": ("raw TCP", 0.6)}
+# kvferry's data planes measured here (nccl needs two GPUs); shm-slots: shm's fallback, forced
+TRANSPORTS = ("shm", "shm-slots", "tcp", "gloo", "grpc")
+TARGETS = {"shm": ("memcpy", 0.5), "shm-slots": ("memcpy", 0.5), "tcp": ("raw TCP", 0.8), "gloo": ("raw TCP", 0.6), "grpc": ("raw TCP", 0.6)}
 
 SINK_SERVICE = "kvferry.bench.Sink"  # raw bytes messages, no protobuf, no KV writes
 
@@ -62,7 +70,11 @@ def kv_caches(args, fill: float | None) -> list[torch.Tensor]:
     dtype = DTYPES[args.dtype]
     if fill is not None:
         return [torch.full(shape, fill, dtype=dtype) for _ in range(args.num_layers)]
-    return [torch.randn(shape).to(dtype) for _ in range(args.num_layers)]
+    # The sender's cache as an engine allocates it (a memfd on Linux: shm's one copy reads it in place).
+    caches = allocate_kv_caches(model_config(args), shape[1], args.block_size, dtype)
+    for layer in caches:
+        layer.copy_(torch.randn(shape).to(dtype))
+    return caches
 
 
 # ---- receivers (child processes) ---------------------------------------------------------------------
@@ -76,7 +88,7 @@ def grpc_receiver_main(args, port_queue, request_queue) -> None:
     torch.set_num_threads(1)
     fp = KVFingerprint.from_model(model_config(args), DTYPES[args.dtype], args.block_size)
     receiver = KVReceiver(kv_caches(args, 0.0), fp, receiver_id="bench-decode")
-    start_receiver_transports(receiver, "auto")
+    start_receiver_transports(receiver, "auto", kv_checksum=args.kv_checksum)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=channel_options(args.chunk_bytes, args.window_bytes))
     add_kv_transfer_service(server, receiver)
 
@@ -137,9 +149,13 @@ class KVTrials:
         port, instance_id = self.port_queue.get(timeout=60)
         fp = KVFingerprint.from_model(model_config(args), DTYPES[args.dtype], args.block_size)
         self.senders = {
-            name: NegotiatedKVSender(fp, sender_id="bench-prefill", kv_transport=name, chunk_bytes=args.chunk_bytes)
+            name: NegotiatedKVSender(
+                fp, sender_id="bench-prefill", kv_transport=name.removesuffix("-slots"), chunk_bytes=args.chunk_bytes
+            )
             for name in args.transports
         }
+        if "shm-slots" in self.senders:  # the slots even though the cache is shareable
+            self.senders["shm-slots"].planes["shm"] = ShmSenderPlane(args.chunk_bytes, one_copy=False)
         self.target = KVTarget(f"127.0.0.1:{port}", instance_id, timeout_s=60.0)
         self.src_blocks = list(range(num_blocks(args)))
         self.count = 0
@@ -158,7 +174,7 @@ class KVTrials:
         elapsed = time.perf_counter() - t0
         if state is not TransferState.DONE:
             raise RuntimeError(f"{transport} transfer failed: {handle.error}")
-        if handle.transport != transport:
+        if handle.transport != transport.removesuffix("-slots"):
             raise RuntimeError(f"asked for {transport}, got {handle.transport}")
         return elapsed
 
@@ -236,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--transports", default=",".join(TRANSPORTS), type=lambda s: tuple(s.split(",")),
                         help=f"comma-separated subset of {','.join(TRANSPORTS)}")
+    parser.add_argument("--kv-checksum", default="auto", choices=KV_CHECKSUM_CHOICES,
+                        help="the receiver's setting: always verifies shm too (auto: every plane but shm)")
     parser.add_argument("--quick", action="store_true", help="64 tokens, 4 layers, 2 repeats: a smoke run")
     args = parser.parse_args(argv)
     if unknown := set(args.transports) - set(TRANSPORTS):
@@ -281,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         "memcpy": "one copy_ of the packed bytes, one thread",
         "raw TCP": "loopback sendall -> recv_into, one-byte ack",
         "gRPC bytes only": "same messages, receiver only counts them: gRPC's own ceiling",
-        "shm": "cache rows -> memfd slot -> reserved blocks, checksums, ack",
+        "shm": "one copy: the sender's cache (memfd, mapped read-only) -> reserved blocks, ack",
+        "shm-slots": "the fallback: cache rows -> memfd slot -> reserved blocks, ack",
         "tcp": "cache rows -> sendmsg -> recv_into -> reserved blocks, checksums, ack",
         "gloo": "cache rows -> staging buffer -> Gloo send/recv (the pair's group) -> reserved blocks, checksums, ack",
         "grpc": "cache rows -> PushKV -> reserved blocks, checksums, ack",
