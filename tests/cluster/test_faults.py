@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -38,16 +39,22 @@ def serve(model_path):
         s.stop()
 
 
-def pid_of(serve: Serve, name: str) -> int:
+def child_pid(serve: Serve, matches: Callable[[list[bytes]], bool], what: str) -> int:
+    """The pid of the process under ``serve`` whose command line ``matches``."""
     for pid in children_of(serve.process.pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"--name" in argv and argv[argv.index(b"--name") + 1] == name.encode():
+        if matches(argv):
             return pid
-    raise AssertionError(f"no process named {name}")
+    raise AssertionError(f"no {what} process")
+
+
+def pid_of(serve: Serve, name: str) -> int:
+    return child_pid(serve, lambda argv: b"--name" in argv and argv[argv.index(b"--name") + 1] == name.encode(),
+                     f"--name {name}")
 
 
 def workers_named(serve: Serve) -> dict[str, router_pb2.WorkerInfo]:
@@ -206,15 +213,7 @@ def test_router_killed_comes_back_and_the_workers_register_again(serve, undistur
 
 
 def pid_of_router(serve: Serve) -> int:
-    for pid in children_of(serve.process.pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"router" in argv and b"kvferry.cli" in argv:
-            return pid
-    raise AssertionError("no router process")
+    return child_pid(serve, lambda argv: b"router" in argv and b"kvferry.cli" in argv, "router")
 
 
 def safe_workers(serve: Serve) -> list:

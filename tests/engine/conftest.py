@@ -121,7 +121,7 @@ def make_gguf(tmp_path_factory, make_hf_checkpoint, model_path: str) -> Callable
     model's tokenizer metadata."""
     import json
 
-    import gguf
+    from gguf_writing import close_gguf, open_gguf
     from safetensors.torch import load_file
 
     from kvferry.engine.loader.gguf import read_gguf
@@ -129,7 +129,6 @@ def make_gguf(tmp_path_factory, make_hf_checkpoint, model_path: str) -> Callable
     from kvferry.engine.config import RopeScaling
 
     metadata = read_gguf(model_path).metadata
-    tokenizer_md = {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -141,25 +140,7 @@ def make_gguf(tmp_path_factory, make_hf_checkpoint, model_path: str) -> Callable
             cfg = json.load(f)
         arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}[cfg["model_type"]]
         path = str(tmp_path_factory.mktemp(f"gguf_{variant}") / f"{variant}.gguf")
-        w = gguf.GGUFWriter(path, arch)
-        w.add_name("mistral tiny" if variant == "mistral" else f"{variant} tiny")
-        w.add_block_count(cfg["num_hidden_layers"])
-        w.add_context_length(cfg["max_position_embeddings"])
-        w.add_embedding_length(cfg["hidden_size"])
-        w.add_feed_forward_length(cfg["intermediate_size"])
-        w.add_head_count(cfg["num_attention_heads"])
-        w.add_head_count_kv(cfg["num_key_value_heads"])
-        w.add_rope_freq_base(float((cfg.get("rope_parameters") or {}).get("rope_theta") or cfg["rope_theta"]))
-        w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-        for key, value in tokenizer_md.items():
-            if isinstance(value, list):
-                w.add_array(key, value)
-            elif isinstance(value, str):
-                w.add_string(key, value)
-            elif isinstance(value, bool):
-                w.add_bool(key, value)
-            else:
-                w.add_uint32(key, value)
+        w = open_gguf(path, arch, "mistral tiny" if variant == "mistral" else f"{variant} tiny", cfg, metadata)
         heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
         for name, t in load_file(os.path.join(src, "model.safetensors")).items():
             if name == "model.embed_tokens.weight":
@@ -183,10 +164,7 @@ def make_gguf(tmp_path_factory, make_hf_checkpoint, model_path: str) -> Callable
                                   rope["original_max_position_embeddings"])
             factors = rope_inv_freq(head_dim, theta, None) / rope_inv_freq(head_dim, theta, scaling)
             w.add_tensor("rope_freqs.weight", factors.numpy())
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        close_gguf(w)
         return path
 
     return make

@@ -11,6 +11,15 @@ def make_request(rid: str, tokens: list[int]) -> Request:
     return Request(rid, list(tokens), SamplingParams())
 
 
+def cache_prompt(bm: BlockManager, rid: str, tokens: list[int]) -> None:
+    """A request over ``tokens`` computed whole and freed: its full blocks stay in the prefix cache."""
+    req = make_request(rid, tokens)
+    bm.allocate(req)
+    req.num_computed_tokens = req.num_tokens
+    bm.mark_computed(req)
+    bm.free(req)
+
+
 def test_allocate_append_free_roundtrip():
     bm = BlockManager(num_blocks=8, block_size=4)
     req = make_request("a", range(10))  # 3 blocks
@@ -58,11 +67,7 @@ def test_prefix_blocks_are_shared_once_computed():
 
 def test_last_token_is_never_served_from_cache():
     bm = BlockManager(num_blocks=16, block_size=4)
-    a = make_request("a", range(8))
-    bm.allocate(a)
-    a.num_computed_tokens = 8
-    bm.mark_computed(a)
-    bm.free(a)
+    cache_prompt(bm, "a", range(8))
     b = make_request("b", range(8))  # identical, block aligned
     bm.allocate(b)
     assert b.num_cached_tokens == 4  # the second block is recomputed so the last token has logits
@@ -70,11 +75,7 @@ def test_last_token_is_never_served_from_cache():
 
 def test_freed_prefix_survives_until_evicted():
     bm = BlockManager(num_blocks=4, block_size=4)
-    a = make_request("a", range(9))
-    bm.allocate(a)
-    a.num_computed_tokens = 9
-    bm.mark_computed(a)
-    bm.free(a)
+    cache_prompt(bm, "a", range(9))
     hit = make_request("b", list(range(8)) + [7])
     bm.allocate(hit)
     assert hit.num_cached_tokens == 8

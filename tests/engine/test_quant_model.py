@@ -131,6 +131,7 @@ def mixed_gguf(tmp_path_factory, model_path) -> str:
     """Two llama layers, each linear in another block type (q/k/v in three), random blocks; a Q8_0
     embedding and an F16 lm_head (dequantized: a type the kernels do not take)."""
     import gguf
+    from gguf_writing import close_gguf, open_gguf
     from quant_blocks import random_blocks
 
     from kvferry.engine.loader.gguf import read_gguf
@@ -140,24 +141,9 @@ def mixed_gguf(tmp_path_factory, model_path) -> str:
     metadata = read_gguf(model_path).metadata
     vocab = len(metadata["tokenizer.ggml.tokens"])
     path = str(tmp_path_factory.mktemp("mixed_gguf") / "mixed.gguf")
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name("mixed tiny")
-    w.add_block_count(2)
-    w.add_context_length(512)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTER)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    for key, value in metadata.items():
-        if key.startswith("tokenizer."):
-            if isinstance(value, list):
-                w.add_array(key, value)
-            elif isinstance(value, str):
-                w.add_string(key, value)
-            else:
-                w.add_uint32(key, value)
+    cfg = {"num_hidden_layers": 2, "max_position_embeddings": 512, "hidden_size": HIDDEN, "intermediate_size": INTER,
+           "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "rope_theta": 10000.0, "rms_norm_eps": 1e-5}
+    w = open_gguf(path, "llama", "mixed tiny", cfg, metadata)
     rng = np.random.default_rng(0)
 
     def blocks(name: str, qtype: str, rows: int, cols: int, seed: int) -> None:
@@ -175,10 +161,7 @@ def mixed_gguf(tmp_path_factory, model_path) -> str:
             blocks(f"blk.{layer}.{name}.weight", TYPES[name], rows, cols, 10 * layer + i)
         for norm in ("attn_norm", "ffn_norm"):
             w.add_tensor(f"blk.{layer}.{norm}.weight", rng.uniform(0.5, 1.5, HIDDEN).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    close_gguf(w)
     return path
 
 
