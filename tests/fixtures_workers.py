@@ -4,6 +4,8 @@ its own (a session fixture is cached per conftest), as each folder had before th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import pytest
 
 from kvferry.engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -34,7 +36,20 @@ def prefill_engine(model_path):
     return LLMEngine(engine_config(), role="prefill")
 
 
-def assert_no_blocks_left(engine, role: str) -> None:
+def started_workers(build: Callable, engine, role: str) -> Iterator[Callable]:
+    """A factory fixture's body: yields make(*args) -> build(*args), started; after the test stops each
+    one and checks that no block is left in use on ``engine``."""
+    made = []
+
+    def make(*args):
+        worker = build(*args)
+        worker.start()
+        made.append(worker)
+        return worker
+
+    yield make
+    for worker in made:
+        worker.stop()
     assert engine.block_manager.num_used_blocks == 0, f"a test left blocks on the {role} engine"
     engine.block_manager.check_integrity()
 
@@ -46,20 +61,13 @@ def decode_worker_factory(decode_engine):
     from kvferry.decode_worker.worker import DecodeWorker, DecodeWorkerConfig
     from kvferry.transport.negotiation import start_receiver_transports
 
-    made = []
-
-    def make(kv_transport: str | None = None):
+    def build(kv_transport: str | None = None):
         worker = DecodeWorker(decode_engine, DecodeWorkerConfig(lease_s=30.0, idle_wait_s=0.01), worker_id="decode-0")
         if kv_transport is not None:
             start_receiver_transports(worker.receiver, kv_transport)
-        worker.start()
-        made.append(worker)
         return worker
 
-    yield make
-    for worker in made:
-        worker.stop()
-    assert_no_blocks_left(decode_engine, "decode")
+    yield from started_workers(build, decode_engine, "decode")
 
 
 @pytest.fixture
@@ -67,15 +75,5 @@ def prefill_worker_factory(prefill_engine):
     """make(sender) -> a started PrefillWorker (stopped after the test, which closes the sender)."""
     from kvferry.prefill_worker.worker import PrefillWorker
 
-    made = []
-
-    def make(sender):
-        worker = PrefillWorker(prefill_engine, sender, worker_id="prefill-0")
-        worker.start()
-        made.append(worker)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.stop()
-    assert_no_blocks_left(prefill_engine, "prefill")
+    yield from started_workers(lambda sender: PrefillWorker(prefill_engine, sender, worker_id="prefill-0"),
+                               prefill_engine, "prefill")
