@@ -268,18 +268,24 @@ class ShmConnection(Connection):
         """Offset of the layer's rows in the memfd the receiver maps (shared once per connection and
         cache), or None: not in a memfd, these chunks go through the slots."""
         key = rows.data_ptr()
-        if key in self.bases:
-            return self.bases[key]
-        base = None if self.shared is None else self.shared.offset_of(rows)
-        if base is None or not self.bases:  # the first layer of a transfer: is this memfd still the one?
-            found = find_shared_cache(rows)
-            if found is not None and (self.shared is None or _inode(found) != _inode(self.shared)):
-                self._share(found, deadline)
-            elif found is not None:
-                found.close()
-            base = None if found is None else self.shared.offset_of(rows)
-        self.bases[key] = base
-        return base
+        if key not in self.bases:
+            if not self.bases:  # once per transfer: which memfd holds the cache now, and where
+                self._refresh(rows, deadline)
+            self.bases[key] = None if self.shared is None else self.shared.offset_of(rows)
+        return self.bases[key]
+
+    def _refresh(self, rows: torch.Tensor, deadline: float) -> None:
+        # A cache freed since the last transfer must not be read through an address that now holds
+        # something else: keep only what /proc/self/maps says now.
+        found = find_shared_cache(rows)
+        if found is not None and self.shared is not None and _inode(found) == _inode(self.shared):
+            self.shared.close()  # the same memfd (the receiver has it); its address may have moved
+            self.shared = found
+        elif found is not None:
+            self._share(found, deadline)
+        elif self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
     def _share(self, found: SharedCache, deadline: float) -> None:
         self.flush(deadline)

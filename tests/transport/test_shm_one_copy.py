@@ -284,3 +284,26 @@ def test_decode_worker_takes_kv_checksum_and_serve_passes_it_on():
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-checksum", "never"])
     assert passed_through()["kv_checksum"][1] == ("decode",)  # kvferry serve --kv-checksum reaches decode workers
+
+
+def test_one_connection_follows_the_senders_cache_as_it_changes():
+    """Caches come and go in one process (engines in tests, a restarted engine): a pooled connection
+    shares each memfd anew and never reads a freed one through a reused address."""
+    server = ReceiverServer("shm")
+    s = sender("shm")
+    try:
+        makers = [memfd_caches, bit_pattern_caches, memfd_caches, memfd_caches]
+        for i, make in enumerate(makers):
+            src = make(seed=i)  # the previous cache is freed first: its address may come back
+            server.receiver.expect(f"c{i}", [3, 8])
+            h = s.send(target(server), f"c{i}", src, [5, 1], FirstToken(1))
+            assert h.wait(TIMEOUT) is TransferState.DONE, h.error
+            for s_layer, d_layer in zip(src, server.receiver.kv_caches):
+                assert same_bits(s_layer[:, [5, 1]], d_layer[:, [3, 8]]), i
+            del src, h
+        assert shm_chunks(s) == {"one_copy": 3 * NUM_LAYERS, "slots": NUM_LAYERS}
+        plane = next(p for p in server.receiver.data_planes if p.transport == "shm")
+        assert plane.connections_total == 1
+    finally:
+        s.close()
+        server.close()
