@@ -12,7 +12,7 @@ from kvferry.common.worker import WorkerRole
 from kvferry.worker_common.process import (
     add_engine_arguments,
     add_kv_checksum_argument,
-    engine_config_from_args,
+    load_engine,
     serve,
 )
 
@@ -29,15 +29,11 @@ def run(args: argparse.Namespace) -> int:
     def start():
         from kvferry.decode_worker.service import create_decode_server
         from kvferry.decode_worker.worker import DecodeWorker, DecodeWorkerConfig
-        from kvferry.engine.engine import LLMEngine
         from kvferry.proto.cluster_security import security_from_args
         from kvferry.transport.metrics import start_metrics_server
-        from kvferry.transport.negotiation import start_receiver_transports, transports_for
+        from kvferry.transport.negotiation import start_receiver_transports
 
-        transports_for(args.kv_transport)  # ConfigError before the model loads
-        engine = LLMEngine(engine_config_from_args(args), role=WorkerRole.DECODE)
-        if not args.no_warm_up:
-            engine.warm_up()  # seeds the step-time model the scheduler plans with
+        engine = load_engine(args, WorkerRole.DECODE)
         worker = DecodeWorker(engine, DecodeWorkerConfig(lease_s=args.lease), worker_id=args.name or "decode")
         start_receiver_transports(worker.receiver, args.kv_transport, args.host, args.advertise_host,
                                   kv_checksum=args.kv_checksum)

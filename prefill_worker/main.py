@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from kvferry.common.worker import WorkerRole
-from kvferry.worker_common.process import add_engine_arguments, engine_config_from_args, serve
+from kvferry.worker_common.process import add_engine_arguments, load_engine, serve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,17 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     def start():
-        from kvferry.engine.engine import LLMEngine
         from kvferry.prefill_worker.service import create_prefill_server
         from kvferry.prefill_worker.worker import PrefillWorker
         from kvferry.proto.cluster_security import security_from_args
         from kvferry.transport.metrics import start_metrics_server
-        from kvferry.transport.negotiation import NegotiatedKVSender, transports_for
+        from kvferry.transport.negotiation import NegotiatedKVSender
 
-        transports_for(args.kv_transport)  # ConfigError before the model loads
-        engine = LLMEngine(engine_config_from_args(args), role=WorkerRole.PREFILL)
-        if not args.no_warm_up:
-            engine.warm_up()  # seeds the step-time model the scheduler plans with
+        engine = load_engine(args, WorkerRole.PREFILL)
         security = security_from_args(args)  # the KV handshakes and pushes carry the token too
         sender = NegotiatedKVSender(
             engine.fingerprint, sender_id=args.name or "prefill", kv_transport=args.kv_transport, chunk_bytes=args.chunk_bytes,

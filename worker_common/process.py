@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -29,8 +30,11 @@ from kvferry.engine.config import CacheConfig, EngineConfig, SchedulerConfig, de
 from kvferry.engine.device import add_device_arguments, device_label, kv_cache_sizing, resolve_device
 from kvferry.engine.profiles import ProfileError, add_profile_arguments, profile_from_args
 from kvferry.proto.cluster_security import add_security_arguments, security_from_args
-from kvferry.transport.negotiation import KV_CHECKSUM_CHOICES, KV_TRANSPORT_CHOICES
+from kvferry.transport.negotiation import KV_CHECKSUM_CHOICES, KV_TRANSPORT_CHOICES, transports_for
 from kvferry.worker_common.registration import RegistrationRefused, RouterRegistration
+
+if TYPE_CHECKING:
+    from kvferry.engine.engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +104,18 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         weights=args.weights,
         prompt_weights=args.prompt_weights,
     )
+
+
+def load_engine(args: argparse.Namespace, role: WorkerRole) -> LLMEngine:
+    """The worker's engine from its flags, warmed up unless ``--no-warm-up``; a ``--kv-transport`` this
+    host cannot run is a ConfigError before the model loads."""
+    from kvferry.engine.engine import LLMEngine  # the model code: only once a worker really starts
+
+    transports_for(args.kv_transport)
+    engine = LLMEngine(engine_config_from_args(args), role=role)
+    if not args.no_warm_up:
+        engine.warm_up()  # seeds the step-time model the scheduler plans with
+    return engine
 
 
 def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
