@@ -36,6 +36,12 @@ def output_for(query: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+def dot_options(query: torch.Tensor) -> dict[str, object]:
+    """The kernels' ``UPCAST_DOT`` and ``DOT_PRECISION`` for this query: see ``attention_dot``; fp32
+    inputs multiply in full precision, bf16/fp16 ones as the tensor cores do."""
+    return {"UPCAST_DOT": not query.is_cuda, "DOT_PRECISION": "ieee" if query.dtype == torch.float32 else "tf32"}
+
+
 @triton.jit
 def attention_dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # The interpreter multiplies bf16 operands as raw integers, so on CPU both are widened to fp32

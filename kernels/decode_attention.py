@@ -21,6 +21,7 @@ from kvferry.kernels.attention import decode_attention_ref
 from kvferry.kernels.attention_common import (
     LOG2E,
     check_paged_attention,
+    dot_options,
     online_softmax_tile,
     output_for,
     paged_key_ptrs,
@@ -209,8 +210,7 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
-        UPCAST_DOT=not query.is_cuda,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        **dot_options(query),
         num_warps=num_warps,
     )
     if num_splits > 1:

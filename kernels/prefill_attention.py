@@ -18,6 +18,7 @@ from kvferry.kernels.attention import prefill_attention_ref
 from kvferry.kernels.attention_common import (
     LOG2E,
     check_paged_attention,
+    dot_options,
     online_softmax_tile,
     output_for,
     paged_key_ptrs,
@@ -154,8 +155,7 @@ def prefill_attention(
         BLOCK_SIZE=block_size,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        UPCAST_DOT=not query.is_cuda,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        **dot_options(query),
         num_warps=num_warps,
     )
     return out
