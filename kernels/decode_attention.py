@@ -18,14 +18,8 @@ import torch
 
 from kvferry.kernels._triton import tl, triton
 from kvferry.kernels.attention import decode_attention_ref
-from kvferry.kernels.attention_common import (
-    LOG2E,
-    check_paged_attention,
-    dot_options,
-    online_softmax_tile,
-    output_for,
-    paged_key_ptrs,
-)
+from kvferry.kernels.attention_common import LOG2E, check_paged_attention, dot_options, output_for
+from kvferry.kernels.attention_common import online_softmax_tile, paged_key_ptrs
 
 __all__ = ["decode_attention", "decode_attention_ref"]
 
