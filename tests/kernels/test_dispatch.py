@@ -1,4 +1,4 @@
-"""The dispatcher: CPU tensors take the torch references; prefill tables derived from the chunks
+"""The dispatcher: CPU tensors take the torch references (or the C++ CPU kernels where built); prefill tables derived from the chunks
 equal the ones the metadata builder makes. Needs no Triton."""
 
 import torch
@@ -19,9 +19,12 @@ def test_cpu_tensors_take_the_references():
     target = torch.zeros_like(cache)
     dispatch.scatter_kv_blocks(dispatch.gather_kv_blocks(cache, ids), target, ids)
     assert torch.equal(target[:, [2, 0]], cache[:, [2, 0]])
-    x, w = torch.randn(3, 64), torch.rand(64)
-    pairs = zip(dispatch.rms_norm(x, w, 1e-6, x), rms_norm_ref(x, w, 1e-6, x))
-    assert all(torch.equal(a, b) for a, b in pairs)
+    # RMSNorm takes the C++ CPU kernel where it is built: the same sum of squares in another order, so
+    # within float rounding of the reference, not bit-equal (seeded: the same input in any test order).
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 64, generator=g), torch.rand(64, generator=g)
+    for got, want in zip(dispatch.rms_norm(x, w, 1e-6, x), rms_norm_ref(x, w, 1e-6, x)):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
 
 
 def test_derived_prefill_tables_match_the_builder():
