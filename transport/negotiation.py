@@ -52,6 +52,11 @@ KV_TRANSPORT_CHOICES = ("auto", "shm", "tcp", "gloo", "nccl", "grpc")
 # host's memory: integrity.py); always, shm too.
 KV_CHECKSUM_CHOICES = ("auto", "always")
 AUTO_ORDER = ("shm", "nccl", "tcp", "gloo", "grpc")  # auto's order of preference
+# How long a plane may take to answer its probe when another plane could still carry the transfer. The
+# handshake has just crossed gRPC, so the peer is up: a data plane silent this long is blocked (a
+# firewall dropping its port's packets), and waiting the whole deadline on it would leave none for the
+# fallback. The last candidate gets what is left of the deadline.
+PROBE_TIMEOUT_S = 5.0
 
 
 def transports_for(kv_transport: str, kv_device: str | None = None) -> tuple[str, ...]:
@@ -213,7 +218,7 @@ class NegotiatedKVSender(KVSender):
         skipped: list[str] = []
         expected_skips = 0  # skips that say nothing is wrong (shm between two hosts)
         unreachable: TransferError | None = None  # the last offered plane that could not be reached
-        for name in self.transports:
+        for i, name in enumerate(self.transports):
             offer = offers.get(name)
             if offer is None:
                 skipped.append(f"{name}: not offered (the receiver accepts {', '.join(offers) or 'nothing'})")
@@ -222,8 +227,9 @@ class NegotiatedKVSender(KVSender):
                 skipped.append("shm: another host (boot ids differ)")
                 expected_skips += 1
                 continue
+            fallback = any(n in offers for n in self.transports[i + 1 :])
             try:
-                self.planes[name].probe(offer, deadline)
+                self.planes[name].probe(offer, min(deadline, time.monotonic() + PROBE_TIMEOUT_S) if fallback else deadline)
             except TransferError as e:
                 skipped.append(f"{name}: {e.message}")
                 unreachable = e

@@ -18,6 +18,7 @@ from kvferry.transport.base import FirstToken, KVTarget, TransferErrorCode, Tran
 from kvferry.transport.grpc_transport import GrpcKVSender
 from kvferry.transport.host import boot_id
 from kvferry.transport.metrics import TransportCollector
+from kvferry.transport import negotiation
 from kvferry.transport.negotiation import NegotiatedKVSender, transports_for
 from kvferry.transport.receiver import ReceiveSession
 
@@ -388,6 +389,26 @@ def test_silent_tcp_peer_fails_within_the_deadline(server):
         listener.close()
     assert h.error.code is TransferErrorCode.DEADLINE, h.error
     assert time.monotonic() - t0 < 4.0  # the 1.5 s deadline plus slack on a loaded machine
+
+
+def test_a_blocked_plane_leaves_time_for_the_fallback(server, monkeypatch):
+    """A tcp port whose packets a firewall drops (here: a listener that never answers the hello) costs
+    auto one probe timeout, not the transfer's whole deadline: gRPC still carries the KV in time."""
+    monkeypatch.setattr(negotiation, "PROBE_TIMEOUT_S", 1.0)
+    listener = socket.create_server(("127.0.0.1", 0))
+    silent = dataclasses.replace(server.offer("tcp"), address=f"127.0.0.1:{listener.getsockname()[1]}")
+    server.receiver.set_offers([silent, server.offer("grpc")], list(server.receiver.data_planes))
+    server.receiver.expect("blocked", [0])
+    s = sender("auto")
+    t0 = time.monotonic()
+    try:
+        h = s.send(target(server, timeout_s=30.0), "blocked", kv_caches(), [0], FirstToken(1))
+        assert h.wait(20.0) is TransferState.DONE, h.error
+    finally:
+        s.close()
+        listener.close()
+    assert h.transport == "grpc"
+    assert time.monotonic() - t0 < 15.0  # one 1 s probe, then the transfer; not the 30 s deadline
 
 
 def test_transport_and_throughput_are_exported_per_pair(server):
