@@ -21,7 +21,6 @@ be consumed in order) and dropped: a late byte lands in a staging buffer, never 
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import json
 import logging
@@ -39,6 +38,7 @@ from kvferry.transport import framing
 from kvferry.transport.base import TransferError, TransferErrorCode, TransportOffer
 from kvferry.transport.collective_group import RECEIVER_RANK, STAMP, PairGroup, open_store, read_stamp, staging_device
 from kvferry.transport.grpc_transport import header_from_proto, trailer_from_proto
+from kvferry.transport.listener import Listener, check_hello, listen_tcp
 from kvferry.transport.receiver import KVReceiver, ReceiveSession
 
 logger = logging.getLogger(__name__)
@@ -47,15 +47,8 @@ logger = logging.getLogger(__name__)
 def start_collective_server(
     receiver: KVReceiver, ticket: str, backend: str, host: str = "127.0.0.1", advertise_host: str | None = None,
 ) -> tuple[CollectiveServer, TransportOffer]:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, 0))
-    listener.listen(64)
-    port = listener.getsockname()[1]
+    listener, address = listen_tcp(host, 0, advertise_host)
     server = CollectiveServer(receiver, listener, backend, ticket)
-    shown = advertise_host or host
-    address = f"[{shown}]:{port}" if ":" in shown else f"{shown}:{port}"
     return server, TransportOffer(backend, address=address, ticket=ticket)
 
 
@@ -92,64 +85,39 @@ class CollectiveServer:
         self.max_pairs = max_pairs
         self.depth = depth  # receives in flight per pair: one message's rendezvous hides behind others
         self.device = staging_device(backend, receiver.kv_caches[0].device)
-        self._listener = listener
         self._epochs = itertools.count(1)
-        self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self._threads: set[threading.Thread] = set()
-        self.connections_total = 0  # pairs formed or tried since start
+        self._listener = Listener(listener, max_pairs, "KV pairs")
+        self._threads: set[threading.Thread] = set()  # under the listener's lock
         self.epochs_started = 0
-        self._closed = False
-        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"kv-{backend}-accept", daemon=True)
+        self._accept_thread = threading.Thread(
+            target=self._listener.accept_loop, args=(self._start,), name=f"kv-{backend}-accept", daemon=True
+        )
         self._accept_thread.start()
 
     @property
+    def connections_total(self) -> int:
+        return self._listener.total  # pairs formed or tried since start
+
+    @property
     def num_connections(self) -> int:
-        return len(self._connections)
+        return len(self._listener.connections)
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            connections = list(self._connections)
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._listener.close()
-        for conn in connections:  # their threads fail their sessions and exit
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self._accept_thread.join(timeout=2.0)
         # Each pair's thread destroys its group on the way out: wait for that, so that a process exiting
         # right after close() never destroys a group while the interpreter is finalizing (torch aborts).
         end = time.monotonic() + 5.0
-        for thread in list(self._threads):
+        with self._listener.lock:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join(timeout=max(end - time.monotonic(), 0.01))
 
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                if self._closed:
-                    conn.close()
-                    return
-                full = len(self._connections) >= self.max_pairs
-                if not full:
-                    self._connections.add(conn)
-                    self.connections_total += 1
-            if full:
-                error = TransferError(TransferErrorCode.UNAVAILABLE, f"{self.max_pairs} KV pairs open")
-                threading.Thread(target=framing.send_error_and_close, args=(conn, error), daemon=True).start()
-                continue
-            thread = threading.Thread(target=self._serve, args=(conn,), name=f"kv-{self.transport}-pair", daemon=True)
-            with self._lock:
-                self._threads.add(thread)
-            thread.start()
+    def _start(self, conn: socket.socket) -> None:
+        thread = threading.Thread(target=self._serve, args=(conn,), name=f"kv-{self.transport}-pair", daemon=True)
+        with self._listener.lock:
+            self._threads.add(thread)
+        thread.start()
 
     # ---- one pair ----------------------------------------------------------------------------------
     def _serve(self, conn: socket.socket) -> None:
@@ -172,19 +140,13 @@ class CollectiveServer:
             if group is not None:
                 group.close()  # here, on this thread, before close() stops waiting for it
             conn.close()
-            with self._lock:
-                self._connections.discard(conn)
+            with self._listener.lock:
+                self._listener.connections.discard(conn)
                 self._threads.discard(threading.current_thread())
 
     def _form_pair(self, conn: socket.socket) -> PairGroup:
         deadline = time.monotonic() + self.rendezvous_timeout_s
-        kind, _, _, nbytes, _ = framing.recv_frame(conn, deadline, "hello")
-        ticket = framing.recv_payload(conn, nbytes, deadline, "hello")
-        if kind != framing.HELLO or not hmac.compare_digest(ticket, self.ticket.encode()):
-            raise TransferError(
-                TransferErrorCode.INCOMPATIBLE,
-                "data-plane connection without this receiver's ticket (handshake with it over gRPC first)",
-            )
+        check_hello(conn, self.ticket, deadline)
         local_host = conn.getsockname()[0]
         store = open_store(local_host, self.rendezvous_timeout_s)
         epoch = next(self._epochs)

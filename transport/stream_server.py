@@ -18,7 +18,6 @@ sender could not.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import socket
 import threading
@@ -28,6 +27,7 @@ from kvferry.proto import kv_transfer_pb2 as pb
 from kvferry.transport import framing
 from kvferry.transport.base import TransferError, TransferErrorCode
 from kvferry.transport.grpc_transport import header_from_proto, trailer_from_proto
+from kvferry.transport.listener import Listener, check_hello
 from kvferry.transport.receiver import KVReceiver
 
 logger = logging.getLogger(__name__)
@@ -95,71 +95,36 @@ class StreamDataServer:
         self.receiver = receiver
         self.transport = transport
         self.ticket = ticket
-        self._listener = listener
         self._make_payload = make_payload
         self.io_timeout_s = io_timeout_s
         self.idle_timeout_s = idle_timeout_s
-        self.max_connections = max_connections
-        self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self.connections_total = 0  # accepted since start (pooled senders keep this low)
-        self._closed = False
-        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"kv-{transport}-accept", daemon=True)
+        self._listener = Listener(listener, max_connections, "KV connections")
+        self._accept_thread = threading.Thread(
+            target=self._listener.accept_loop, args=(self._start,), name=f"kv-{transport}-accept", daemon=True
+        )
         self._accept_thread.start()
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            connections = list(self._connections)
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._listener.close()
-        for conn in connections:  # unblocks their threads: each fails its session and exits
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self._accept_thread.join(timeout=2.0)
 
     @property
-    def num_connections(self) -> int:
-        return len(self._connections)
+    def connections_total(self) -> int:
+        return self._listener.total  # pooled senders keep this low
 
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            with self._lock:
-                full = len(self._connections) >= self.max_connections
-                if self._closed:
-                    conn.close()
-                    return
-                if not full:
-                    self._connections.add(conn)
-                    self.connections_total += 1
-            if full:
-                error = TransferError(TransferErrorCode.UNAVAILABLE, f"{self.max_connections} KV connections open")
-                threading.Thread(target=framing.send_error_and_close, args=(conn, error), daemon=True).start()
-                continue
-            threading.Thread(target=self._serve, args=(conn,), name=f"kv-{self.transport}-conn", daemon=True).start()
+    @property
+    def num_connections(self) -> int:
+        return len(self._listener.connections)
+
+    def _start(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._serve, args=(conn,), name=f"kv-{self.transport}-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         payload = None
         try:
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            hello = framing.recv_frame(conn, self._deadline(), "hello")
-            kind, nbytes = hello[0], hello[3]
-            ticket = framing.recv_payload(conn, nbytes, self._deadline(), "hello")
-            if kind != framing.HELLO or not hmac.compare_digest(ticket, self.ticket.encode()):
-                raise TransferError(
-                    TransferErrorCode.INCOMPATIBLE,
-                    "data-plane connection without this receiver's ticket (handshake with it over gRPC first)",
-                )
+            hello = check_hello(conn, self.ticket, self._deadline())
             payload = self._make_payload()
             payload.on_hello(conn, hello, self._deadline())
             while self._serve_transfer(conn, payload):
@@ -172,8 +137,7 @@ class StreamDataServer:
             conn.close()
             if payload is not None:
                 payload.close()
-            with self._lock:
-                self._connections.discard(conn)
+            self._listener.discard(conn)
 
     def _serve_transfer(self, conn: socket.socket, payload: ConnectionPayload) -> bool:
         """One transfer; False when the connection ended (cleanly, between transfers)."""

@@ -17,6 +17,7 @@ import time
 from kvferry.transport import framing
 from kvferry.transport.base import TransferError, TransferErrorCode, TransportOffer
 from kvferry.transport.integrity import LayerChecksums
+from kvferry.transport.listener import listen_tcp
 from kvferry.transport.receiver import KVReceiver
 from kvferry.transport.send_queue import Chunk, QueuedSendHandle
 from kvferry.transport.stream_client import Connection, ConnectionPool, hello, stream_transfer
@@ -29,17 +30,8 @@ def start_tcp_server(
     receiver: KVReceiver, ticket: str, host: str = "127.0.0.1", advertise_host: str | None = None, port: int = 0
 ) -> tuple[StreamDataServer, TransportOffer]:
     """Listen for KV data connections on ``host:port`` (0: any free port)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, port))
-    listener.listen(64)
-    bound = listener.getsockname()[1]
-    server = StreamDataServer(
-        receiver, listener, NAME, ticket, lambda: SocketPayload(receiver.max_chunk_bytes)
-    )
-    shown = advertise_host or host
-    address = f"[{shown}]:{bound}" if ":" in shown else f"{shown}:{bound}"
+    listener, address = listen_tcp(host, port, advertise_host)
+    server = StreamDataServer(receiver, listener, NAME, ticket, lambda: SocketPayload(receiver.max_chunk_bytes))
     return server, TransportOffer(NAME, address=address, ticket=ticket)
 
 
