@@ -38,7 +38,6 @@ from kvferry.transport.base import KVTrailer, TransferError, TransferErrorCode, 
 from kvferry.transport.collective_group import SENDER_RANK, STAMP, PairGroup, connect_store, stamp
 from kvferry.transport.grpc_transport import header_to_proto, trailer_to_proto
 from kvferry.transport.send_queue import Chunk, QueuedSendHandle
-from kvferry.transport.tcp_transport import split_address
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +83,8 @@ class SenderPair:
     @classmethod
     def connect(cls, offer: TransportOffer, backend: str, deadline: float, depth: int) -> SenderPair:
         what = f"{backend} KV pair with {offer.address}"
+        sock = framing.dial(offer.address, deadline, what)
         try:
-            sock = socket.create_connection(split_address(offer.address), timeout=framing._timeout(deadline, what))
-        except OSError as e:
-            raise TransferError(TransferErrorCode.UNAVAILABLE, f"{what}: {e}") from None
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             framing.send_control(sock, framing.HELLO, offer.ticket.encode(), deadline, what)
             kind, _, _, nbytes, _ = framing.recv_frame(sock, deadline, what)
             payload = framing.recv_payload(sock, nbytes, deadline, what)

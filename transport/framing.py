@@ -119,6 +119,34 @@ def readable(sock: socket.socket) -> bool:
     return bool(ready)
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6 host]:port``."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def dial(address: str, deadline: float, what: str) -> socket.socket:
+    """A TCP connection to ``address`` with Nagle off (frames are small and answered at once)."""
+    try:
+        sock = socket.create_connection(split_address(address), timeout=_timeout(deadline, what))
+    except OSError as e:
+        raise TransferError(TransferErrorCode.UNAVAILABLE, f"{what}: {e}") from None
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def shutdown(sock: socket.socket) -> None:
+    """Unblock every thread in a call on ``sock`` (they see EOF or an error); quiet if already closed."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def send_error_and_close(sock: socket.socket, error: TransferError, drain_s: float = 1.0) -> None:
     """Tell the sender why, then close without a reset: read and drop what it still sends, briefly."""
     deadline = time.monotonic() + drain_s

@@ -78,14 +78,8 @@ class Listener:
         with self.lock:
             self.closed = True
             connections = list(self.connections)
-        _shutdown(self.sock)
+        framing.shutdown(self.sock)
         self.sock.close()
         for conn in connections:
-            _shutdown(conn)
+            framing.shutdown(conn)
 
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass

@@ -354,22 +354,16 @@ class ShmSenderPlane:
         self.pool.give_back(offer, self.pool.take(offer, deadline))
 
     def transfer(self, handle: QueuedSendHandle, offer: TransportOffer, header) -> None:
-        conn = self.pool.take(offer, time.monotonic() + handle.remaining())
-        handle.set_interrupt(lambda: _shutdown(conn.sock))
-        if not conn.checksums:
-            handle.skip_checksums()
-        ok = False
-        try:
-            conn.begin(handle)
-            stream_transfer(conn, handle, header, _send_chunk, on_frame=_slot_freed)
-            ok = True
-        finally:
-            conn.end(handle)
-            handle.set_interrupt(None)
-            if ok:
-                self.pool.give_back(offer, conn)
-            else:
-                conn.close()
+        with self.pool.borrow(offer, time.monotonic() + handle.remaining()) as conn:
+            handle.set_interrupt(lambda: framing.shutdown(conn.sock))
+            if not conn.checksums:
+                handle.skip_checksums()
+            try:
+                conn.begin(handle)
+                stream_transfer(conn, handle, header, _send_chunk, on_frame=_slot_freed)
+            finally:
+                conn.end(handle)
+                handle.set_interrupt(None)
 
     def forget(self, address: str) -> None:
         self.pool.forget(address)
@@ -414,13 +408,6 @@ def _send_chunk(conn: ShmConnection, chunk: Chunk, deadline: float, checksums: L
     conn.pending.append(framing.pack(framing.SLOT_DATA, chunk.layer_idx, chunk.offset, chunk.nbytes, slot))
     if len(conn.pending) >= conn.batch:
         conn.flush(deadline)
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 def _announce(conn: ShmConnection, chunk: Chunk, deadline: float, checksums: LayerChecksums | None) -> bool:

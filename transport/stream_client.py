@@ -16,7 +16,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from kvferry.transport import framing
 from kvferry.transport.base import KVTrailer, TransferError, TransferErrorCode, TransportOffer
@@ -58,6 +59,18 @@ class ConnectionPool:
                 conn.close()
                 continue
             return conn
+
+    @contextmanager
+    def borrow(self, offer: TransportOffer, deadline: float) -> Iterator[Connection]:
+        """A connection for one transfer: given back when the block ends cleanly, else closed (the
+        peer may be mid-frame, or gone)."""
+        conn = self.take(offer, deadline)
+        try:
+            yield conn
+        except BaseException:
+            conn.close()
+            raise
+        self.give_back(offer, conn)
 
     def give_back(self, offer: TransportOffer, conn: Connection) -> None:
         with self._lock:

@@ -11,11 +11,10 @@ stores). The frames and the loop are ``framing.py``, ``stream_client.py`` and ``
 
 from __future__ import annotations
 
-import socket
 import time
 
 from kvferry.transport import framing
-from kvferry.transport.base import TransferError, TransferErrorCode, TransportOffer
+from kvferry.transport.base import TransportOffer
 from kvferry.transport.integrity import LayerChecksums
 from kvferry.transport.listener import listen_tcp
 from kvferry.transport.receiver import KVReceiver
@@ -35,11 +34,6 @@ def start_tcp_server(
     return server, TransportOffer(NAME, address=address, ticket=ticket)
 
 
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 class TcpSenderPlane:
     name = NAME
 
@@ -48,12 +42,8 @@ class TcpSenderPlane:
 
     def _connect(self, offer: TransportOffer, deadline: float) -> Connection:
         what = f"tcp KV connection to {offer.address}"
+        sock = framing.dial(offer.address, deadline, what)
         try:
-            sock = socket.create_connection(split_address(offer.address), timeout=framing._timeout(deadline, what))
-        except OSError as e:
-            raise TransferError(TransferErrorCode.UNAVAILABLE, f"{what}: {e}") from None
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hello(sock, offer.ticket, deadline, what)
         except BaseException:
             sock.close()
@@ -65,18 +55,12 @@ class TcpSenderPlane:
         self.pool.give_back(offer, self.pool.take(offer, deadline))
 
     def transfer(self, handle: QueuedSendHandle, offer: TransportOffer, header) -> None:
-        conn = self.pool.take(offer, _deadline(handle))
-        handle.set_interrupt(lambda: _shutdown(conn.sock))
-        ok = False
-        try:
-            stream_transfer(conn, handle, header, _send_chunk)
-            ok = True
-        finally:
-            handle.set_interrupt(None)
-            if ok:
-                self.pool.give_back(offer, conn)
-            else:
-                conn.close()
+        with self.pool.borrow(offer, time.monotonic() + handle.remaining()) as conn:
+            handle.set_interrupt(lambda: framing.shutdown(conn.sock))
+            try:
+                stream_transfer(conn, handle, header, _send_chunk)
+            finally:
+                handle.set_interrupt(None)
 
     def forget(self, address: str) -> None:
         self.pool.forget(address)
@@ -94,13 +78,3 @@ def _send_chunk(conn: Connection, chunk: Chunk, deadline: float, checksums: Laye
         f"KV chunk of layer {chunk.layer_idx}",
     )
 
-
-def _deadline(handle: QueuedSendHandle) -> float:
-    return time.monotonic() + handle.remaining()
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
