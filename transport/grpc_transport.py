@@ -113,6 +113,30 @@ def offer_from_proto(msg: pb.TransportOffer) -> TransportOffer:
     return _from_proto(TransportOffer, msg)
 
 
+def handshake_to_proto(result: HandshakeResult) -> pb.HandshakeResponse:
+    return pb.HandshakeResponse(
+        compatible=result.compatible,
+        mismatches=list(result.mismatches),
+        fingerprint=fingerprint_to_proto(result.receiver_fingerprint),
+        receiver_id=result.receiver_id,
+        receiver_instance_id=result.receiver_instance_id,
+        max_chunk_bytes=result.max_chunk_bytes,
+        transports=[offer_to_proto(o) for o in result.transports],
+    )
+
+
+def handshake_from_proto(msg: pb.HandshakeResponse) -> HandshakeResult:
+    return HandshakeResult(
+        compatible=msg.compatible,
+        mismatches=tuple(msg.mismatches),
+        receiver_fingerprint=fingerprint_from_proto(msg.fingerprint),
+        receiver_id=msg.receiver_id,
+        receiver_instance_id=msg.receiver_instance_id,
+        max_chunk_bytes=msg.max_chunk_bytes,
+        transports=tuple(offer_from_proto(o) for o in msg.transports),
+    )
+
+
 _STATUS_FOR = {
     TransferErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     TransferErrorCode.INCOMPATIBLE: grpc.StatusCode.FAILED_PRECONDITION,
@@ -215,16 +239,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         self.receiver = receiver
 
     def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeResponse:
-        result = self.receiver.handshake(fingerprint_from_proto(request.fingerprint))
-        return pb.HandshakeResponse(
-            compatible=result.compatible,
-            mismatches=list(result.mismatches),
-            fingerprint=fingerprint_to_proto(result.receiver_fingerprint),
-            receiver_id=result.receiver_id,
-            receiver_instance_id=result.receiver_instance_id,
-            max_chunk_bytes=result.max_chunk_bytes,
-            transports=[offer_to_proto(o) for o in result.transports],
-        )
+        return handshake_to_proto(self.receiver.handshake(fingerprint_from_proto(request.fingerprint)))
 
     def PushKV(self, request_iterator, context: grpc.ServicerContext) -> pb.PushKVResponse:
         first = next(request_iterator, None)
@@ -419,15 +434,7 @@ class GrpcKVSender(KVSender):
             resp = stub.Handshake(request, timeout=max(timeout, 0.001))
         except grpc.RpcError as e:
             raise error_from_rpc(e, f"KV handshake with {address}") from None
-        result = HandshakeResult(
-            compatible=resp.compatible,
-            mismatches=tuple(resp.mismatches),
-            receiver_fingerprint=fingerprint_from_proto(resp.fingerprint),
-            receiver_id=resp.receiver_id,
-            receiver_instance_id=resp.receiver_instance_id,
-            max_chunk_bytes=resp.max_chunk_bytes,
-            transports=tuple(offer_from_proto(o) for o in resp.transports),
-        )
+        result = handshake_from_proto(resp)
         if result.max_chunk_bytes and result.max_chunk_bytes < self.chunk_bytes:
             raise TransferError(
                 TransferErrorCode.INCOMPATIBLE,
