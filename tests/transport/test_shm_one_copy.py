@@ -150,6 +150,32 @@ def test_receiver_mapping_cannot_write_the_senders_cache():
         server.close()
 
 
+def hold_payloads(server: ReceiverServer, method: str, when=lambda *args: True):
+    """Make the receiver slow: ``method`` of each shm connection payload waits, whenever ``when`` of its
+    arguments is true, until ``release`` is set (``in_copy`` says it is waiting)."""
+    import threading
+
+    plane = next(p for p in server.receiver.data_planes if p.transport == "shm")
+    in_copy, release = threading.Event(), threading.Event()
+    make_payload = plane._make_payload
+
+    def slow_payload():
+        payload = make_payload()
+        original = getattr(payload, method)
+
+        def held(*args):
+            if when(*args):
+                in_copy.set()
+                release.wait(TIMEOUT)
+            return original(*args)
+
+        setattr(payload, method, held)
+        return payload
+
+    plane._make_payload = slow_payload
+    return in_copy, release
+
+
 def test_a_transfer_the_sender_gave_up_mid_copy_is_not_committed():
     """The receiver is slow (held back here after its copies, before the KV counts as received); the
     sender aborts meanwhile, after which the prefill worker may reuse the blocks it was reading: the
@@ -159,23 +185,7 @@ def test_a_transfer_the_sender_gave_up_mid_copy_is_not_committed():
     server = ReceiverServer("shm")
     src = memfd_caches()
     s = sender("shm")
-    plane = next(p for p in server.receiver.data_planes if p.transport == "shm")
-    in_copy, release = threading.Event(), threading.Event()
-    make_payload = plane._make_payload
-
-    def slow_payload():
-        payload = make_payload()
-        check = payload.before_finish
-
-        def held(conn, session):
-            in_copy.set()
-            release.wait(TIMEOUT)
-            check(conn, session)
-
-        payload.before_finish = held
-        return payload
-
-    plane._make_payload = slow_payload
+    in_copy, release = hold_payloads(server, "before_finish")
     try:
         server.receiver.expect("slow", [2, 9])
         h = s.send(target(server), "slow", src, [0, 7], FirstToken(1))
@@ -234,29 +244,11 @@ def test_copy_rows_matches_the_reference_from_a_read_only_buffer(row_bytes):
 def test_checksums_always_catch_a_source_block_changed_before_the_receiver_copied_it():
     """kv_checksum='always': hashed over the source blocks on the sender, over the copied blocks here;
     a source block written after the sender hashed it (a bug on the prefill side) is CORRUPT."""
-    import threading
-
     server = ReceiverServer("shm", kv_checksum="always")
     src = memfd_caches()
     s = sender("shm")
-    plane = next(p for p in server.receiver.data_planes if p.transport == "shm")
-    in_copy, release = threading.Event(), threading.Event()
-    make_payload = plane._make_payload
-
-    def slow_payload():
-        payload = make_payload()
-        copy = payload._copy_ready
-
-        def held(conn, frame, session, deadline):
-            if frame[1] == NUM_LAYERS - 1:  # the sender hashed this layer before naming it
-                in_copy.set()
-                release.wait(TIMEOUT)
-            copy(conn, frame, session, deadline)
-
-        payload._copy_ready = held
-        return payload
-
-    plane._make_payload = slow_payload
+    # Held at the last layer: the sender hashed it before naming it.
+    in_copy, release = hold_payloads(server, "_copy_ready", when=lambda conn, frame, *_: frame[1] == NUM_LAYERS - 1)
     try:
         server.receiver.expect("changed", [2, 9])
         h = s.send(target(server), "changed", src, [0, 7], FirstToken(1))
