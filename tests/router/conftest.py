@@ -1,4 +1,5 @@
-"""A real router (HTTP + gRPC on loopback, in a thread of its own) with the default model's tokenizer."""
+"""A real router (HTTP + gRPC on loopback, in a thread of its own) with the default model's tokenizer,
+and real workers for it (``real_workers.py``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kvferry.router.admission import AdmissionConfig
 from kvferry.router.main import RouterConfig, RouterHandle, load_served_model, serve
 from kvferry.router.placement import DisaggregationPolicy
 from kvferry.router.registry import RegistryConfig
+from real_workers import start_decode_and_prefill
 
 
 @pytest.fixture(scope="session")
@@ -78,3 +80,12 @@ def start_router(served_model):
     yield start
     for router in routers:
         router.stop()
+
+
+@pytest.fixture(scope="module")
+def decode_and_prefill(model_path):
+    """(decode, prefill): real workers of the default model, loaded once per module; a test registers
+    them with its router (``real_workers.registered``)."""
+    decode, prefill = start_decode_and_prefill()
+    with decode, prefill:
+        yield decode, prefill

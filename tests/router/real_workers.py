@@ -8,6 +8,8 @@ needs, so the model loads once per module. A decode worker registered as ``coloc
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kvferry.engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -42,6 +44,24 @@ class RealWorker:
     def stop(self) -> None:
         self.worker.stop()
         self.server.stop(None)
+
+    def __enter__(self) -> RealWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextmanager
+def registered(router_grpc_address: str, *workers: RealWorker, role: str | None = None) -> Iterator[list]:
+    """The workers registered with a router for the block (``role``: one for all, default each one's
+    own), their registrations stopped after; the workers themselves go on."""
+    registrations = [w.register(router_grpc_address, role) for w in workers]
+    try:
+        yield registrations
+    finally:
+        for registration in registrations:
+            registration.stop()
 
 
 def start_decode(config: EngineConfig | None = None, decode_config=None, advertise_host: str | None = None,

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from kvferry.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from real_workers import start_decode_and_prefill
+from real_workers import registered, start_decode_and_prefill
 from waiting import wait_until
 
 LEASE_S = 1.0
@@ -25,12 +25,8 @@ def cluster(model_path, start_router):
     config = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=256),
                           scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=128, max_model_len=2048))
     decode, prefill = start_decode_and_prefill(config, DecodeWorkerConfig(lease_s=LEASE_S))
-    registrations = [decode.register(router.grpc_address), prefill.register(router.grpc_address)]
-    yield router, prefill.worker, decode.worker
-    for registration in registrations:
-        registration.stop()
-    prefill.stop()
-    decode.stop()
+    with decode, prefill, registered(router.grpc_address, decode, prefill):
+        yield router, prefill.worker, decode.worker
 
 
 def test_a_prompt_queued_longer_than_the_lease_keeps_its_reservation(cluster):

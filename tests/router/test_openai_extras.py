@@ -12,18 +12,10 @@ import openai
 import pytest
 
 import kvferry
-from real_workers import start_decode_and_prefill
+from real_workers import registered
 
 # ~300 tokens: many full 16-token blocks, so a repeat finds most of them in the prefix cache.
 LONG_TEXT = " ".join(f"Item {i} is a {['red', 'green', 'blue'][i % 3]} box." for i in range(40))
-
-
-@pytest.fixture(scope="module")
-def workers(model_path):
-    decode, prefill = start_decode_and_prefill()
-    yield decode, prefill
-    prefill.stop()
-    decode.stop()
 
 
 def _client(router) -> openai.OpenAI:
@@ -31,22 +23,19 @@ def _client(router) -> openai.OpenAI:
 
 
 @pytest.fixture
-def colocated(start_router, workers):
+def colocated(start_router, decode_and_prefill):
     """A router whose one worker prefills and decodes (the decode worker registered as colocated)."""
     router = start_router()
-    registration = workers[0].register(router.grpc_address, "colocated")
-    yield router, _client(router)
-    registration.stop()
+    with registered(router.grpc_address, decode_and_prefill[0], role="colocated"):
+        yield router, _client(router)
 
 
 @pytest.fixture
-def disaggregated(start_router, workers):
+def disaggregated(start_router, decode_and_prefill):
     """A router sending every prompt to the prefill worker, which pushes its KV to the decode worker."""
     router = start_router()  # the test router's placement is "never": no prompt is prefilled on decode
-    registrations = [w.register(router.grpc_address) for w in workers]
-    yield router, _client(router)
-    for registration in registrations:
-        registration.stop()
+    with registered(router.grpc_address, *decode_and_prefill):
+        yield router, _client(router)
 
 
 def unique_prompt() -> str:
@@ -157,7 +146,7 @@ def _cached(usage) -> int:
     return usage.prompt_tokens_details.cached_tokens
 
 
-def test_cached_tokens_from_a_colocated_worker(colocated, workers):
+def test_cached_tokens_from_a_colocated_worker(colocated, decode_and_prefill):
     router, client = colocated
     name = router.service.model.name
     prompt = unique_prompt()
@@ -173,10 +162,10 @@ def test_cached_tokens_from_a_colocated_worker(colocated, workers):
                                        stream_options={"include_usage": True})
     usage = [c.usage for c in stream][-1]
     assert _cached(usage) == _cached(second.usage)
-    assert workers[0].worker.engine.block_manager.num_used_blocks == 0
+    assert decode_and_prefill[0].worker.engine.block_manager.num_used_blocks == 0
 
 
-def test_cached_tokens_from_the_prefill_worker(disaggregated, workers):
+def test_cached_tokens_from_the_prefill_worker(disaggregated, decode_and_prefill):
     router, client = disaggregated
     name = router.service.model.name
     messages = [{"role": "user", "content": unique_prompt()}]

@@ -16,7 +16,7 @@ from kvferry.engine.profiles import PROFILES
 from kvferry.engine.step_time import SCALES, StepTimeModel
 from kvferry.proto import generate_pb2, generate_pb2_grpc
 from kvferry.router.dispatch import DispatchConfig
-from real_workers import start_decode_and_prefill
+from real_workers import registered, start_decode_and_prefill
 from waiting import wait_until
 
 TTFT_MS = 1000
@@ -34,12 +34,8 @@ def cluster(model_path, start_router):
     )
     decode, prefill = start_decode_and_prefill(
         config, prefill_step_model=StepTimeModel(prior=tuple(c * s for c, s in zip(PRIOR_COSTS, SCALES))))
-    registrations = [decode.register(router.grpc_address), prefill.register(router.grpc_address)]
-    yield router, prefill.worker, decode.worker
-    for registration in registrations:
-        registration.stop()
-    prefill.stop()
-    decode.stop()
+    with decode, prefill, registered(router.grpc_address, decode, prefill):
+        yield router, prefill.worker, decode.worker
 
 
 def test_over_slo_prompt_gets_429_with_retry_after_while_a_short_one_is_served(cluster):

@@ -18,7 +18,7 @@ import pytest
 
 from kvferry.proto import generate_pb2, generate_pb2_grpc
 from kvferry.router.admission import AdmissionConfig
-from real_workers import start_decode_and_prefill
+from real_workers import registered
 
 CITY = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 24},
@@ -55,34 +55,23 @@ TIME = {"type": "function", "function": {
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
 
 
-@pytest.fixture(scope="module")
-def workers(model_path):
-    decode, prefill = start_decode_and_prefill()
-    yield decode, prefill
-    prefill.stop()
-    decode.stop()
-
-
 def _router(start_router):
     # 20 requests at once queue behind a batch of 8: give them time rather than a 503.
     return start_router(admission=AdmissionConfig(max_waiting=64, timeout_s=120.0, poll_s=0.05))
 
 
 @pytest.fixture
-def disaggregated(start_router, workers):
+def disaggregated(start_router, decode_and_prefill):
     router = _router(start_router)
-    registrations = [w.register(router.grpc_address) for w in workers]
-    yield router
-    for registration in registrations:
-        registration.stop()
+    with registered(router.grpc_address, *decode_and_prefill):
+        yield router
 
 
 @pytest.fixture
-def colocated(start_router, workers):
+def colocated(start_router, decode_and_prefill):
     router = _router(start_router)
-    registration = workers[0].register(router.grpc_address, "colocated")
-    yield router
-    registration.stop()
+    with registered(router.grpc_address, decode_and_prefill[0], role="colocated"):
+        yield router
 
 
 def _client(router) -> openai.OpenAI:
@@ -99,7 +88,7 @@ def _format(schema: dict) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
 
 
-def test_json_schema_answers_validate_on_20_prompts(disaggregated, workers):
+def test_json_schema_answers_validate_on_20_prompts(disaggregated, decode_and_prefill):
     client = openai.AsyncOpenAI(base_url=disaggregated.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
     async def ask(schema, prompt):
@@ -118,7 +107,7 @@ def test_json_schema_answers_validate_on_20_prompts(disaggregated, workers):
         choice = answer.choices[0]
         assert choice.finish_reason == "stop", (prompt, choice.message.content)
         jsonschema.validate(json.loads(choice.message.content), schema)
-    assert _no_blocks_left(workers)
+    assert _no_blocks_left(decode_and_prefill)
 
 
 def test_json_object_answer_parses_streamed(colocated):
@@ -131,7 +120,7 @@ def test_json_object_answer_parses_streamed(colocated):
     assert isinstance(json.loads(text), dict)
 
 
-def test_a_named_tool_call_names_the_tool_and_its_arguments_validate(disaggregated, workers):
+def test_a_named_tool_call_names_the_tool_and_its_arguments_validate(disaggregated, decode_and_prefill):
     answer = _client(disaggregated).chat.completions.create(
         model=disaggregated.service.model.name, max_completion_tokens=60, temperature=0,
         messages=[{"role": "user", "content": "What is the weather like in Oslo?"}],
@@ -142,7 +131,7 @@ def test_a_named_tool_call_names_the_tool_and_its_arguments_validate(disaggregat
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
     jsonschema.validate(json.loads(call.function.arguments), SCHEMAS["get_weather"])
-    assert _no_blocks_left(workers)
+    assert _no_blocks_left(decode_and_prefill)
 
 
 def test_required_tool_calls_stream_as_deltas(colocated):
@@ -204,7 +193,7 @@ def test_a_conversation_with_tool_results_continues(colocated):
     assert answer.choices[0].message.content and answer.usage.prompt_tokens > 30
 
 
-def test_max_tokens_mid_json_is_finish_reason_length(colocated, workers):
+def test_max_tokens_mid_json_is_finish_reason_length(colocated, decode_and_prefill):
     client = _client(colocated)
     name = colocated.service.model.name
     messages = [{"role": "user", "content": "Describe Paris."}]
@@ -219,7 +208,7 @@ def test_max_tokens_mid_json_is_finish_reason_length(colocated, workers):
     cut = client.chat.completions.create(model=name, messages=messages, tools=[WEATHER], tool_choice="required",
                                          max_completion_tokens=4, temperature=0).choices[0]
     assert cut.finish_reason == "length" and not cut.message.tool_calls and cut.message.content
-    assert _no_blocks_left(workers)
+    assert _no_blocks_left(decode_and_prefill)
 
 
 @pytest.mark.parametrize("extra, param", [
