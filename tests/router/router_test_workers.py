@@ -224,3 +224,24 @@ class WorkerProcess:
             self.thread.join(5)
         self.server.stop(None)
         self.channel.close()
+
+
+class ScriptedCluster:
+    """One scripted decode and one scripted prefill worker, registered with ``router``; every request's
+    output is ``text`` (tokenized as the router's model does) and EOS. ``security``: as WorkerProcess's."""
+
+    def __init__(self, router, served_model, text: str, token_delay: float = 0.0,
+                 security: ClusterSecurity = ClusterSecurity()) -> None:
+        self.router = router
+        self.script = served_model.tokenizer.encode(text, add_special_tokens=False) + [2]
+        self.decode = ScriptedDecode(self.script, token_delay=token_delay)
+        decode = WorkerProcess(self.decode, router_pb2.WORKER_ROLE_DECODE, router.grpc_address, security=security)
+        self.prefill = ScriptedPrefill({decode.address: self.decode})
+        prefill = WorkerProcess(self.prefill, router_pb2.WORKER_ROLE_PREFILL, router.grpc_address, security=security)
+        self.processes = [decode, prefill]
+        for p in self.processes:
+            p.register()
+
+    def stop(self) -> None:
+        for p in self.processes:
+            p.stop()

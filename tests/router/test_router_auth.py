@@ -15,37 +15,20 @@ from kvferry.proto.cluster_security import ClusterSecurity, TLSFiles
 from kvferry.common.worker import WorkerStats
 from kvferry.proto.convert import fingerprint_from_proto
 from kvferry.worker_common.registration import RegistrationRefused, RouterRegistration
-from router_test_workers import FINGERPRINT, ScriptedDecode, ScriptedPrefill, WorkerProcess
+from router_test_workers import FINGERPRINT, ScriptedCluster
 from tls_certs import TestCA
 
 KEY = "sk-test-key"
 TOKEN = "cluster-secret"
 TEXT = " The quick brown fox"
-DECODE, PREFILL = router_pb2.WORKER_ROLE_DECODE, router_pb2.WORKER_ROLE_PREFILL
-
-
-class Workers:
-    """One scripted decode and one scripted prefill worker, registered with ``security``."""
-
-    def __init__(self, router, served_model, security: ClusterSecurity) -> None:
-        self.script = served_model.tokenizer.encode(TEXT, add_special_tokens=False) + [2]
-        self.decode = ScriptedDecode(self.script)
-        decode = WorkerProcess(self.decode, DECODE, router.grpc_address, security=security)
-        self.prefill = ScriptedPrefill({decode.address: self.decode})
-        self.processes = [decode, WorkerProcess(self.prefill, PREFILL, router.grpc_address, security=security)]
-        for p in self.processes:
-            p.register()
-
-    def stop(self) -> None:
-        for p in self.processes:
-            p.stop()
+DECODE = router_pb2.WORKER_ROLE_DECODE
 
 
 @pytest.fixture
 def secured(start_router, served_model):
     """A router with an API key and a cluster token, and workers that have the token."""
     router = start_router(api_key=KEY, security=ClusterSecurity(token=TOKEN))
-    workers = Workers(router, served_model, ClusterSecurity(token=TOKEN))
+    workers = ScriptedCluster(router, served_model, TEXT, security=ClusterSecurity(token=TOKEN))
     yield router, workers
     workers.stop()
 
@@ -142,8 +125,8 @@ def test_mutual_tls_between_router_and_workers(start_router, served_model, tmp_p
     ca = TestCA(tmp_path)
     router_tls = TLSFiles(*ca.issue("router"), str(ca.ca_path))
     router = start_router(security=ClusterSecurity(token=TOKEN, tls=router_tls))
-    workers = Workers(router, served_model, ClusterSecurity(token=TOKEN, tls=TLSFiles(*ca.issue("workers"),
-                                                                                  str(ca.ca_path))))
+    worker_tls = TLSFiles(*ca.issue("workers"), str(ca.ca_path))
+    workers = ScriptedCluster(router, served_model, TEXT, security=ClusterSecurity(token=TOKEN, tls=worker_tls))
     try:
         client_tls = TLSFiles(*ca.issue("client"), str(ca.ca_path))
         with grpc.secure_channel(router.grpc_address, client_tls.channel_credentials()) as channel:

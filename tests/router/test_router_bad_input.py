@@ -11,38 +11,22 @@ import grpc
 import httpx
 import pytest
 
-from kvferry.proto import generate_pb2, generate_pb2_grpc, router_pb2
-from router_test_workers import ScriptedDecode, ScriptedPrefill, WorkerProcess
+from kvferry.proto import generate_pb2, generate_pb2_grpc
+from router_test_workers import ScriptedCluster
 from waiting import wait_until
 
 TEXT = " The quick brown fox jumps over the lazy dog."
 
 
-class Cluster:
-    def __init__(self, router, served_model, token_delay: float = 0.0) -> None:
-        self.router = router
-        self.script = served_model.tokenizer.encode(TEXT, add_special_tokens=False) + [2]
-        self.decode = ScriptedDecode(self.script, token_delay=token_delay)
-        decode = WorkerProcess(self.decode, router_pb2.WORKER_ROLE_DECODE, router.grpc_address)
-        self.prefill = ScriptedPrefill({decode.address: self.decode})
-        self.processes = [decode, WorkerProcess(self.prefill, router_pb2.WORKER_ROLE_PREFILL, router.grpc_address)]
-        for p in self.processes:
-            p.register()
-
-    def stop(self) -> None:
-        for p in self.processes:
-            p.stop()
-
-
 @pytest.fixture
 def cluster(start_router, served_model, request):
     params = dict(getattr(request, "param", {}))
-    c = Cluster(start_router(**params.pop("router", {})), served_model, **params)
+    c = ScriptedCluster(start_router(**params.pop("router", {})), served_model, TEXT, **params)
     yield c
     c.stop()
 
 
-def post(c: Cluster, path: str, content: bytes | str, headers: dict | None = None) -> httpx.Response:
+def post(c: ScriptedCluster, path: str, content: bytes | str, headers: dict | None = None) -> httpx.Response:
     return httpx.post(c.router.url + path, content=content,
                       headers={"content-type": "application/json", **(headers or {})}, timeout=30)
 
