@@ -26,8 +26,6 @@ import signal
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -40,7 +38,7 @@ from kvferry.engine.device import kv_cache_sizing
 from kvferry.engine.profiles import profile_argv
 from kvferry.proto.cluster_security import TOKEN_ENV
 from kvferry.router.auth import API_KEY_ENV
-from kvferry.router.serve_common import Child, curl_example, router_flags_argv
+from kvferry.router.serve_common import Child, curl_example, http_ready, router_flags_argv
 
 logger = logging.getLogger("kvferry.serve")
 
@@ -169,14 +167,6 @@ def _deployment_exists() -> bool:
         return False
 
 
-def _http_ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def _wait(ref: ray.ObjectRef, stop: threading.Event):
     """``ray.get(ref)``, giving up when ``stop`` is set (Ctrl-C during start-up)."""
     while not ray.wait([ref], timeout=POLL_S)[0]:
@@ -224,7 +214,7 @@ def serve_on_ray(args: argparse.Namespace) -> int:
         state = _wait(deployment.wait_ready.remote(args.startup_timeout), stop)
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
         deadline = time.monotonic() + 60
-        while not _http_ready(url) and time.monotonic() < deadline and not stop.is_set():
+        while not http_ready(url) and time.monotonic() < deadline and not stop.is_set():
             time.sleep(POLL_S)
         counts = {role: sum(1 for w in state["workers"] if w["role"] == role) for role in ("prefill", "decode")}
         elastic = f", following {ROLE_RESOURCES['decode']}" if args.elastic else ""

@@ -37,7 +37,9 @@ from kvferry.log_config import log_environment
 from kvferry.proto.cluster_security import TOKEN_ENV
 from kvferry.router.auth import API_KEY_ENV
 from kvferry.router.placement import add_placement_arguments
-from kvferry.router.serve_common import POLL_S, Child, add_router_flag_arguments, curl_example, router_flags_argv
+from kvferry.router.serve_common import (
+    POLL_S, Child, add_router_flag_arguments, curl_example, http_ready, router_flags_argv,
+)
 from kvferry.router.serve_worker_flags import add_worker_arguments, worker_argv
 from kvferry.router.supervisor import RestartPolicy, Supervisor
 from kvferry.transport.negotiation import KV_TRANSPORT_CHOICES
@@ -68,7 +70,7 @@ class Cluster:
         self._wait(lambda: _grpc_serving(self.grpc_address), timeout_s, "the router's gRPC server", cancel)
         for w in self.workers:
             w.start(self.env)
-        self._wait(lambda: _http_ready(self.http_url), timeout_s, "the workers to register", cancel)
+        self._wait(lambda: http_ready(self.http_url), timeout_s, "the workers to register", cancel)
 
     def _wait(self, ready, timeout_s: float, what: str, cancel: threading.Event) -> None:
         deadline = time.monotonic() + timeout_s
@@ -95,14 +97,6 @@ class Cluster:
         for w in self.workers:
             if not w.wait(30, force):
                 w.kill()
-
-
-def _http_ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def _grpc_serving(address: str) -> bool:

@@ -1,7 +1,8 @@
 """What both ways of starting a whole cluster share: `kvferry serve` (launch_serve.py, processes on
 this machine) and `kvferry serve --ray` (deploy/ray_serve.py). A child process that dies with its
-launcher, the router flags both pass on, and the curl example both print. Both of those import this
-module; it imports neither (tests/test_layering.py: the edge has no import cycle).
+launcher, the router flags both pass on, the router's health check both wait on, and the curl example
+both print. Both of those import this module; it imports neither (tests/test_layering.py: the edge has
+no import cycle).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 
 logger = logging.getLogger("kvferry.serve")
@@ -101,6 +104,15 @@ def add_router_flag_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pair-cooldown", type=float, default=None,
                         help="seconds such a pair is left out before it is tried again, doubled each time it "
                              "fails again (the router's flag; default 5, at most 60)")
+
+
+def http_ready(url: str) -> bool:
+    """True once the router at ``url`` answers /health with 200."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def curl_example(url: str, model: str, api_key: str = "") -> str:
