@@ -113,26 +113,21 @@ def offer_from_proto(msg: pb.TransportOffer) -> TransportOffer:
     return _from_proto(TransportOffer, msg)
 
 
+_HANDSHAKE_SCALARS = ("compatible", "receiver_id", "receiver_instance_id", "max_chunk_bytes")  # same name both sides
+
+
 def handshake_to_proto(result: HandshakeResult) -> pb.HandshakeResponse:
     return pb.HandshakeResponse(
-        compatible=result.compatible,
-        mismatches=list(result.mismatches),
+        **{name: getattr(result, name) for name in _HANDSHAKE_SCALARS}, mismatches=list(result.mismatches),
         fingerprint=fingerprint_to_proto(result.receiver_fingerprint),
-        receiver_id=result.receiver_id,
-        receiver_instance_id=result.receiver_instance_id,
-        max_chunk_bytes=result.max_chunk_bytes,
         transports=[offer_to_proto(o) for o in result.transports],
     )
 
 
 def handshake_from_proto(msg: pb.HandshakeResponse) -> HandshakeResult:
     return HandshakeResult(
-        compatible=msg.compatible,
-        mismatches=tuple(msg.mismatches),
+        **{name: getattr(msg, name) for name in _HANDSHAKE_SCALARS}, mismatches=tuple(msg.mismatches),
         receiver_fingerprint=fingerprint_from_proto(msg.fingerprint),
-        receiver_id=msg.receiver_id,
-        receiver_instance_id=msg.receiver_instance_id,
-        max_chunk_bytes=msg.max_chunk_bytes,
         transports=tuple(offer_from_proto(o) for o in msg.transports),
     )
 

@@ -281,3 +281,15 @@ def test_a_trailer_without_checksums_is_refused_where_the_receiver_verifies(veri
     else:
         session.finish(trailer)
         assert_blocks_equal(src, [0], receiver.kv_caches, [2])
+
+
+def test_a_handshake_result_survives_the_wire_both_ways():
+    from kvferry.transport.base import HandshakeResult, TransportOffer
+    from kvferry.transport.grpc_transport import handshake_from_proto, handshake_to_proto
+
+    result = HandshakeResult(
+        compatible=False, mismatches=("dtype: bfloat16 != float32",), receiver_fingerprint=fingerprint(),
+        receiver_id="decode-0", receiver_instance_id="i-1", max_chunk_bytes=1 << 20,
+        transports=(TransportOffer("tcp", address="127.0.0.1:5", ticket="t"),),
+    )
+    assert handshake_from_proto(handshake_to_proto(result)) == result
