@@ -241,6 +241,25 @@ __attribute__((noinline)) void micro_tile(const uint8_t* q, const uint8_t* qsign
     for (int r = 0; r < RT; ++r) out[m][r] = hsum(acc[m][r]);
 }
 
+// NR rows' offset terms (offsets [NR][G]) for every token (sums_t [G][Mp]) -> out [NR][Mp]: per (row,
+// token) the streamed path's fma chain in group order; the NR rows are independent chains kept in
+// registers (with a run-time count they spilled, and each fma waited on a store-to-load round trip).
+template <int NR>
+inline void offset_rows(const float* offsets, int64_t G, const float* sums_t, int64_t Mp, float* out) {
+  for (int64_t m8 = 0; m8 < Mp; m8 += 8) {
+    __m256 v[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) v[j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 t = _mm256_loadu_ps(sums_t + g * Mp + m8);
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) v[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(offsets + j * G + g), t, v[j]);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) _mm256_storeu_ps(out + j * Mp + m8, v[j]);
+  }
+}
+
 template <class F, class T>
 void rows_tiled(const uint8_t* w, int64_t row_bytes, int64_t K, const Acts& a, const float* bias, T* y,
                 int64_t ldy, int64_t col0, int64_t n0, int64_t n1) {
@@ -263,6 +282,9 @@ void rows_tiled(const uint8_t* w, int64_t row_bytes, int64_t K, const Acts& a, c
     const int rows = static_cast<int>(std::min(n1, t0 + kTileRows) - t0);
     for (int r = 0; r < rows; ++r) {
       const uint8_t* row = w + (t0 + r) * row_bytes;
+      // the weight is read once, from memory: ask for what the tiles ahead will read
+      for (int64_t at = 0; at < row_bytes; at += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetch + at, _MM_HINT_T0);
       for (int64_t blk = 0; blk < num_blocks; ++blk)
         F::groups(row + blk * F::kBytes, [&](int g, __m256i q, float s_lo, float, float o_lo, float) {
           const int64_t b = blk * kGroups + g;
@@ -285,24 +307,14 @@ void rows_tiled(const uint8_t* w, int64_t row_bytes, int64_t K, const Acts& a, c
           wpat[(p * G + g) * 8 + 2 * i + 1] = s1[g];
         }
     }
-    // each row's offset term for every token: the streamed path's fma chain, eight tokens a vector and
-    // up to eight vectors at once (one chain alone waits on each fma's latency)
+    // each row's offset term for every token: the streamed path's fma chain, eight rows at a time
     const int64_t Mp = a.padded_tokens;
-    if constexpr (kGroupOffsets<F>)
-      for (int r = 0; r < rows; ++r)
-        for (int64_t m8 = 0; m8 < Mp; m8 += 64) {
-          const int n8 = static_cast<int>(std::min<int64_t>(8, (Mp - m8) / 8));
-          __m256 v[8];
-          for (int j = 0; j < 8; ++j) v[j] = _mm256_setzero_ps();
-          for (int64_t g = 0; g < G; ++g) {
-            const __m256 o = _mm256_broadcast_ss(offsets + r * G + g);
-            const float* t = a.sums_t.data() + g * Mp + m8;
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; ++j)
-              if (j < n8) v[j] = _mm256_fmadd_ps(o, _mm256_loadu_ps(t + 8 * j), v[j]);
-          }
-          for (int j = 0; j < n8; ++j) _mm256_storeu_ps(token_offsets + r * Mp + m8 + 8 * j, v[j]);
-        }
+    if constexpr (kGroupOffsets<F>) {
+      const float* sums = a.sums_t.data();
+      int r = 0;
+      for (; r + 8 <= rows; r += 8) offset_rows<8>(offsets + r * G, G, sums, Mp, token_offsets + r * Mp);
+      for (; r < rows; ++r) offset_rows<1>(offsets + r * G, G, sums, Mp, token_offsets + r * Mp);
+    }
     for (int64_t m0 = 0; m0 < M; m0 += kMicroTokens) {
       const int mt = static_cast<int>(std::min<int64_t>(kMicroTokens, M - m0));
       const int8_t* xq[kMicroTokens];
