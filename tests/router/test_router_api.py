@@ -310,12 +310,18 @@ def test_full_decode_worker_makes_requests_queue_not_fail(cluster):
     assert len(cluster.decode.served) == 4
 
 
-@pytest.mark.parametrize("cluster", [{"total_blocks": 1, "token_delay": 0.1, "router": {
-    "admission": AdmissionConfig(max_waiting=4, timeout_s=0.5, poll_s=0.05)}}], indirect=True)
-def test_queue_timeout_is_a_clear_503(cluster):
+def hold_the_only_block(cluster) -> threading.Thread:
+    """A 12-token request holding a one-block cluster's only KV block while it streams (join it after)."""
     first = threading.Thread(target=post, args=(cluster, "/v1/completions", {"prompt": "x", "max_tokens": 12}))
     first.start()
     assert wait_until(lambda: cluster.decode.used_blocks == 1)
+    return first
+
+
+@pytest.mark.parametrize("cluster", [{"total_blocks": 1, "token_delay": 0.1, "router": {
+    "admission": AdmissionConfig(max_waiting=4, timeout_s=0.5, poll_s=0.05)}}], indirect=True)
+def test_queue_timeout_is_a_clear_503(cluster):
+    first = hold_the_only_block(cluster)
     r = post(cluster, "/v1/completions", {"prompt": "x", "max_tokens": 12})
     first.join(30)
     assert r.status_code == 503, r.text
@@ -327,9 +333,7 @@ def test_queue_timeout_is_a_clear_503(cluster):
 @pytest.mark.parametrize("cluster", [{"total_blocks": 1, "token_delay": 0.1, "router": {
     "admission": AdmissionConfig(max_waiting=0, timeout_s=5, poll_s=0.05)}}], indirect=True)
 def test_a_full_admission_queue_is_a_429_with_retry_after_over_http_and_grpc(cluster):
-    first = threading.Thread(target=post, args=(cluster, "/v1/completions", {"prompt": "x", "max_tokens": 12}))
-    first.start()
-    assert wait_until(lambda: cluster.decode.used_blocks == 1)
+    first = hold_the_only_block(cluster)
     r = post(cluster, "/v1/completions", {"prompt": "x", "max_tokens": 12})
     assert r.status_code == 429, r.text
     assert int(r.headers["retry-after"]) >= 1

@@ -99,17 +99,22 @@ def test_concurrent_one_copy_transfers_stay_apart(server):
         s.close()
 
 
+def send_blocks_0_and_7_into_2_and_9(s, server, request_id: str, src) -> None:
+    """Blocks 0 and 7 of ``src`` into the receiver's blocks 2 and 9, checked bit for bit."""
+    server.receiver.expect(request_id, [2, 9])
+    h = s.send(target(server), request_id, src, [0, 7], FirstToken(1))
+    assert h.wait(TIMEOUT) is TransferState.DONE, h.error
+    for s_layer, d_layer in zip(src, server.receiver.kv_caches):
+        assert same_bits(s_layer[:, [0, 7]], d_layer[:, [2, 9]])
+
+
 def test_cache_not_in_a_memfd_goes_through_the_slots():
     server = ReceiverServer("shm")
     src = bit_pattern_caches()  # torch tensors: not shareable
     assert find_shared_cache(src[0]) is None and find_shared_cache(memfd_caches()[0]) is not None
     s = sender("shm")
     try:
-        server.receiver.expect("plain", [2, 9])
-        h = s.send(target(server), "plain", src, [0, 7], FirstToken(1))
-        assert h.wait(TIMEOUT) is TransferState.DONE, h.error
-        for s_layer, d_layer in zip(src, server.receiver.kv_caches):
-            assert same_bits(s_layer[:, [0, 7]], d_layer[:, [2, 9]])
+        send_blocks_0_and_7_into_2_and_9(s, server, "plain", src)
         assert shm_chunks(s) == {"one_copy": 0, "slots": NUM_LAYERS}
     finally:
         s.close()
@@ -122,11 +127,7 @@ def test_sender_without_one_copy_negotiates_the_slots():
     s = sender("shm")
     s.planes["shm"] = plane = ShmSenderPlane(s.chunk_bytes, one_copy=False)
     try:
-        server.receiver.expect("old", [2, 9])
-        h = s.send(target(server), "old", src, [0, 7], FirstToken(1))
-        assert h.wait(TIMEOUT) is TransferState.DONE, h.error
-        for s_layer, d_layer in zip(src, server.receiver.kv_caches):
-            assert same_bits(s_layer[:, [0, 7]], d_layer[:, [2, 9]])
+        send_blocks_0_and_7_into_2_and_9(s, server, "old", src)
         assert plane.chunks == {"one_copy": 0, "slots": NUM_LAYERS}
     finally:
         s.close()
