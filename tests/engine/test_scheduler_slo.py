@@ -14,7 +14,7 @@ from kvferry.engine.scheduler import Scheduler
 from kvferry.engine.step_time import SCALES, StepTimeModel
 
 # 10 ms a step, 5 ms a decode row, 0.5 ms a prefill token, no context or attention cost.
-COSTS = (0.010, 0.005, 0.0005, 0.0, 0.0)
+COSTS = (0.010, 0.005, 0.0005, 0.0, 0.0, 0.0)
 LATENCY = PROFILES["latency"]  # TPOT 100 ms -> decode steps planned to 80 ms; TTFT 3 s -> 750 ms prefill steps
 
 

@@ -7,12 +7,13 @@ import pytest
 
 from kvferry.engine.step_time import DEFAULT_PRIOR, SCALES, StepShape, StepTimeModel
 
-TRUE = (0.012, 0.0009, 0.0011, 2.0e-6, 2.0e-7)  # seconds per unit of each feature
+TRUE = (0.012, 0.0009, 0.0011, 2.0e-6, 2.0e-7, 0.025)  # seconds per unit of each feature
 
 
 def true_time(shape: StepShape, w=TRUE) -> float:
+    mixed = shape.num_decodes > 0 and shape.num_prefill_tokens > 0
     return (w[0] + w[1] * shape.num_decodes + w[2] * shape.num_prefill_tokens
-            + w[3] * shape.decode_context_tokens + w[4] * shape.prefill_attention)
+            + w[3] * shape.decode_context_tokens + w[4] * shape.prefill_attention + w[5] * mixed)
 
 
 def random_shape(rng: random.Random) -> StepShape:
@@ -37,9 +38,25 @@ def test_fits_known_synthetic_steps():
     assert model.predict(probe) == pytest.approx(true_time(probe), rel=0.03)
 
 
+def test_a_small_chunk_beside_decode_rows_pays_the_mixed_steps_own_cost():
+    # As measured on a CPU: 16 prompt tokens beside 7 decode rows cost far more than 16 x the per-token
+    # cost (the batch leaves the decode kernels); the fitted model must say so, or the scheduler
+    # plans such steps short and misses its TPOT target.
+    rng = random.Random(3)
+    model = StepTimeModel(forget=1.0, prior_weight=0.01)
+    for _ in range(300):
+        shape = random_shape(rng)
+        model.observe(shape, true_time(shape))
+    decode_only = StepShape(7, 0, 7 * 300, 0)
+    with_chunk = StepShape(7, 16, 7 * 300, 16 * 616)
+    added = model.predict(with_chunk) - model.predict(decode_only)
+    assert added == pytest.approx(TRUE[5] + 16 * TRUE[2] + 16 * 616 * TRUE[4], rel=0.05)
+    assert added > 2 * 16 * TRUE[2]
+
+
 def test_without_observations_the_prior_predicts():
     model = StepTimeModel()
-    typical = StepShape(16, 256, 16384, 256 * 1024)
+    typical = StepShape(16, 256, 16384, 256 * 1024)  # a mixed step
     assert model.predict(typical) == pytest.approx(sum(DEFAULT_PRIOR))
     assert model.coefficients == pytest.approx(tuple(p / s for p, s in zip(DEFAULT_PRIOR, SCALES)))
 
