@@ -140,7 +140,11 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
     def worker(role: str, name: str, *extra: str) -> Child:
         # A stable name across restarts: the router's /health tells a worker that came back from one lost.
         own = worker_argv(args, role, len(workers))  # every worker setting given to serve (serve_worker_flags.py)
-        return Child(name, [*python, role, *worker_common, *own, "--name", name, *extra])
+        child = Child(name, [*python, role, *worker_common, *own, "--name", name, *extra])
+        role_threads = args.prefill_threads if role == "prefill" else args.decode_threads
+        if role_threads:  # --prefill-threads / --decode-threads: this role's count over the split below
+            child.env["KVFERRY_NUM_THREADS"] = str(role_threads)
+        return child
 
     workers: list[Child] = []
     if args.colocated:
@@ -214,6 +218,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arguments(parser)  # the workers' device and KV cache size
     add_ray_arguments(parser)  # --ray: the same cluster on a Ray cluster (deploy/ray_serve.py)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (KVFERRY_NUM_THREADS; default: the cores split between the workers)")
+    parser.add_argument("--prefill-threads", type=int, default=None,
+                        help="torch threads of each prefill worker, over --threads (e.g. 2 beside a 1-thread "
+                             "decode worker on 2 cores: a long prompt computed on both; docs/PERFORMANCE.md)")
+    parser.add_argument("--decode-threads", type=int, default=None,
+                        help="torch threads of each decode (or colocated) worker, over --threads")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds in-flight requests get to finish on shutdown")
     parser.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S,

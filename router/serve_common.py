@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 logger = logging.getLogger("kvferry.serve")
 
@@ -41,11 +41,12 @@ class Child:
     name: str
     argv: list[str]
     process: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)  # this child's own, over the cluster's (threads)
 
     def start(self, env: dict[str, str]) -> None:
         logger.info("starting %s: %s", self.name, " ".join(self.argv))
         self.process = subprocess.Popen(
-            self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent,
+            self.argv, env={**env, **self.env}, start_new_session=True, preexec_fn=_die_with_parent,
         )
 
     @property

@@ -10,7 +10,7 @@ import pytest
 
 from kvferry.engine.config import ConfigError
 from kvferry.router import launch_serve, main
-from kvferry.router.serve_common import ROUTER_FLAGS
+from kvferry.router.serve_common import ROUTER_FLAGS, Child
 
 
 def parse(add_arguments, *argv: str) -> argparse.Namespace:
@@ -49,3 +49,22 @@ def test_bad_pair_settings_are_refused_naming_the_flag(argv):
 def test_a_cool_down_longer_than_the_usual_cap_raises_the_cap():
     config = main.config_from_args(parse(main.add_arguments, "--pair-cooldown", "120"))
     assert config.registry.pairs.max_cooldown_s == 120
+
+
+
+def test_each_role_gets_its_own_thread_count_over_the_split(tmp_path):
+    """--prefill-threads / --decode-threads reach the real processes' environment; a role without its
+    own count keeps --threads (here 3)."""
+    cluster = launch_serve.build_cluster(parse(launch_serve.add_arguments, "--device", "cpu", "--threads", "3",
+                                               "--prefill-threads", "2"))
+    seen = {}
+    for child in cluster.workers:  # the same Child, its command swapped for a probe of its environment
+        out = tmp_path / child.name
+        probe = Child(child.name, ["sh", "-c", f"echo $KVFERRY_NUM_THREADS > {out}"], env=child.env)
+        probe.start(cluster.env)
+        assert probe.wait(30)
+        seen[child.name] = out.read_text().strip()
+    assert seen == {"prefill-1": "2", "decode-1": "3"}
+    colocated = launch_serve.build_cluster(parse(launch_serve.add_arguments, "--device", "cpu", "--colocated",
+                                                 "--decode-threads", "2", "--prefill-threads", "1"))
+    assert [c.env for c in colocated.workers] == [{"KVFERRY_NUM_THREADS": "2"}]  # a colocated worker decodes
