@@ -371,8 +371,14 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop(10)
                 continue
             model = discover_model(server.base_url)
-            options[server.name] = RequestOptions(server.base_url, model, timeout_s=args.max_duration_s)
-            asyncio.run(warm(server, options[server.name], args.seed, args.warmup_prompts, args.max_duration_s))
+            opts = RequestOptions(server.base_url, model, timeout_s=args.max_duration_s)
+            try:
+                asyncio.run(warm(server, opts, args.seed, args.warmup_prompts, args.max_duration_s))
+            except RuntimeError as exc:  # one system that cannot serve the warm-up must not end the sweep
+                print(f"[{server.name}] left out: {exc}", flush=True)
+                server.stop(10)
+                continue
+            options[server.name] = opts
         up = [s for s in servers if s.name in options]
         if not up:
             print("no system started")

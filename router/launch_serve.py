@@ -38,7 +38,7 @@ from kvferry.proto.cluster_security import TOKEN_ENV
 from kvferry.router.auth import API_KEY_ENV
 from kvferry.router.placement import add_placement_arguments
 from kvferry.router.serve_common import (
-    POLL_S, Child, add_router_flag_arguments, curl_example, http_ready, router_flags_argv,
+    POLL_S, Child, add_router_flag_arguments, curl_example, http_ready, registered_workers, router_flags_argv,
 )
 from kvferry.router.serve_worker_flags import add_worker_arguments, worker_argv
 from kvferry.router.supervisor import RestartPolicy, Supervisor
@@ -59,6 +59,10 @@ class Cluster:
     grpc_address: str
     shutdown_grace_s: float = 30.0
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    # Start the workers one at a time, each once the last has registered: workers whose threads
+    # outnumber the cores would otherwise time their warm-up steps against each other, and a step-time
+    # model fitted that way over-estimates the steps (a latency profile then refuses what it could serve).
+    stagger: bool = False
 
     @property
     def children(self) -> list[Child]:
@@ -68,8 +72,11 @@ class Cluster:
         cancel = cancel or threading.Event()
         self.router.start(self.env)
         self._wait(lambda: _grpc_serving(self.grpc_address), timeout_s, "the router's gRPC server", cancel)
-        for w in self.workers:
+        for i, w in enumerate(self.workers):
             w.start(self.env)
+            if self.stagger:
+                self._wait(lambda n=i + 1: registered_workers(self.http_url) >= n, timeout_s, f"{w.name} to register",
+                           cancel)
         self._wait(lambda: http_ready(self.http_url), timeout_s, "the workers to register", cancel)
 
     def _wait(self, ready, timeout_s: float, what: str, cancel: threading.Event) -> None:
@@ -161,6 +168,7 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
     # spin at barriers and make a decode step tens of times slower.
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(workers))
     cluster.env["KVFERRY_NUM_THREADS"] = str(threads)
+    cluster.stagger = sum(int(w.env.get("KVFERRY_NUM_THREADS", threads)) for w in workers) > (os.cpu_count() or 1)
     cluster.env.update(log_environment(args))  # --log-level / --log-format reach every child
     # Secrets travel in the environment, not on command lines (which every local user can read).
     if args.api_key:

@@ -116,6 +116,22 @@ def http_ready(url: str) -> bool:
         return False
 
 
+def registered_workers(url: str) -> int:
+    """How many workers the router at ``url`` has registered, by its /health body (also sent with a
+    503 before it can serve); 0 while it does not answer."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            body = r.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    except (urllib.error.URLError, OSError):
+        return 0
+    try:
+        return sum(json.loads(body)["workers"].values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return 0
+
+
 def curl_example(url: str, model: str, api_key: str = "") -> str:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello in French."}],
                        "max_tokens": 32})
