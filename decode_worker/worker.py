@@ -14,6 +14,9 @@ Request lifecycle:
 7. Abort (RPC, or the subscriber went away), a failed transfer, or an expired lease (no KV, or no
    subscriber, within ``lease_s``): the receiver stops writing first, then the engine frees the blocks;
    the last event says why. So a dead prefill worker or router cannot strand blocks.
+   An abort can overtake its own reservation (the router aborts a Reserve its client cancelled, and
+   the two calls race to the loop): an abort of an unknown id is remembered for ``lease_s``, and a
+   reservation arriving under it is refused, or it would hold a batch slot, unseen, until its lease ran out.
 With ``prefill_locally`` (colocated mode) step 3-4 is an ordinary ``add_request``: this engine prefills.
 
 Threads: every engine call happens on the loop thread (an ``EngineLoop`` running ``_turn``);
@@ -27,6 +30,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -115,6 +119,7 @@ class DecodeWorker:
         self.max_num_seqs = engine.config.scheduler.max_num_seqs
         self.counters = WorkerCounters()
         self._tracked: dict[str, _Tracked] = {}  # touched by the loop thread only (reads elsewhere)
+        self._aborted_unknown: OrderedDict[str, float] = OrderedDict()  # id -> until when (loop thread)
         self._draining = False
         self._loop = EngineLoop(self._turn, self._on_loop_error, f"{worker_id}-loop", self.config.command_timeout_s)
 
@@ -249,6 +254,8 @@ class DecodeWorker:
             raise NoRoom("the decode worker is draining (shutting down)")
         if request_id in self._tracked:
             raise ValueError(f"duplicate request id {request_id!r}")
+        if self._aborted_unknown.pop(request_id, None) is not None:
+            raise ValueError(f"request {request_id!r} was aborted before its reservation arrived")
         active = sum(1 for t in self._tracked.values() if not t.finished)
         if active >= self.max_num_seqs:
             raise NoRoom(f"batch full: {active} of {self.max_num_seqs} sequences in use")
@@ -304,6 +311,8 @@ class DecodeWorker:
         tracked = self._tracked.get(request_id)
         self.receiver.cancel(request_id)  # first: no write may touch the blocks once they are freed
         found = self.engine.abort_request(request_id)
+        if tracked is None and not found:  # its reservation may still be on the way: refuse it then
+            self._aborted_unknown[request_id] = self.clock() + self.config.lease_s
         if tracked is None or tracked.finished:
             return found
         tracked.finished = True
@@ -357,6 +366,8 @@ class DecodeWorker:
 
     def _expire_leases(self) -> None:
         now = self.clock()
+        while self._aborted_unknown and next(iter(self._aborted_unknown.values())) < now:
+            self._aborted_unknown.popitem(last=False)  # oldest first: each entry lives lease_s
         for tracked in list(self._tracked.values()):
             if tracked.finished:
                 if now > tracked.deadline and not tracked.subscribed:

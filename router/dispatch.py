@@ -264,7 +264,10 @@ class Dispatcher:
         prefill = self.registry.live(WorkerRole.PREFILL)
         if not decode:
             return "no decode worker is registered"
-        free = ", ".join(f"{w.address}: {w.free_blocks_estimate} free" for w in decode)
+        # Both limits a decode worker refuses on: KV blocks, and sequences (its batch cap) as last reported.
+        free = ", ".join(f"{w.address}: {w.free_blocks_estimate} free, "
+                         f"{w.capacity.running_requests + w.capacity.waiting_requests} of {w.max_running} sequences"
+                         for w in decode)
         text = f"the request needs {num_blocks} KV blocks ({free})"
         if not prefill and any(w.role is WorkerRole.DECODE for w in decode):
             text += "; no prefill worker is registered"

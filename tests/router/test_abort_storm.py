@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from kvferry.router.admission import AdmissionConfig
 from kvferry.router.placement import DisaggregationPolicy
 from real_workers import start_decode_and_prefill
 from waiting import wait_until
@@ -42,7 +43,7 @@ async def one(client: httpx.AsyncClient, rng: random.Random, i: int) -> str:
     kind = ("finish", "drop", "cancel")[i % 3]
     if kind == "finish":
         r = await client.post("/v1/completions", json=body)
-        return "ok" if r.status_code == 200 else f"status {r.status_code}"
+        return "ok" if r.status_code == 200 else f"status {r.status_code}: {r.text[:300]}"
     if kind == "drop":  # reads the first event, then closes the connection
         async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
             async for _ in r.aiter_lines():
@@ -61,7 +62,11 @@ async def one(client: httpx.AsyncClient, rng: random.Random, i: int) -> str:
 def test_ten_thousand_requests_with_aborts_and_disconnects_leave_nothing_behind(workers, start_router):
     decode, prefill = workers
     # auto: short prompts are prefilled by the decode worker, longer ones by the prefill worker.
-    router = start_router(placement=DisaggregationPolicy(mode="auto", local_prefill_max_tokens=16))
+    # The default queue timeout (60 s), not the tests' 5 s: 32 clients share a decode worker of 8
+    # sequences, so ~24 wait in the router's queue at any time, and on a slow 2-core host the last of
+    # them waited past 5 s (a 503, counted as a failed request, though nothing was lost).
+    router = start_router(placement=DisaggregationPolicy(mode="auto", local_prefill_max_tokens=16),
+                          admission=AdmissionConfig(max_waiting=64, timeout_s=60.0, poll_s=0.05))
     registrations = [decode.register(router.grpc_address), prefill.register(router.grpc_address)]
     try:
         async def main() -> list[str]:

@@ -7,6 +7,7 @@ shapes, SSE, usage, stop strings, n, logprobs, validation, placement, queueing, 
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import grpc
@@ -328,6 +329,8 @@ def test_queue_timeout_is_a_clear_503(cluster):
     error = r.json()["error"]
     assert error["code"] == "no_capacity" and "no decode worker had room within 0.5 s" in error["message"]
     assert "needs 1 KV blocks" in error["message"] and int(r.headers["retry-after"]) >= 1
+    # Both limits the worker refuses on (blocks, and sequences as of its last heartbeat) are named.
+    assert re.search(r": 0 free, \d+ of \d+ sequences\)", error["message"]), error["message"]
 
 
 @pytest.mark.parametrize("cluster", [{"total_blocks": 1, "token_delay": 0.1, "router": {
