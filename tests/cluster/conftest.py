@@ -30,6 +30,9 @@ def reference(model_path):
         out["chat"] = llm.chat([CHAT], params)[0]
         out["seeded"] = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9,
                                                                   seed=1234))[0]
+        # Decode batches of 16+ rows multiply by the prepacked bf16 copy (docs/KERNELS.md), which rounds
+        # unlike batch 1: where a prompt's next token is a near tie, wide batches pick the other one.
+        out["wide"] = {p: llm.generate([p] * 32, params)[0] for p in PROMPTS}
         out["tokenizer"] = llm.tokenizer
         del llm
     finally:

@@ -127,10 +127,12 @@ def test_64_concurrent_streams_complete(serve, reference):
     for i, (text, tokens, finish) in enumerate(results):
         ref = reference[PROMPTS[i % len(PROMPTS)]]
         assert finish == "length" and tokens == max_tokens, (i, finish, tokens)
-        if not (text and ref.text.startswith(text)):  # the engine alone's first `max_tokens` tokens
-            differ.append((i, text, ref.text))
-    # Decode batches of 16+ rows multiply by the prepacked bf16 copy (docs/KERNELS.md) and round unlike
-    # the engine's batch-1 kernels: a near tie may flip in a stream or two, never in most of them.
+        wide = reference["wide"][PROMPTS[i % len(PROMPTS)]]
+        # The engine alone's first `max_tokens` tokens, run alone or in a wide batch (the reference fixture).
+        if not (text and (ref.text.startswith(text) or wide.text.startswith(text))):
+            differ.append((i, text, ref.text, wide.text))
+    # A stream that shares its batch with a varying number of others may still flip a near tie in
+    # another step: in a stream or two, never in most of them.
     assert len(differ) <= 2, differ
     assert_all_blocks_returned(serve)
 
