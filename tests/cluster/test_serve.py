@@ -125,9 +125,9 @@ def test_64_concurrent_streams_complete(serve, reference):
     assert len(results) == n
     differ = []
     for i, (text, tokens, finish) in enumerate(results):
-        ref = reference[PROMPTS[i % len(PROMPTS)]]
+        prompt = PROMPTS[i % len(PROMPTS)]
+        ref, wide = reference[prompt], reference["wide"][prompt]
         assert finish == "length" and tokens == max_tokens, (i, finish, tokens)
-        wide = reference["wide"][PROMPTS[i % len(PROMPTS)]]
         # The engine alone's first `max_tokens` tokens, run alone or in a wide batch (the reference fixture).
         if not (text and (ref.text.startswith(text) or wide.text.startswith(text))):
             differ.append((i, text, ref.text, wide.text))

@@ -145,13 +145,10 @@ def test_abort_mid_stream_frees_blocks(decode_worker, prefill_worker_factory):
 def test_an_abort_that_overtakes_its_reservation_refuses_the_reservation(decode_worker):
     """The router aborts a Reserve its client cancelled; the abort can reach the worker first. The late
     reservation must be refused, not held (blocks and a batch slot) until its lease runs out."""
-    assert not decode_worker.abort("overtaken")
-    for local in (False, True):
-        if local:
-            assert not decode_worker.abort("overtaken-local")
+    for request_id, local in (("overtaken", False), ("overtaken-local", True)):
+        assert not decode_worker.abort(request_id)
         with pytest.raises(ValueError, match="aborted before its reservation arrived"):
-            decode_worker.reserve("overtaken-local" if local else "overtaken", PROMPTS[1], GREEDY,
-                                  prefill_locally=local)
+            decode_worker.reserve(request_id, PROMPTS[1], GREEDY, prefill_locally=local)
     assert decode_worker.engine.block_manager.num_used_blocks == 0
     assert not decode_worker.engine.has_unfinished_requests()
     decode_worker.reserve("overtaken", PROMPTS[1], GREEDY)  # remembered once: the id can be used again
