@@ -349,7 +349,7 @@ class Dispatcher:
         self, decode: Worker, request: worker_pb2.ReserveRequest, num_blocks: int, timeline: RequestTimeline
     ) -> tuple[worker_pb2.ReserveResponse, int] | None:
         """(reservation, ticket), or None when ``decode`` refused (no room) or could not be reached: it
-        then counts as full until its next heartbeat."""
+        then counts as full until its next heartbeat or until one of its requests ends."""
         # Counted before the Reserve call, not after: requests placed while it is in flight must
         # see this one, or a burst would all pick the same worker. Undone if the worker says no.
         ticket = self.registry.on_reserved(decode, num_blocks)

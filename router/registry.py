@@ -103,6 +103,9 @@ class Worker:
     blocks_reserved_since_heartbeat: int = 0
     prefill_tokens_since_heartbeat: int = 0
     num_inflight: int = 0
+    # It refused a Reserve (no room, or unreachable): skipped until its next heartbeat or until one of
+    # its requests ends, whichever comes first (a sequence and its blocks come back then).
+    refused: bool = False
     heartbeats: int = 0  # how many heartbeats have been recorded: tells reservations before one from after
     recent_blocks: RecentBlocks = field(default_factory=RecentBlocks)  # decode role: prefix-cache estimate
 
@@ -224,6 +227,7 @@ class WorkerRegistry:
         worker.last_heartbeat = self.clock()
         worker.blocks_reserved_since_heartbeat = 0
         worker.prefill_tokens_since_heartbeat = 0
+        worker.refused = False
         worker.heartbeats += 1
         self._changed()
         return True
@@ -280,7 +284,7 @@ class WorkerRegistry:
         """The decode (or colocated) worker to reserve ``num_blocks`` on, or None when none has room."""
         candidates = [
             w for w in self.live(WorkerRole.DECODE, WorkerRole.COLOCATED)
-            if w.worker_id not in exclude and w.free_blocks_estimate >= num_blocks
+            if w.worker_id not in exclude and not w.refused and w.free_blocks_estimate >= num_blocks
         ]
         if not candidates:
             return None
@@ -326,8 +330,10 @@ class WorkerRegistry:
         return worker.heartbeats
 
     def on_refused(self, worker: Worker) -> None:
-        """The worker said no room (or could not be reached): treat it as full until its next heartbeat."""
-        worker.blocks_reserved_since_heartbeat = worker.capacity.free_kv_blocks
+        """The worker said no room (or could not be reached): treat it as full until its next heartbeat
+        or until one of its requests ends. Waiting for the heartbeat alone left a saturated worker's
+        freed sequences idle for up to a heartbeat interval while the router's queue waited on it."""
+        worker.refused = True
 
     def on_prefill_sent(self, worker: Worker, num_tokens: int) -> None:
         worker.prefill_tokens_since_heartbeat += num_tokens
@@ -350,6 +356,7 @@ class WorkerRegistry:
         An older reservation is in the worker's own figure, which its next heartbeat corrects.
         """
         worker.num_inflight = max(0, worker.num_inflight - 1)
+        worker.refused = False
         if ticket is not None and ticket == worker.heartbeats:
             worker.blocks_reserved_since_heartbeat = max(0, worker.blocks_reserved_since_heartbeat - num_blocks)
         self._changed()

@@ -125,7 +125,20 @@ def test_router_side_accounting_spreads_a_burst_between_heartbeats():
     reg.on_refused(a)  # a said "no room": skipped until its next heartbeat
     assert reg.pick_decode(1) is b
     reg.heartbeat(a.worker_id, cap(free=100))
-    assert a.free_blocks_estimate == 100
+    assert a.free_blocks_estimate == 100 and reg.pick_decode(1) is not None
+
+
+def test_a_refusing_worker_is_tried_again_once_one_of_its_requests_ends():
+    # A worker that said "batch full" gets a sequence back when one of its requests ends; the queue
+    # must not wait for its next heartbeat to use it.
+    reg, _ = make_registry()
+    a = reg.register(WorkerRole.DECODE, "127.0.0.1:7001", FP, cap(free=100))
+    ticket = reg.on_reserved(a, 1)
+    reg.heartbeat(a.worker_id, cap(free=99))  # the running request is in the worker's own figure now
+    reg.on_refused(a)
+    assert reg.pick_decode(1) is None
+    reg.on_released(a, 1, ticket)
+    assert reg.pick_decode(1) is a
 
 
 def test_short_requests_alternate_though_one_worker_just_reported():
