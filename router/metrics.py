@@ -32,6 +32,34 @@ PHASE_BUCKETS = (
 )
 
 
+# Per-worker series: (family, name after "kvferry_worker_", help, value from (worker, registry clock now)).
+WORKER_SERIES = (
+    (GaugeMetricFamily, "kv_blocks_total", "KV cache blocks of the worker", lambda w, now: w.capacity.total_kv_blocks),
+    (GaugeMetricFamily, "kv_blocks_used", "KV cache blocks used or reserved",
+     lambda w, now: w.capacity.total_kv_blocks - w.capacity.free_kv_blocks),
+    (GaugeMetricFamily, "kv_blocks_free", "KV cache blocks free", lambda w, now: w.capacity.free_kv_blocks),
+    (GaugeMetricFamily, "running_requests", "requests running on the worker",
+     lambda w, now: w.capacity.running_requests),
+    (GaugeMetricFamily, "waiting_requests", "requests waiting on the worker",
+     lambda w, now: w.capacity.waiting_requests),
+    (GaugeMetricFamily, "queued_prefill_tokens", "prompt tokens queued for prefill",
+     lambda w, now: w.capacity.queued_prefill_tokens),
+    (GaugeMetricFamily, "seconds_since_heartbeat", "age of the worker's last heartbeat",
+     lambda w, now: now - w.last_heartbeat),
+    (GaugeMetricFamily, "engine_busy_seconds", "time the worker's engine loop has spent in its current step (0 idle)",
+     lambda w, now: w.capacity.engine_busy_ms / 1000),
+    (CounterMetricFamily, "kv_transfer_bytes_sent", "KV bytes pushed to decode workers",
+     lambda w, now: w.capacity.kv_bytes_sent_total),
+    (CounterMetricFamily, "kv_transfer_bytes_received", "KV bytes received from prefill workers",
+     lambda w, now: w.capacity.kv_bytes_received_total),
+    (CounterMetricFamily, "kv_transfer_seconds", "time spent in KV transfers",
+     lambda w, now: w.capacity.kv_transfer_seconds_total),
+    (CounterMetricFamily, "kv_transfers", "completed KV transfers", lambda w, now: w.capacity.kv_transfers_total),
+    (CounterMetricFamily, "requests_routed", "requests the router sent to the worker",
+     lambda w, now: w.requests_routed_total),
+)
+
+
 class _WorkerCollector(Collector):
     def __init__(
         self,
@@ -70,47 +98,14 @@ class _WorkerCollector(Collector):
     def _worker_metrics(self) -> Iterable[Metric]:
         """One series per registered worker, from its last heartbeat and the router's own counts."""
         labels = ["worker_id", "role", "address"]
-        g = {
-            name: GaugeMetricFamily(f"kvferry_worker_{name}", doc, labels=labels)
-            for name, doc in (
-                ("kv_blocks_total", "KV cache blocks of the worker"),
-                ("kv_blocks_used", "KV cache blocks used or reserved"),
-                ("kv_blocks_free", "KV cache blocks free"),
-                ("running_requests", "requests running on the worker"),
-                ("waiting_requests", "requests waiting on the worker"),
-                ("queued_prefill_tokens", "prompt tokens queued for prefill"),
-                ("seconds_since_heartbeat", "age of the worker's last heartbeat"),
-                ("engine_busy_seconds", "time the worker's engine loop has spent in its current step (0 idle)"),
-            )
-        }
-        c = {
-            name: CounterMetricFamily(f"kvferry_worker_{name}", doc, labels=labels)
-            for name, doc in (
-                ("kv_transfer_bytes_sent", "KV bytes pushed to decode workers"),
-                ("kv_transfer_bytes_received", "KV bytes received from prefill workers"),
-                ("kv_transfer_seconds", "time spent in KV transfers"),
-                ("kv_transfers", "completed KV transfers"),
-                ("requests_routed", "requests the router sent to the worker"),
-            )
-        }
+        families = [(kind(f"kvferry_worker_{name}", doc, labels=labels), value)
+                    for kind, name, doc, value in WORKER_SERIES]
         now = self.workers.clock()
         for w in self.workers.workers.values():
-            cap, lv = w.capacity, [w.worker_id, w.role.name.lower(), w.address]
-            g["kv_blocks_total"].add_metric(lv, cap.total_kv_blocks)
-            g["kv_blocks_used"].add_metric(lv, cap.total_kv_blocks - cap.free_kv_blocks)
-            g["kv_blocks_free"].add_metric(lv, cap.free_kv_blocks)
-            g["running_requests"].add_metric(lv, cap.running_requests)
-            g["waiting_requests"].add_metric(lv, cap.waiting_requests)
-            g["queued_prefill_tokens"].add_metric(lv, cap.queued_prefill_tokens)
-            g["seconds_since_heartbeat"].add_metric(lv, now - w.last_heartbeat)
-            g["engine_busy_seconds"].add_metric(lv, cap.engine_busy_ms / 1000)
-            c["kv_transfer_bytes_sent"].add_metric(lv, cap.kv_bytes_sent_total)
-            c["kv_transfer_bytes_received"].add_metric(lv, cap.kv_bytes_received_total)
-            c["kv_transfer_seconds"].add_metric(lv, cap.kv_transfer_seconds_total)
-            c["kv_transfers"].add_metric(lv, cap.kv_transfers_total)
-            c["requests_routed"].add_metric(lv, w.requests_routed_total)
-        yield from g.values()
-        yield from c.values()
+            lv = [w.worker_id, w.role.name.lower(), w.address]
+            for family, value in families:
+                family.add_metric(lv, value(w, now))
+        yield from (family for family, _ in families)
 
     def _router_metrics(self) -> Iterable[Metric]:
         workers = GaugeMetricFamily("kvferry_router_workers", "registered workers", labels=["role"])
