@@ -47,6 +47,7 @@ class PoolSpec:
     target: int | None  # None: auto, one per unit of the role's resource
     cpus: float = 1.0
     gpus: float = 0.0
+    env: tuple[tuple[str, str], ...] = ()  # over the deployment's environment, for this role's workers
 
     @property
     def resource(self) -> str:
@@ -254,7 +255,7 @@ class Deployment:
         actor = RemoteWorker.options(
             num_cpus=spec.cpus, num_gpus=spec.gpus, resources={spec.resource: 1.0},
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0),
-        ).remote([*spec.argv, "--name", name], self.env)
+        ).remote([*spec.argv, "--name", name], {**self.env, **dict(spec.env)})
         member = Member(role, name, pg, actor, pg.ready(), actor.start_on_node.remote(self.start_timeout_s),
                         actor.wait_exit.remote())
         self.members.append(member)

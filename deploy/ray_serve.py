@@ -107,8 +107,10 @@ def pool_specs(args: argparse.Namespace, router_address: str) -> list[PoolSpec]:
             raise ConfigError(f"--device cuda with --ray: no node carrying {ROLE_RESOURCES[role]} has a GPU "
                               "(or --worker-gpus is 0)")
         device = "cuda" if gpus else "cpu"
+        threads = args.prefill_threads if role == "prefill" else args.decode_threads
+        env = (("KVFERRY_NUM_THREADS", str(threads)),) if threads else ()  # over worker_env's --threads
         specs.append(PoolSpec(role, (role, *worker_argv(args, router_address, device)), target,
-                              args.worker_cpus, gpus))
+                              args.worker_cpus, gpus, env))
     return specs
 
 

@@ -54,3 +54,15 @@ def test_scale_without_a_cluster_says_so():
     assert result.returncode == 2 and "no Ray cluster answers at 127.0.0.1:1" in result.stderr
     result = run_cli("scale", "--decode", "several")
     assert result.returncode == 2 and "expected a number of workers or auto" in result.stderr
+
+
+def test_role_thread_counts_reach_each_pool_under_ray():
+    from kvferry.deploy.ray_serve import pool_specs, worker_env
+    from kvferry.router import launch_serve
+
+    parser = argparse.ArgumentParser()
+    launch_serve.add_arguments(parser)
+    args = parser.parse_args(["--ray", "--device", "cpu", "--worker-cpus", "1", "--prefill-threads", "2"])
+    specs = {spec.role: spec for spec in pool_specs(args, "127.0.0.1:1")}
+    assert dict(specs["prefill"].env) == {"KVFERRY_NUM_THREADS": "2"} and specs["decode"].env == ()
+    assert worker_env(args)["KVFERRY_NUM_THREADS"] == "1"  # the decode pool's, from --worker-cpus
