@@ -53,6 +53,10 @@ class PoolSpec:
     def resource(self) -> str:
         return ROLE_RESOURCES[self.role]
 
+    def worker_env(self, base: dict[str, str]) -> dict[str, str]:
+        """The environment one of this pool's workers starts with: the deployment's, then the pool's own."""
+        return {**base, **dict(self.env)}
+
     def bundle(self) -> dict[str, float]:
         """What one worker reserves: its role's resource, its CPUs and (if any) its GPUs, on one node."""
         bundle = {self.resource: 1.0, "CPU": self.cpus}
@@ -255,7 +259,7 @@ class Deployment:
         actor = RemoteWorker.options(
             num_cpus=spec.cpus, num_gpus=spec.gpus, resources={spec.resource: 1.0},
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0),
-        ).remote([*spec.argv, "--name", name], {**self.env, **dict(spec.env)})
+        ).remote([*spec.argv, "--name", name], spec.worker_env(self.env))
         member = Member(role, name, pg, actor, pg.ready(), actor.start_on_node.remote(self.start_timeout_s),
                         actor.wait_exit.remote())
         self.members.append(member)

@@ -65,4 +65,7 @@ def test_role_thread_counts_reach_each_pool_under_ray():
     args = parser.parse_args(["--ray", "--device", "cpu", "--worker-cpus", "1", "--prefill-threads", "2"])
     specs = {spec.role: spec for spec in pool_specs(args, "127.0.0.1:1")}
     assert dict(specs["prefill"].env) == {"KVFERRY_NUM_THREADS": "2"} and specs["decode"].env == ()
-    assert worker_env(args)["KVFERRY_NUM_THREADS"] == "1"  # the decode pool's, from --worker-cpus
+    env = worker_env(args)
+    assert env["KVFERRY_NUM_THREADS"] == "1"  # the decode pool's, from --worker-cpus
+    assert specs["prefill"].worker_env(env)["KVFERRY_NUM_THREADS"] == "2"
+    assert specs["decode"].worker_env(env)["KVFERRY_NUM_THREADS"] == "1"
