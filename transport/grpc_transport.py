@@ -33,16 +33,7 @@ from kvferry.proto.convert import fingerprint_from_proto, fingerprint_to_proto, 
 from kvferry.proto.keepalive import server_keepalive
 from kvferry.proto import kv_transfer_pb2_grpc as pb_grpc
 from kvferry.transport.base import (
-    FirstToken,
-    HandshakeResult,
-    KVSendHandle,
-    KVSender,
-    KVTarget,
-    KVTrailer,
-    KVTransferHeader,
-    TransferError,
-    TransferErrorCode,
-    TransferState,
+    FirstToken, HandshakeResult, KVSender, KVTarget, KVTrailer, KVTransferHeader, TransferError, TransferErrorCode,
     TransportOffer,
 )
 from kvferry.transport.host import boot_id

@@ -12,14 +12,7 @@ import time
 import torch
 
 from kvferry.transport.base import (
-    FirstToken,
-    KVSendHandle,
-    KVSender,
-    KVTarget,
-    KVTrailer,
-    TransferError,
-    TransferErrorCode,
-    TransferState,
+    FirstToken, KVSendHandle, KVSender, KVTarget, KVTrailer, TransferError, TransferErrorCode, TransferState,
     gather_blocks,
 )
 from kvferry.transport.integrity import CHECKSUM_ALGORITHM, LayerChecksums

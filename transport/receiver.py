@@ -25,13 +25,7 @@ import torch
 from kvferry.common.fingerprint import KVFingerprint
 from kvferry.kernels import cpu_kv_copy
 from kvferry.transport.base import (
-    FirstToken,
-    HandshakeResult,
-    KVTrailer,
-    KVTransferHeader,
-    TransferError,
-    TransferErrorCode,
-    TransferState,
+    FirstToken, HandshakeResult, KVTrailer, KVTransferHeader, TransferError, TransferErrorCode, TransferState,
     TransportOffer,
 )
 from kvferry.transport.integrity import CHECKSUM_ALGORITHM, NO_CHECKSUM, LayerChecksums, mismatched_layers

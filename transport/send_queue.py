@@ -22,14 +22,7 @@ import torch
 
 from kvferry.kernels.cpu_kv_copy import row_runs
 from kvferry.transport.base import (
-    FirstToken,
-    KVSendHandle,
-    KVTarget,
-    KVTrailer,
-    TransferError,
-    TransferErrorCode,
-    TransferState,
-    gather_blocks,
+    FirstToken, KVSendHandle, KVTarget, KVTrailer, TransferError, TransferErrorCode, TransferState, gather_blocks,
 )
 from kvferry.transport.integrity import CHECKSUM_ALGORITHM, NO_CHECKSUM, LayerChecksums
 
