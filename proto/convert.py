@@ -16,7 +16,8 @@ from kvferry.common.worker import SLORefusal, WorkerRole, WorkerStats
 from kvferry.proto import generate_pb2, kv_transfer_pb2, router_pb2, worker_pb2
 
 _MASK64 = (1 << 64) - 1
-# Optional proto fields -> SamplingParams fields; unset fields keep the engine's defaults.
+# Optional proto fields, under SamplingParams' names: set from each value that is not None, and on the way
+# back only where set (unset fields keep the engine's defaults).
 _OPTIONAL_FIELDS = (
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logprobs",
@@ -25,23 +26,12 @@ _OPTIONAL_FIELDS = (
 
 def sampling_to_proto(params: SamplingParams) -> generate_pb2.SamplingParams:
     """Workers get everything but ``stop`` strings and ``n``: those are the router's."""
+    optional = {name: getattr(params, name) for name in _OPTIONAL_FIELDS if getattr(params, name) is not None}
     msg = generate_pb2.SamplingParams(
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        min_p=params.min_p,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty,
-        stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos,
-        n=1,
+        **optional, stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos, n=1,
     )
     if params.seed is not None:
         msg.seed = params.seed & _MASK64
-    if params.logprobs is not None:
-        msg.logprobs = params.logprobs
     if params.grammar is not None:
         msg.grammar.CopyFrom(grammar_to_proto(params.grammar))
     return msg
