@@ -13,11 +13,11 @@ from kvferry.decode_worker.worker import DecodeWorker, TokenEvent
 from kvferry.proto import worker_pb2, worker_pb2_grpc
 from kvferry.proto.cluster_security import ClusterSecurity
 from kvferry.proto.convert import (
-    logprobs_to_proto, prefill_timings_fields, refusal_metadata, sampling_from_proto, stats_to_proto,
+    logprobs_to_proto, prefill_timings_fields, refusal_metadata, stats_to_proto,
 )
 from kvferry.transport.grpc_transport import SERVICE_NAME as KV_TRANSFER_SERVICE
 from kvferry.transport.grpc_transport import add_kv_transfer_service, create_server
-from kvferry.worker_common.grpc_errors import check_request_id, worker_errors
+from kvferry.worker_common.grpc_errors import new_request_args, worker_errors
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
 MAX_STREAM_S = 24 * 3600.0  # a stream's hard bound; the router's own deadline is normally shorter
@@ -45,12 +45,8 @@ class DecodeWorkerServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
     def Reserve(self, request: worker_pb2.ReserveRequest, context: grpc.ServicerContext) -> worker_pb2.ReserveResponse:
         with worker_errors(context, "decode"):
-            check_request_id(request.request_id)
-            params = sampling_from_proto(request.sampling)
             reservation = self.worker.reserve(
-                request.request_id,
-                list(request.prompt_token_ids),
-                params,
+                *new_request_args(request),
                 lease_s=request.lease_ms / 1000.0 if request.lease_ms else None,
                 prefill_locally=request.prefill_locally,
                 ttft_deadline=self.worker.engine.config.scheduler.profile.ttft_deadline(

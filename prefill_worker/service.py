@@ -17,11 +17,11 @@ from kvferry.prefill_worker.worker import PrefillAborted, PrefillWorker, SLOReje
 from kvferry.proto import worker_pb2, worker_pb2_grpc
 from kvferry.proto.cluster_security import ClusterSecurity
 from kvferry.proto.convert import (
-    logprobs_to_proto, prefill_timings_fields, refusal_metadata, sampling_from_proto, stats_to_proto,
+    logprobs_to_proto, prefill_timings_fields, refusal_metadata, stats_to_proto,
 )
 from kvferry.transport.base import KVTarget, TransferError
 from kvferry.transport.grpc_transport import create_server, status_for
-from kvferry.worker_common.grpc_errors import check_request_id, worker_errors
+from kvferry.worker_common.grpc_errors import new_request_args, worker_errors
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name
 MAX_PREFILL_S = 3600.0  # hard bound on one Prefill call; the router's deadline is normally shorter
@@ -38,12 +38,8 @@ class PrefillWorkerServicer(worker_pb2_grpc.PrefillWorkerServicer):
         timeout_s = self.transfer_timeout_s if remaining is None else min(self.transfer_timeout_s, remaining)
         target = KVTarget(request.kv_address, request.receiver_instance_id, timeout_s=max(timeout_s, 0.001))
         with worker_errors(context, "prefill"):
-            check_request_id(request.request_id)
-            params = sampling_from_proto(request.sampling)
             future = self.worker.prefill(
-                request.request_id,
-                list(request.prompt_token_ids),
-                params,
+                *new_request_args(request),
                 target,
                 num_reserved_blocks=len(request.block_ids) if request.block_ids else None,
                 ttft_deadline=self.worker.engine.config.scheduler.profile.ttft_deadline(

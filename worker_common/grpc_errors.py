@@ -1,5 +1,5 @@
-"""A worker's exceptions as gRPC statuses (see proto/worker.proto), and the request id check both
-workers' services make."""
+"""A worker's exceptions as gRPC statuses (see proto/worker.proto), and the checks of a request's id and
+sampling that both workers' services make."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from contextlib import contextmanager
 
 import grpc
 
+from kvferry.common.sampling import SamplingParams
 from kvferry.common.worker import NoRoom
+from kvferry.proto.convert import sampling_from_proto
 
 MAX_REQUEST_ID_CHARS = 512  # the router's ids are ~40 characters; a longer one is not the router's
 
@@ -18,6 +20,13 @@ def check_request_id(request_id: str) -> str:
     if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
         raise ValueError(f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
     return request_id
+
+
+def new_request_args(request) -> tuple[str, list[int], SamplingParams]:
+    """(request id, prompt token ids, sampling) of a ``ReserveRequest`` or ``PrefillRequest``, checked (a
+    ValueError names what is wrong): the first three arguments of ``DecodeWorker.reserve`` and
+    ``PrefillWorker.prefill``."""
+    return check_request_id(request.request_id), list(request.prompt_token_ids), sampling_from_proto(request.sampling)
 
 
 @contextmanager
