@@ -169,36 +169,32 @@ def _aio_with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio
                                       details.wait_for_ready)
 
 
-class _AioUnaryUnaryToken(grpc.aio.UnaryUnaryClientInterceptor):
+class _AioToken:
+    """Adds the token (``_aio_with_token``) to the calls of one kind on an asyncio channel. grpc.aio files
+    an interceptor under the first of the four interceptor kinds it is an instance of, so each kind is a
+    class of its own below, with this one method as its ``intercept_*``."""
+
     def __init__(self, token: str) -> None:
         self._token = token
 
-    async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(_aio_with_token(details, self._token), request)
+    async def _intercept(self, continuation, details, request_or_iterator):
+        return await continuation(_aio_with_token(details, self._token), request_or_iterator)
 
 
-class _AioUnaryStreamToken(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(_aio_with_token(details, self._token), request)
+class _AioUnaryUnaryToken(_AioToken, grpc.aio.UnaryUnaryClientInterceptor):
+    intercept_unary_unary = _AioToken._intercept
 
 
-class _AioStreamUnaryToken(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    async def intercept_stream_unary(self, continuation, details, request_iterator):
-        return await continuation(_aio_with_token(details, self._token), request_iterator)
+class _AioUnaryStreamToken(_AioToken, grpc.aio.UnaryStreamClientInterceptor):
+    intercept_unary_stream = _AioToken._intercept
 
 
-class _AioStreamStreamToken(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self._token = token
+class _AioStreamUnaryToken(_AioToken, grpc.aio.StreamUnaryClientInterceptor):
+    intercept_stream_unary = _AioToken._intercept
 
-    async def intercept_stream_stream(self, continuation, details, request_iterator):
-        return await continuation(_aio_with_token(details, self._token), request_iterator)
+
+class _AioStreamStreamToken(_AioToken, grpc.aio.StreamStreamClientInterceptor):
+    intercept_stream_stream = _AioToken._intercept
 
 
 # ---- configuration -----------------------------------------------------------------------------------
@@ -273,8 +269,8 @@ class ClusterSecurity:
     def aio_channel(self, address: str, options: Sequence[tuple[str, object]] = ()) -> grpc.aio.Channel:
         options = [*client_keepalive(), *options]
         interceptors = [
-            _AioUnaryUnaryToken(self.token), _AioUnaryStreamToken(self.token),
-            _AioStreamUnaryToken(self.token), _AioStreamStreamToken(self.token),
+            kind(self.token) for kind in (_AioUnaryUnaryToken, _AioUnaryStreamToken, _AioStreamUnaryToken,
+                                          _AioStreamStreamToken)
         ] if self.token else None
         if self.tls is None:
             return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
