@@ -10,7 +10,7 @@ import grpc
 import torch
 
 from kvferry.engine.config import ModelConfig
-from kvferry.transport.base import KVFingerprint
+from kvferry.transport.base import KVFingerprint, KVTarget
 from kvferry.transport.grpc_transport import add_kv_transfer_service, channel_options
 from kvferry.transport.negotiation import NegotiatedKVSender, start_receiver_transports
 from kvferry.transport.receiver import KVReceiver
@@ -90,9 +90,19 @@ class ReceiverServer:
     def offer(self, name: str):
         return next(o for o in self.offers if o.name == name)
 
+    def target(self, timeout_s: float) -> KVTarget:
+        """What a sender pushes to, to reach this receiver within ``timeout_s``."""
+        return KVTarget(self.address, self.receiver.instance_id, timeout_s=timeout_s)
+
     def close(self) -> None:
         self.server.stop(grace=None)
         self.receiver.close()
+
+    def __enter__(self) -> ReceiverServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def sender(kv_transport: str, fp: KVFingerprint | None = None, **kwargs) -> NegotiatedKVSender:

@@ -26,22 +26,17 @@ TIMEOUT = 10.0
 
 @pytest.fixture
 def server():
-    s = ReceiverServer("gloo")
-    yield s
-    s.close()
+    with ReceiverServer("gloo") as s:
+        yield s
 
 
 def plane(server: ReceiverServer):
     return next(p for p in server.receiver.data_planes if p.transport == "gloo")
 
 
-def target(server: ReceiverServer, timeout_s: float = TIMEOUT) -> KVTarget:
-    return KVTarget(server.address, server.receiver.instance_id, timeout_s=timeout_s)
-
-
 def send_one(s, server, request_id, src, src_blocks, dst_blocks, timeout_s=TIMEOUT):
     server.receiver.expect(request_id, dst_blocks)
-    h = s.send(target(server, timeout_s), request_id, src, src_blocks, FirstToken(1))
+    h = s.send(server.target(timeout_s), request_id, src, src_blocks, FirstToken(1))
     h.wait(timeout_s + 5)
     return h
 
@@ -53,7 +48,7 @@ def test_concurrent_transfers_from_two_prefill_workers_share_one_group_per_pair(
     try:
         for i in range(6):  # three transfers in flight on each pair, layers interleaved
             server.receiver.expect(f"p{i}", [15 - i, i])
-            handles.append(senders[i % 2].open(target(server), f"p{i}", 2))
+            handles.append(senders[i % 2].open(server.target(TIMEOUT), f"p{i}", 2))
         for layer_idx in range(NUM_LAYERS):
             for i, h in enumerate(handles):
                 h.send_layer(layer_idx, sources[i][layer_idx], [i, 8 + i])

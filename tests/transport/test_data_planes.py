@@ -39,13 +39,8 @@ TIMEOUT = 10.0
 
 @pytest.fixture
 def server():
-    s = ReceiverServer("auto")
-    yield s
-    s.close()
-
-
-def target(server: ReceiverServer, timeout_s: float = TIMEOUT) -> KVTarget:
-    return KVTarget(server.address, server.receiver.instance_id, timeout_s=timeout_s)
+    with ReceiverServer("auto") as s:
+        yield s
 
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 200])  # one chunk per layer; many, cut at rows
@@ -58,7 +53,7 @@ def test_round_trip_is_bit_exact_into_scattered_blocks(server, transport, chunk_
         for i in range(2):  # the second one reuses the pooled connection
             request_id = f"{transport}-{i}"
             server.receiver.expect(request_id, dst_blocks)
-            h = s.send(target(server), request_id, src, src_blocks, FirstToken(7))
+            h = s.send(server.target(TIMEOUT), request_id, src, src_blocks, FirstToken(7))
             assert h.wait(TIMEOUT) is TransferState.DONE, h.error
             assert h.transport == transport
             for s_layer, d_layer in zip(src, server.receiver.kv_caches):
@@ -89,7 +84,7 @@ def test_concurrent_transfers_stay_ordered_and_apart(server, transport):
         handles = []
         for i in range(n):
             server.receiver.expect(f"c{i}", dst_blocks[i])
-            handles.append(s.open(target(server), f"c{i}", 2))
+            handles.append(s.open(server.target(TIMEOUT), f"c{i}", 2))
         for layer_idx in range(NUM_LAYERS):
             for i, h in enumerate(handles):
                 h.send_layer(layer_idx, sources[i][layer_idx], src_blocks[i])
@@ -110,7 +105,7 @@ def test_no_reservation_or_a_restarted_receiver_is_refused(server, transport):
     s = sender(transport)
     src = kv_caches(seed=3)
     try:
-        h = s.send(target(server), "nobody", src, [0], FirstToken(1))
+        h = s.send(server.target(TIMEOUT), "nobody", src, [0], FirstToken(1))
         assert h.wait(TIMEOUT) is TransferState.FAILED and h.error.code is TransferErrorCode.NOT_FOUND, h.error
         server.receiver.expect("stale", [3])
         stale = KVTarget(server.address, "an-old-instance", timeout_s=TIMEOUT)
@@ -118,7 +113,7 @@ def test_no_reservation_or_a_restarted_receiver_is_refused(server, transport):
         assert h.wait(TIMEOUT) is TransferState.FAILED and h.error.code is TransferErrorCode.INCOMPATIBLE
         assert "restarted" in h.error.message
         server.receiver.expect("after", [2])  # the sender recovers: the next transfer goes through
-        h = s.send(target(server), "after", src, [0], FirstToken(1))
+        h = s.send(server.target(TIMEOUT), "after", src, [0], FirstToken(1))
         assert h.wait(TIMEOUT) is TransferState.DONE, h.error
     finally:
         s.close()
@@ -130,7 +125,7 @@ def test_receiver_cancel_mid_transfer_fails_the_sender_fast_and_stops_writes(ser
     s = sender(transport, chunk_bytes=64)
     src = kv_caches(seed=4)
     try:
-        h = s.open(target(server), "cx", 2)
+        h = s.open(server.target(TIMEOUT), "cx", 2)
         h.send_layer(0, src[0], [0, 1])
         deadline = time.monotonic() + TIMEOUT
         while server.receiver.poll("cx") is not None and time.monotonic() < deadline:
@@ -270,7 +265,7 @@ def test_shm_checksums_only_with_kv_checksum_always(kv_checksum, monkeypatch):
     server.receiver.expect("slot", [3, 9])
     s = sender("shm")
     try:
-        h = s.send(target(server), "slot", src, [1, 2], FirstToken(1))
+        h = s.send(server.target(TIMEOUT), "slot", src, [1, 2], FirstToken(1))
         state = h.wait(TIMEOUT)
     finally:
         s.close()
@@ -294,7 +289,7 @@ def test_forced_transports_that_cannot_work_are_refused_naming_why():
             srv.receiver.expect(f"forced-{forced}", [0])
             s = sender(forced)
             try:
-                h = s.send(target(srv), f"forced-{forced}", src, [0], FirstToken(1))
+                h = s.send(srv.target(TIMEOUT), f"forced-{forced}", src, [0], FirstToken(1))
                 assert h.wait(TIMEOUT) is TransferState.FAILED
             finally:
                 s.close()
@@ -304,7 +299,7 @@ def test_forced_transports_that_cannot_work_are_refused_naming_why():
         # A sender that skips negotiation (plain gRPC) is refused by the receiver itself.
         plain = GrpcKVSender(fingerprint())
         try:
-            h = plain.send(target(only_tcp), "forced-grpc", src, [0], FirstToken(1))
+            h = plain.send(only_tcp.target(TIMEOUT), "forced-grpc", src, [0], FirstToken(1))
             assert h.wait(TIMEOUT) is TransferState.FAILED
         finally:
             plain.close()
@@ -334,11 +329,11 @@ def test_shm_is_refused_across_hosts_and_auto_takes_tcp_there(server, caplog):
     server.receiver.expect("across-auto", [1])
     forced, auto = sender("shm"), sender("auto")
     try:
-        h = forced.send(target(server), "across-shm", src, [0], FirstToken(1))
+        h = forced.send(server.target(TIMEOUT), "across-shm", src, [0], FirstToken(1))
         assert h.wait(TIMEOUT) is TransferState.FAILED
         assert h.error.code is TransferErrorCode.INCOMPATIBLE and "shm: another host" in h.error.message
         with caplog.at_level(logging.INFO, logger="kvferry.transport.negotiation"):
-            h = auto.send(target(server), "across-auto", src, [0], FirstToken(1))
+            h = auto.send(server.target(TIMEOUT), "across-auto", src, [0], FirstToken(1))
             assert h.wait(TIMEOUT) is TransferState.DONE, h.error
     finally:
         forced.close()
@@ -355,7 +350,7 @@ def test_auto_takes_shm_on_one_host_and_warns_when_it_falls_back(server, caplog)
     server.receiver.expect("one-host", [0])
     s = sender("auto")
     try:
-        h = s.send(target(server), "one-host", src, [0], FirstToken(1))
+        h = s.send(server.target(TIMEOUT), "one-host", src, [0], FirstToken(1))
         assert h.wait(TIMEOUT) is TransferState.DONE and h.transport == "shm", h.error
     finally:
         s.close()
@@ -365,7 +360,7 @@ def test_auto_takes_shm_on_one_host_and_warns_when_it_falls_back(server, caplog)
     s = sender("auto")
     try:
         with caplog.at_level(logging.INFO, logger="kvferry.transport.negotiation"):
-            h = s.send(target(server), "fallback", src, [0], FirstToken(1))
+            h = s.send(server.target(TIMEOUT), "fallback", src, [0], FirstToken(1))
             assert h.wait(TIMEOUT) is TransferState.DONE, h.error
     finally:
         s.close()
@@ -382,7 +377,7 @@ def test_silent_tcp_peer_fails_within_the_deadline(server):
     s = sender("tcp")
     t0 = time.monotonic()
     try:
-        h = s.send(target(server, timeout_s=1.5), "silent", kv_caches(), [0], FirstToken(1))
+        h = s.send(server.target(1.5), "silent", kv_caches(), [0], FirstToken(1))
         assert h.wait(6.0) is TransferState.FAILED
     finally:
         s.close()
@@ -402,7 +397,7 @@ def test_a_blocked_plane_leaves_time_for_the_fallback(server, monkeypatch):
     s = sender("auto")
     t0 = time.monotonic()
     try:
-        h = s.send(target(server, timeout_s=30.0), "blocked", kv_caches(), [0], FirstToken(1))
+        h = s.send(server.target(30.0), "blocked", kv_caches(), [0], FirstToken(1))
         assert h.wait(20.0) is TransferState.DONE, h.error
     finally:
         s.close()
@@ -415,7 +410,7 @@ def test_transport_and_throughput_are_exported_per_pair(server):
     s = sender("tcp")
     try:
         server.receiver.expect("m1", [3, 4])
-        h = s.send(target(server), "m1", kv_caches(seed=9), [0, 1], FirstToken(1))
+        h = s.send(server.target(TIMEOUT), "m1", kv_caches(seed=9), [0, 1], FirstToken(1))
         assert h.wait(TIMEOUT) is TransferState.DONE, h.error
         for stats, role, peer in ((s.stats, "sender", "decode-0"), (server.receiver.pair_stats, "receiver", "prefill-0")):
             families = {f.name: f for f in TransportCollector(stats, role).collect()}

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import mmap
 import os
+from contextlib import closing
 
 import pytest
 import torch
 
 from kvferry.engine.kv_memory import KV_CACHE_MEMFD, shared_zeros
-from kvferry.transport.base import FirstToken, KVTarget, TransferErrorCode, TransferState
+from kvferry.transport.base import FirstToken, TransferErrorCode, TransferState
 from kvferry.transport.shm_cache import find_shared_cache
 from kvferry.transport.shm_transport import ShmSenderPlane
 
@@ -31,10 +32,6 @@ def memfd_caches(num_blocks: int = NUM_BLOCKS, seed: int = 5) -> list[torch.Tens
     return shared
 
 
-def target(server: ReceiverServer) -> KVTarget:
-    return KVTarget(server.address, server.receiver.instance_id, timeout_s=TIMEOUT)
-
-
 def shm_chunks(s) -> dict[str, int]:
     return s.planes["shm"].chunks
 
@@ -46,9 +43,8 @@ def receiver_maps(perms: str) -> list[str]:
 
 @pytest.fixture(params=["auto", "always"])
 def server(request):
-    s = ReceiverServer("shm", kv_checksum=request.param)
-    yield s
-    s.close()
+    with ReceiverServer("shm", kv_checksum=request.param) as s:
+        yield s
 
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 300])  # one chunk per layer; many, cut at rows
@@ -59,7 +55,7 @@ def test_one_copy_is_bit_exact_into_scattered_blocks(server, chunk_bytes):
     try:
         for i in range(2):  # the second reuses the connection and its shared cache
             server.receiver.expect(f"r{i}", dst_blocks)
-            h = s.send(target(server), f"r{i}", src, src_blocks, FirstToken(3))
+            h = s.send(server.target(TIMEOUT), f"r{i}", src, src_blocks, FirstToken(3))
             assert h.wait(TIMEOUT) is TransferState.DONE, h.error
             for s_layer, d_layer in zip(src, server.receiver.kv_caches):
                 assert same_bits(s_layer[:, src_blocks], d_layer[:, dst_blocks])
@@ -83,7 +79,7 @@ def test_concurrent_one_copy_transfers_stay_apart(server):
         for i in range(5):
             src_blocks, dst_blocks = [3 * i, 3 * i + 2], [i, 15 - i]
             server.receiver.expect(f"c{i}", dst_blocks)
-            handles.append(s.open(target(server), f"c{i}", 2))
+            handles.append(s.open(server.target(TIMEOUT), f"c{i}", 2))
             expected[i] = (src_blocks, dst_blocks)
         for layer_idx in range(NUM_LAYERS):  # interleaved, as an engine step that finishes them all
             for i, h in enumerate(handles):
@@ -102,36 +98,25 @@ def test_concurrent_one_copy_transfers_stay_apart(server):
 def send_blocks_0_and_7_into_2_and_9(s, server, request_id: str, src) -> None:
     """Blocks 0 and 7 of ``src`` into the receiver's blocks 2 and 9, checked bit for bit."""
     server.receiver.expect(request_id, [2, 9])
-    h = s.send(target(server), request_id, src, [0, 7], FirstToken(1))
+    h = s.send(server.target(TIMEOUT), request_id, src, [0, 7], FirstToken(1))
     assert h.wait(TIMEOUT) is TransferState.DONE, h.error
     for s_layer, d_layer in zip(src, server.receiver.kv_caches):
         assert same_bits(s_layer[:, [0, 7]], d_layer[:, [2, 9]])
 
 
 def test_cache_not_in_a_memfd_goes_through_the_slots():
-    server = ReceiverServer("shm")
     src = bit_pattern_caches()  # torch tensors: not shareable
     assert find_shared_cache(src[0]) is None and find_shared_cache(memfd_caches()[0]) is not None
-    s = sender("shm")
-    try:
+    with ReceiverServer("shm") as server, closing(sender("shm")) as s:
         send_blocks_0_and_7_into_2_and_9(s, server, "plain", src)
         assert shm_chunks(s) == {"one_copy": 0, "slots": NUM_LAYERS}
-    finally:
-        s.close()
-        server.close()
 
 
 def test_sender_without_one_copy_negotiates_the_slots():
-    server = ReceiverServer("shm")
-    src = memfd_caches()
-    s = sender("shm")
-    s.planes["shm"] = plane = ShmSenderPlane(s.chunk_bytes, one_copy=False)
-    try:
-        send_blocks_0_and_7_into_2_and_9(s, server, "old", src)
+    with ReceiverServer("shm") as server, closing(sender("shm")) as s:
+        s.planes["shm"] = plane = ShmSenderPlane(s.chunk_bytes, one_copy=False)
+        send_blocks_0_and_7_into_2_and_9(s, server, "old", memfd_caches())
         assert plane.chunks == {"one_copy": 0, "slots": NUM_LAYERS}
-    finally:
-        s.close()
-        server.close()
 
 
 def test_receiver_mapping_cannot_write_the_senders_cache():
@@ -189,7 +174,7 @@ def test_a_transfer_the_sender_gave_up_mid_copy_is_not_committed():
     in_copy, release = hold_payloads(server, "before_finish")
     try:
         server.receiver.expect("slow", [2, 9])
-        h = s.send(target(server), "slow", src, [0, 7], FirstToken(1))
+        h = s.send(server.target(TIMEOUT), "slow", src, [0, 7], FirstToken(1))
         assert in_copy.wait(TIMEOUT)
         h.abort("router gave up")  # after this returns the sender may free the blocks
         assert h.poll() is TransferState.FAILED
@@ -252,7 +237,7 @@ def test_checksums_always_catch_a_source_block_changed_before_the_receiver_copie
     in_copy, release = hold_payloads(server, "_copy_ready", when=lambda conn, frame, *_: frame[1] == NUM_LAYERS - 1)
     try:
         server.receiver.expect("changed", [2, 9])
-        h = s.send(target(server), "changed", src, [0, 7], FirstToken(1))
+        h = s.send(server.target(TIMEOUT), "changed", src, [0, 7], FirstToken(1))
         assert in_copy.wait(TIMEOUT)
         src[NUM_LAYERS - 1].view(torch.int16)[1, 7, 0, 0, 0] ^= 1  # one bit of a V block
         release.set()
@@ -289,7 +274,7 @@ def test_one_connection_follows_the_senders_cache_as_it_changes():
         for i, make in enumerate(makers):
             src = make(seed=i)  # the previous cache is freed first: its address may come back
             server.receiver.expect(f"c{i}", [3, 8])
-            h = s.send(target(server), f"c{i}", src, [5, 1], FirstToken(1))
+            h = s.send(server.target(TIMEOUT), f"c{i}", src, [5, 1], FirstToken(1))
             assert h.wait(TIMEOUT) is TransferState.DONE, h.error
             for s_layer, d_layer in zip(src, server.receiver.kv_caches):
                 assert same_bits(s_layer[:, [5, 1]], d_layer[:, [3, 8]]), i
