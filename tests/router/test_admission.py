@@ -6,9 +6,7 @@ import pytest
 
 from kvferry.router.admission import AdmissionConfig, AdmissionQueue, NoCapacityError
 
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 10))
+from admission_helpers import never, run
 
 
 def test_places_at_once_when_there_is_room():
@@ -55,10 +53,6 @@ def test_waits_for_room_then_places_in_arrival_order():
 def test_times_out_with_a_clear_error():
     async def main():
         q = AdmissionQueue(AdmissionConfig(max_waiting=4, timeout_s=0.2, poll_s=0.05))
-
-        async def never():
-            return None
-
         with pytest.raises(NoCapacityError, match=r"no decode worker had room within 0.2 s; 2 blocks needed"):
             await q.admit(never, lambda: "2 blocks needed")
         assert q.num_waiting == 0
@@ -69,10 +63,6 @@ def test_times_out_with_a_clear_error():
 def test_full_queue_fails_at_once():
     async def main():
         q = AdmissionQueue(AdmissionConfig(max_waiting=1, timeout_s=5, poll_s=0.05))
-
-        async def never():
-            return None
-
         waiting = asyncio.create_task(q.admit(never, lambda: ""))
         await asyncio.sleep(0.01)
         with pytest.raises(NoCapacityError, match="queue is full"):

@@ -9,18 +9,12 @@ import pytest
 
 from kvferry.router.admission import AdmissionConfig, AdmissionQueue, TTFTExpired
 
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 10))
+from admission_helpers import never, run
 
 
 def test_a_waiter_is_refused_when_its_deadline_passes_and_not_before():
     async def main():
         q = AdmissionQueue(AdmissionConfig(max_waiting=4, timeout_s=5, poll_s=0.05))
-
-        async def never():
-            return None
-
         start = time.monotonic()
         with pytest.raises(TTFTExpired, match="time-to-first-token target passed") as info:
             await q.admit(never, lambda: "no room", ttft_deadline=start + 0.3)
@@ -56,9 +50,6 @@ def test_a_waiter_that_gets_room_in_time_is_placed_and_drain_rate_sets_retry_aft
         await feeder
         # ~10 placements a second lately: 3 waiters ahead drain in ~0.3 s.
         assert q.drain_seconds(3) == pytest.approx(0.3, rel=0.5)
-
-        async def never():
-            return None
 
         with pytest.raises(TTFTExpired) as info:
             await q.admit(never, lambda: "", ttft_deadline=time.monotonic() + 0.05)
