@@ -72,13 +72,8 @@ def _launch(
     chunk = min(triton.next_power_of_2(block_elems), 4096)
     grid = (n, 2, triton.cdiv(block_elems, chunk))
     _copy_blocks_kernel[grid](
-        kv_cache_layer,
-        buffer,
-        block_ids,
-        kv_cache_layer.stride(0),
-        kv_cache_layer.stride(1),
-        buffer.stride(0),
-        buffer.stride(1),
+        kv_cache_layer, buffer, block_ids,
+        *kv_cache_layer.stride()[:2], *buffer.stride()[:2],  # (kv, block) of each
         BLOCK_ELEMS=block_elems,
         CHUNK=chunk,
         TO_BUFFER=to_buffer,

@@ -112,16 +112,9 @@ def rotary(
         return
     half = head_dim // 2
     _rotary_kernel[(num_tokens,)](
-        query,
-        key,
-        cos,
-        sin,
-        query.stride(0),
-        query.stride(1),
-        key.stride(0),
-        key.stride(1),
-        cos.stride(0),
-        sin.stride(0),
+        query, key, cos, sin,
+        *query.stride()[:2], *key.stride()[:2],  # (token, head)
+        cos.stride(0), sin.stride(0),
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         Q_HEADS_PAD=triton.next_power_of_2(num_heads),

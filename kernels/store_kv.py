@@ -65,18 +65,9 @@ def store_kv(
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](
-        key,
-        value,
-        kv_cache,
-        slot_mapping,
-        key.stride(0),
-        key.stride(1),
-        value.stride(0),
-        value.stride(1),
-        kv_cache.stride(0),
-        kv_cache.stride(1),
-        kv_cache.stride(2),
-        kv_cache.stride(3),
+        key, value, kv_cache, slot_mapping,
+        *key.stride()[:2], *value.stride()[:2],  # (token, head)
+        *kv_cache.stride()[:4],  # (kv, block, slot, head)
         BLOCK_SIZE=block_size,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
