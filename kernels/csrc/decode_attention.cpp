@@ -2,14 +2,18 @@
 //
 // The torch reference gathers each request's blocks into a contiguous copy and calls SDPA; at one
 // query token both the copy and SDPA's set-up cost more than the attention itself. Here each
-// request walks its block table twice: the scores of all its heads in fp32 (K rows widened from the
-// cache dtype, fp32 or bf16, as they are read), an exact softmax, then the V rows weighted in fp32,
-// rounded to the cache dtype once at the end. Requests are split between threads only when the
-// batch has enough work.
+// request's KV heads are taken one at a time with their group of query heads (GQA): the scores of
+// the group in fp32 (each K row widened from the cache dtype, fp32 or bf16, once for the whole
+// group), an exact softmax, then the V rows weighted in fp32 in register tiles, rounded to the cache
+// dtype once at the end. Requests are split between threads only when the batch has enough work.
+// Reading each row once per group instead of once per head, and keeping the sums in registers
+// instead of a buffer, took 24 requests x 300 tokens x 30 layers from 55 to 23 ms on one thread (Xeon
+// with AVX-512 BF16; the old kernel read each row once per head and kept its sums in memory).
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -19,57 +23,156 @@ namespace {
 
 using namespace kvf;
 
-// All heads of one request. q [H, D] (head stride q_head_stride), out [H, D] contiguous. Each cached
-// token's K (then V) row holds every KV head: it is read once, in order, for all of them.
-template <typename T>
-void attend(const T* q, int64_t q_head_stride, const T* cache, const int32_t* table, int64_t len, int64_t H,
-            int64_t KVH, int64_t D, int64_t block_size, int64_t block_stride, int64_t v_offset, float scale, T* out) {
-  const int64_t group = H / KVH, row = KVH * D;
-  std::vector<float> qf(H * D), scores(H * len), acc(H * D, 0.0f);
-  for (int64_t i = 0; i < H * D; ++i) qf[i] = static_cast<float>(q[(i / D) * q_head_stride + i % D]) * scale;
-  auto row_of = [&](int64_t t) { return cache + table[t / block_size] * block_stride + (t % block_size) * row; };
-  for (int64_t t = 0; t < len; ++t) {  // scores: q . k, each K row loaded once for its group of heads
-    if (t + 4 < len) _mm_prefetch(reinterpret_cast<const char*>(row_of(t + 4)), _MM_HINT_T0);
-    const T* k = row_of(t);
-    for (int64_t h = 0; h < H; ++h) {
-      const T* kh = k + (h / group) * D;
-      vf s = zero();
-      for (int64_t c = 0; c < D; c += kLanes) s = fma(load(&qf[h * D + c]), load(kh + c), s);
-      scores[h * len + t] = reduce_add(s);
+// The K pass of one KV head's group of G query heads: scores[j * len + t] = q_j . k_t for the group's
+// heads j, each K row chunk widened once and used by all G heads (G a constant: the accumulators stay
+// in registers). rows[t]: token t's K row, already at this KV head.
+// How many tokens ahead the row loops prefetch: enough to cover a memory access.
+constexpr int kAhead = 16;
+
+// Brings n bytes from p towards the core ahead of use.
+inline void prefetch(const void* p, int64_t n) {
+  for (int64_t o = 0; o < n; o += 64) _mm_prefetch(static_cast<const char*>(p) + o, _MM_HINT_T0);
+}
+
+template <typename T, int G>
+void group_scores(const float* qg, const T* const* rows, int64_t len, int64_t D, int64_t ahead, float* scores) {
+  int64_t t = 0;
+  for (; t + 4 <= len; t += 4) {  // four tokens at a time: their sums share one shuffle tree
+    if (t + kAhead + 4 <= len)
+      for (int i = kAhead; i < kAhead + 4; ++i) prefetch(rows[t + i], ahead);
+    vf s[G][4];
+    for (int j = 0; j < G; ++j)
+      for (int i = 0; i < 4; ++i) s[j][i] = zero();
+    for (int64_t c = 0; c < D; c += kLanes) {
+      for (int i = 0; i < 4; ++i) {
+        const vf kv = load(rows[t + i] + c);
+        for (int j = 0; j < G; ++j) s[j][i] = fma(load(qg + j * D + c), kv, s[j][i]);
+      }
+    }
+    float sums[4];
+    for (int j = 0; j < G; ++j) {
+      reduce_add4(s[j][0], s[j][1], s[j][2], s[j][3], sums);
+      for (int i = 0; i < 4; ++i) scores[j * len + t + i] = sums[i];
     }
   }
+  for (; t < len; ++t) {
+    vf s[G];
+    for (int j = 0; j < G; ++j) s[j] = zero();
+    for (int64_t c = 0; c < D; c += kLanes) {
+      const vf kv = load(rows[t] + c);
+      for (int j = 0; j < G; ++j) s[j] = fma(load(qg + j * D + c), kv, s[j]);
+    }
+    for (int j = 0; j < G; ++j) scores[j * len + t] = reduce_add(s[j]);
+  }
+}
+
+// The V pass of one group over NC vectors of the head dim from column c0: acc[j * D + c0 ...] =
+// sum_t p[j, t] v_t, summed in token order from zero (as a head on its own would), in registers.
+template <typename T, int G, int NC>
+void group_values(const float* p, const T* const* rows, int64_t v_offset, int64_t len, int64_t D, int64_t c0,
+                  int64_t ahead, float* acc) {
+  vf a[G][NC];
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < NC; ++c) a[j][c] = zero();
+  for (int64_t t = 0; t < len; ++t) {  // values
+    if (t + kAhead < len) prefetch(rows[t + kAhead] + v_offset + c0, ahead);
+    const T* v = rows[t] + v_offset + c0;
+    vf vv[NC];
+    for (int c = 0; c < NC; ++c) vv[c] = load(v + c * kLanes);
+    for (int j = 0; j < G; ++j) {
+      const vf pj = set1(p[j * len + t]);
+      for (int c = 0; c < NC; ++c) a[j][c] = fma(pj, vv[c], a[j][c]);
+    }
+  }
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < NC; ++c) store(acc + j * D + c0 + c * kLanes, a[j][c]);
+}
+
+// Exact softmax of each of H rows of len scores, in place (kvf::exp: within ~2 ulp). Max, exp and
+// scale run a vector at a time, each row's tail on its own (no padded lanes in the max or the sum).
+void softmax_rows(float* scores, int64_t H, int64_t len) {
   const int64_t full = len / kLanes * kLanes;
-  for (int64_t h = 0; h < H; ++h) {  // exact softmax, in place (kvf::exp: within ~2 ulp)
+  for (int64_t h = 0; h < H; ++h) {
     float* sh = &scores[h * len];
+    vf vmx = set1(-INFINITY);
+    for (int64_t t = 0; t < full; t += kLanes) vmx = vmax(vmx, load(sh + t));
+    alignas(64) float lanes[kLanes];
+    store(lanes, vmx);
     float mx = -INFINITY;
-    for (int64_t t = 0; t < len; ++t) mx = std::max(mx, sh[t]);
-    const vf vmx = set1(mx);
+    for (int64_t i = 0; i < kLanes; ++i) mx = std::max(mx, lanes[i]);
+    for (int64_t t = full; t < len; ++t) mx = std::max(mx, sh[t]);
+    const vf vm = set1(mx);
     vf vsum = zero();
     for (int64_t t = 0; t < full; t += kLanes) {
-      const vf e = kvf::exp(sub(load(sh + t), vmx));
+      const vf e = kvf::exp(sub(load(sh + t), vm));
       store(sh + t, e);
       vsum = add(vsum, e);
     }
     float sum = reduce_add(vsum);
-    for (int64_t t = full; t < len; ++t) {  // the tail on its own: no padded lanes in the sum
+    for (int64_t t = full; t < len; ++t) {
       const float e = std::exp(sh[t] - mx);
       sh[t] = e;
       sum += e;
     }
     const float inv = 1.0f / sum;
-    for (int64_t t = 0; t < len; ++t) sh[t] *= inv;
+    const vf vinv = set1(inv);
+    for (int64_t t = 0; t < full; t += kLanes) store(sh + t, mul(load(sh + t), vinv));
+    for (int64_t t = full; t < len; ++t) sh[t] *= inv;
   }
-  for (int64_t t = 0; t < len; ++t) {  // out = sum_t p_t v_t
-    if (t + 4 < len) _mm_prefetch(reinterpret_cast<const char*>(row_of(t + 4) + v_offset), _MM_HINT_T0);
-    const T* v = row_of(t) + v_offset;
-    for (int64_t h = 0; h < H; ++h) {
-      const T* vh = v + (h / group) * D;
-      const vf p = set1(scores[h * len + t]);
-      for (int64_t c = 0; c < D; c += kLanes) {
-        float* a = &acc[h * D + c];
-        store(a, fma(p, load(vh + c), load(a)));
-      }
-    }
+}
+
+// Accumulators a V tile keeps in registers per head: AVX-512 has 32 vector registers, AVX2 16.
+constexpr int kValueTile = kLanes == 16 ? 4 : 2;
+
+template <typename T, int G>
+void attend_group(const float* qg, const T* const* rows, int64_t v_offset, int64_t len, int64_t D, int64_t ahead,
+                  float* scores, float* acc) {
+  group_scores<T, G>(qg, rows, len, D, ahead, scores);
+  softmax_rows(scores, G, len);
+  int64_t c0 = 0;
+  for (; c0 + kValueTile * kLanes <= D; c0 += kValueTile * kLanes)
+    group_values<T, G, kValueTile>(scores, rows, v_offset, len, D, c0, c0 == 0 ? ahead : 0, acc);
+  for (; c0 < D; c0 += kLanes) group_values<T, G, 1>(scores, rows, v_offset, len, D, c0, 0, acc);
+}
+
+template <typename T>
+using GroupFn = void (*)(const float*, const T* const*, int64_t, int64_t, int64_t, int64_t, float*, float*);
+
+// Up to 4 heads of a group at a time (4 x 4 score sums, or 4 x kValueTile V sums, stay in registers); a
+// larger group in parts of 4, each reading the group's rows again.
+template <typename T>
+void attend_heads(int64_t G, const float* qg, const T* const* rows, int64_t v_offset, int64_t len, int64_t D,
+                  int64_t ahead, float* scores, float* acc) {
+  static constexpr GroupFn<T> kByGroup[] = {attend_group<T, 1>, attend_group<T, 2>, attend_group<T, 3>,
+                                            attend_group<T, 4>};
+  for (int64_t j = 0; j < G; j += 4) {
+    const int64_t n = std::min<int64_t>(4, G - j);
+    kByGroup[n - 1](qg + j * D, rows, v_offset, len, D, ahead, scores + j * len, acc + j * D);
+  }
+}
+
+// All heads of one request. q [H, D] (head stride q_head_stride), out [H, D] contiguous. Token t's
+// row pointer is worked out once (block_size is a power of two: a shift and a mask, no division in
+// the loops); then each KV head's group of query heads reads its K and V rows once for the group.
+template <typename T>
+void attend(const T* q, int64_t q_head_stride, const T* cache, const int32_t* table, int64_t len, int64_t H,
+            int64_t KVH, int64_t D, int64_t block_size, int64_t block_stride, int64_t v_offset, float scale, T* out) {
+  const int64_t group = H / KVH, row = KVH * D;
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(block_size));
+  std::vector<float> qf(H * D), scores(H * len), acc(H * D);
+  std::vector<const T*> rows(len);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t d = 0; d < D; ++d) qf[h * D + d] = static_cast<float>(q[h * q_head_stride + d]) * scale;
+  for (int64_t t = 0; t < len; ++t)  // token t's row, at KV head 0
+    rows[t] = cache + static_cast<int64_t>(table[t >> shift]) * block_stride + (t & (block_size - 1)) * row;
+  for (int64_t g = 0; g < KVH; ++g) {
+    if (g > 0)
+      for (int64_t t = 0; t < len; ++t) rows[t] += D;  // the next KV head's part of each row
+    // The first KV head's passes prefetch whole rows (every KV head's part): the later heads' passes
+    // then find theirs in cache instead of each starting a stream of its own from memory.
+    const int64_t ahead = static_cast<int64_t>((g == 0 ? row : D) * sizeof(T));
+    float* sg = &scores[g * group * len];
+    attend_heads<T>(group, &qf[g * group * D], rows.data(), v_offset, len, D, ahead, sg, &acc[g * group * D]);
   }
   for (int64_t i = 0; i < H * D; i += kLanes) store(out + i, load(&acc[i]));
 }

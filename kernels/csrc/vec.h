@@ -36,6 +36,18 @@ inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
 inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
 inline vf floor(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
 inline float reduce_add(vf v) { return _mm512_reduce_add_ps(v); }
+// The sums of four vectors at once, sharing one shuffle tree (~a third of four reduce_adds' work):
+// 128-bit quarters first, then the four lanes of each; out[i] = sum of v_i's lanes.
+inline void reduce_add4(vf a, vf b, vf c, vf d, float* out) {
+  const vf ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const vf cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  vf x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));  // a b c d
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0x4E));  // each quarter: lanes (0+2, 1+3, ...)
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));  // lane 0 of each quarter: its sum
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, x);
+  out[0] = lanes[0], out[1] = lanes[4], out[2] = lanes[8], out[3] = lanes[12];
+}
 
 inline vf load(const float* p) { return _mm512_loadu_ps(p); }
 inline vf load(const bf16* p) {
@@ -92,6 +104,11 @@ inline float reduce_add(vf v) {  // a fixed tree: (lanes 0-3 + 4-7), then pairs
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+// The sums of four vectors at once, sharing one shuffle tree; out[i] = sum of v_i's lanes.
+inline void reduce_add4(vf a, vf b, vf c, vf d, float* out) {
+  const vf abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // per 128-bit half: a b c d
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
 }
 
 inline vf load(const float* p) { return _mm256_loadu_ps(p); }

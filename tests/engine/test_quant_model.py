@@ -224,7 +224,9 @@ def test_greedy_output_matches_the_dequantized_reference(default_model_file, dty
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prompt_products_on_the_dense_copy_equal_the_per_call_dequantize(default_pair, dtype):
     """``--prompt-weights dense`` keeps the weight dequantized once (prepacked for oneDNN in bf16 where
-    it runs natively): a prompt's numbers are those of dequantizing on every call, bit for bit."""
+    it runs natively): a prompt's numbers are those of dequantizing on every call, bit for bit in fp32
+    (the same ``F.linear``). In bf16 the prepacked oneDNN kernel may sum a product in another order
+    than ``F.linear``'s: on a CPU with AMX 4 of 113,664 outputs came out one bf16 step apart."""
     q, _ = default_pair
     proj = q.model.layers[3].mlp.gate_up_proj
     x = torch.randn(37, proj.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -234,7 +236,12 @@ def test_prompt_products_on_the_dense_copy_equal_the_per_call_dequantize(default
     try:
         proj.pack(dtype)
         assert (proj.dense is not None) != (proj.dense_packed is not None)
-        assert torch.equal(proj(x, decode_only=False), per_call)
+        got = proj(x, decode_only=False)
+        if proj.dense_packed is None:
+            assert torch.equal(got, per_call)
+        else:
+            torch.testing.assert_close(got, per_call, rtol=2**-7, atol=2**-7)  # a bf16 step or two
+            assert (got != per_call).float().mean() < 1e-3, "more than a rare rounding apart"
     finally:
         proj.pack(None)
 

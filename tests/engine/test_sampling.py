@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kvferry.engine.sampling import (
+    greedy_tokens,
     SampleResult,
     _nucleus_threshold,
     Sampler,
@@ -441,3 +442,13 @@ def test_streaming_with_holdback_never_emits_stopped_text(pieces):
     final = text if final is None else final
     assert final.startswith(emitted)
     assert "</answer>" not in final and "STOP" not in final
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_take_the_first_maximum_as_argmax_does(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (16, 4099), generator=g).to(dtype)  # many ties per row
+    logits[5, 17] = logits[5, 900] = float("nan")  # a NaN is the maximum, the first one wins
+    logits[7] = -float("inf")
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    assert greedy_tokens(logits)[5] == 17 and greedy_tokens(logits)[7] == 0

@@ -36,14 +36,14 @@ FP32, BF16 = torch.float32, torch.bfloat16
 
 # name: (source file, function, original text, broken text, the check that must catch it)
 MUTANTS = {
-    "drops_last_key": (
+    "drops_last_value": (
         "decode_attention.cpp", "decode_attention",
-        "for (int64_t t = 0; t < len; ++t) {  // scores", "for (int64_t t = 0; t < len - 1; ++t) {  // scores",
+        "for (int64_t t = 0; t < len; ++t) {  // values", "for (int64_t t = 0; t < len - 1; ++t) {  // values",
         lambda k: check_decode_attention(k, AttnCase(64, 3, 16, FP32)),
     ),
     "wrong_kv_head": (
         "decode_attention.cpp", "decode_attention",
-        "const T* kh = k + (h / group) * D;", "const T* kh = k + (h % KVH) * D;",
+        "for (int64_t t = 0; t < len; ++t) rows[t] += D;", "for (int64_t t = 0; t < len; ++t) rows[t] += 0;",
         lambda k: check_decode_attention(k, AttnCase(64, 3, 16, BF16)),
     ),
     "rms_norm_drops_tail": (

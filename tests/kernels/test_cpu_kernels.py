@@ -140,6 +140,18 @@ def check_decode_attention(kernels, case: AttnCase) -> None:
     assert_close(out, decode_attention_ref(query, cache, attn, scale), case.dtype)
 
 
+# Shapes off the grid: head dims that are not a whole number of the kernel's V register tiles
+# (4 vectors on AVX-512, 2 on AVX2) and groups the kernel takes in parts of 4 heads.
+@pytest.mark.parametrize("case", [
+    AttnCase(80, 6, 16, torch.bfloat16),
+    AttnCase(96, 5, 32, torch.float32),
+    AttnCase(16, 2, 16, torch.float32, num_kv_heads=3),
+    AttnCase(48, 7, 16, torch.bfloat16, num_kv_heads=1),
+], ids=str)
+def test_decode_attention_matches_the_reference_off_the_grid(kernels, case):
+    check_decode_attention(kernels, case)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_over_a_long_context_and_peaked_scores(kernels, dtype):
     # Large scores make the softmax peaked: exp's clamping and the max subtraction must hold up.
