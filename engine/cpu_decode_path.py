@@ -60,7 +60,7 @@ class CpuDecodePath:
     @classmethod
     def build(cls, model: LlamaForCausalLM) -> CpuDecodePath | None:
         """The path for ``model`` as packed now, or None where its decode steps need the modules."""
-        from kvferry.engine.model import DENSE_DECODE_MIN_TOKENS, RMSNorm
+        from kvferry.engine.model import QuantLinear, RMSNorm
 
         ext = cpu_kernels.load()
         weight = model.norm.weight
@@ -68,7 +68,10 @@ class CpuDecodePath:
             return None
         if model.config.head_dim % 16:
             return None
-        path = cls(model, ext, min(quant.MAX_TOKENS, cpu_kernels.MAX_TOKENS, DENSE_DECODE_MIN_TOKENS - 1))
+        # As many rows as every linear's kernel takes (a quantized one with a dense copy stops short of
+        # where the copy is faster).
+        limits = [m.kernel_max_tokens for m in model.modules() if isinstance(m, QuantLinear)]
+        path = cls(model, ext, min([quant.MAX_TOKENS, cpu_kernels.MAX_TOKENS, *limits]))
         eps = {layer.input_layernorm.eps for layer in model.layers}
         eps |= {layer.post_attention_layernorm.eps for layer in model.layers}
         if eps != {path.eps} or any(call is None for layer in path.layers for call in layer[2:]):

@@ -92,13 +92,22 @@ class Linear(nn.Linear):
 # model: 48 ms on the kernels, 39 ms dense; AMD EPYC Zen 4, 2 threads). Such rows then round like a
 # prompt's. An fp32 copy (MKL) was slower than the AVX2 kernels at 64 rows, so fp32 keeps the kernels.
 DENSE_DECODE_MIN_TOKENS = 16
+# Where oneDNN multiplies bf16 on AMX tiles the dense copy catches up sooner: a decode step of the default
+# model on one thread at ~300 tokens of context took 41 ms either way at 8 rows, and 46 ms dense
+# against 59 ms on the kernels at 12 (Xeon with AMX-BF16).
+DENSE_DECODE_MIN_TOKENS_AMX = 8
+
+
+def dense_decode_min_tokens() -> int:
+    """The decode batch from which the prepacked bf16 copy beats the quant kernels on this CPU."""
+    return DENSE_DECODE_MIN_TOKENS_AMX if cpu_features.has_amx_bf16() else DENSE_DECODE_MIN_TOKENS
 
 
 class QuantLinear(nn.Module):
     """A linear whose weight stays in GGUF blocks (``QuantWeight``; ``kernels/quant.py``).
 
     Decode steps (``decode_only``: no prompt tokens in x; up to ``quant.MAX_TOKENS``, or, where a dense
-    copy is kept, fewer than ``DENSE_DECODE_MIN_TOKENS``) take the quantized kernel: it streams the
+    copy is kept, fewer than ``dense_decode_min_tokens()``) take the quantized kernel: it streams the
     quantized bytes, and, since it rounds each token's activations to Q8 blocks on their own
     (llama.cpp's numerics), a token's result does not depend on its batch among such steps. Prompt tokens
     are compute-bound: they multiply the weight dequantized to x's dtype (exactly gguf's values) through
@@ -123,6 +132,7 @@ class QuantLinear(nn.Module):
         self._call: tuple | None = None  # (kernel function, its weight arguments), set by pack()
         self.dense: Tensor | None = None  # [out, in] dequantized copy for prompt-sized products
         self.dense_packed: Tensor | None = None  # the same, prepacked for oneDNN (bf16)
+        self.kernel_max_tokens = quant.MAX_TOKENS  # decode batches up to this many rows take the kernel
 
     def pack(self, dense_dtype: torch.dtype | None = None) -> None:
         """Ready the kernel call; ``dense_dtype``: also keep the weight dequantized to it for prompts."""
@@ -138,14 +148,17 @@ class QuantLinear(nn.Module):
                 self.dense_packed = pack_weight(dense)  # holds its own copy: the plain one can go
             else:
                 self.dense = dense
+        self.kernel_max_tokens = quant.MAX_TOKENS
+        if self.dense_packed is not None:
+            self.kernel_max_tokens = min(quant.MAX_TOKENS, dense_decode_min_tokens() - 1)
 
     def dense_bytes(self, dtype: torch.dtype) -> int:
         """Memory a dense copy in ``dtype`` takes."""
         return self.out_features * self.in_features * dtype.itemsize
 
     def forward(self, x: Tensor, decode_only: bool = True) -> Tensor:
-        if (self.kernel and decode_only and x.dim() == 2 and x.shape[0] <= quant.MAX_TOKENS and x.is_contiguous()
-                and (x.shape[0] < DENSE_DECODE_MIN_TOKENS or self.dense_packed is None)):
+        if (self.kernel and decode_only and x.dim() == 2 and x.shape[0] <= self.kernel_max_tokens
+                and x.is_contiguous()):
             fn, datas, qtypes, bias = self._call
             return fn(x, datas, qtypes, bias)
         if self.dense_packed is not None and x.dtype == torch.bfloat16:

@@ -45,6 +45,13 @@ def has_avx512_bf16() -> bool:
     return has("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 
 
+def has_amx_bf16() -> bool:
+    """Whether oneDNN runs bf16 products on AMX tiles (not capped below AMX by ONEDNN_MAX_CPU_ISA)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    allowed = cap in ("", "ALL") or "AMX" in cap or cap.startswith("AVX10")
+    return allowed and has("amx_bf16", "amx_tile")
+
+
 def has_native_bf16() -> bool:
     """Whether oneDNN runs bf16 linears (and their weight reorder) on this CPU."""
     return any(has(*group) for group in ONEDNN_BF16)

@@ -27,7 +27,9 @@ def test_the_flat_path_gives_the_modules_tokens_and_logprobs(default_model_file,
     run = path.run
     path.run = lambda *a: (calls.append(a[0].shape[0]), run(*a))[1]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=3)
-    for batch in (1, 8):
+    widest = path.max_tokens  # 8, or 7 where a dense bf16 copy takes 8 rows (AMX)
+    assert len(PROMPTS) >= widest
+    for batch in (1, widest):
         flat = llm.generate(PROMPTS[:batch], params)
         model.cpu_decode = None
         modules = llm.generate(PROMPTS[:batch], params)
@@ -35,4 +37,4 @@ def test_the_flat_path_gives_the_modules_tokens_and_logprobs(default_model_file,
         for a, b in zip(flat, modules, strict=True):
             assert a.token_ids == b.token_ids
             assert a.logprobs == b.logprobs  # bit for bit: the same kernels on the same arguments
-    assert set(calls) == {1, 8}  # decode steps took the flat path
+    assert set(calls) == {1, widest}  # decode steps took the flat path

@@ -16,9 +16,14 @@ import torch
 from kvferry.engine.config import ConfigError
 from kvferry.engine.llm import LLM
 from kvferry.engine.loader import load_model
-from kvferry.engine.model import QuantEmbedding, QuantLinear
+from kvferry.engine.model import (
+    DENSE_DECODE_MIN_TOKENS,
+    DENSE_DECODE_MIN_TOKENS_AMX,
+    QuantEmbedding,
+    QuantLinear,
+)
 from kvferry.engine.sampling import SamplingParams
-from kvferry.kernels import quant
+from kvferry.kernels import cpu_features, quant
 
 needs_kernels = pytest.mark.skipif(not quant.available(), reason="quant kernels not built or CPU without AVX2")
 
@@ -255,3 +260,25 @@ def test_prompt_weights_mode(monkeypatch):
     assert not engine_config.dense_prompt_weights("auto", 2**30 + 1)
     with pytest.raises(ConfigError, match="prompt weights"):
         engine_config.EngineConfig(prompt_weights="sparse")
+
+
+def test_decode_batches_leave_the_kernels_for_the_dense_copy_where_the_cpu_makes_it_faster(default_pair, monkeypatch):
+    """With a prepacked bf16 copy, decode batches from 16 rows (8 where oneDNN runs bf16 on AMX) multiply
+    by it instead of the quant kernels; without a copy every batch up to quant.MAX_TOKENS takes them."""
+    q, _ = default_pair
+    proj = q.model.layers[3].mlp.gate_up_proj
+    x = torch.randn(DENSE_DECODE_MIN_TOKENS_AMX, proj.in_features, generator=torch.Generator().manual_seed(1))
+    x = x.bfloat16()
+    try:
+        for amx, first_dense in ((True, DENSE_DECODE_MIN_TOKENS_AMX), (False, DENSE_DECODE_MIN_TOKENS)):
+            monkeypatch.setattr(cpu_features, "has_amx_bf16", lambda amx=amx: amx)
+            proj.pack(torch.bfloat16)
+            if proj.dense_packed is None or not proj.kernel:
+                pytest.skip("no dense bf16 copy (oneDNN runs no bf16 here) or no built kernels to leave")
+            assert proj.kernel_max_tokens == first_dense - 1
+            dense = torch.ops.mkldnn._linear_pointwise(x, proj.dense_packed, None, "none", [], "")
+            assert torch.equal(proj(x), dense) == amx  # 8 rows: the copy with AMX, the kernel without
+        proj.pack(None)
+        assert proj.kernel_max_tokens == quant.MAX_TOKENS
+    finally:
+        proj.pack(None)
