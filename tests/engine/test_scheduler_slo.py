@@ -160,6 +160,21 @@ def test_a_request_that_can_still_meet_its_target_stays_queued():
     assert not out.rejected and "tight" in sched.requests
 
 
+def test_beside_fresh_decode_rows_a_long_prompt_is_judged_by_the_largest_chunk_they_allow():
+    # 8 fresh rows: a 50 ms decode step, so this step's chunk is 60 tokens (80 ms planned): 4,000 tokens
+    # would take ~5.3 s at that size. The rows may take one stall of 8 x 100 ms, where the chunk is
+    # bounded by the 750 ms prefill step instead (1,400 tokens): ~2.2 s, within 3 s: kept. 10,000
+    # tokens behind it take ~7.6 s even so: refused.
+    sched = make(LATENCY)
+    start_decoding(sched, 8)
+    sched.add(request("long", 4000, deadline=3.0))
+    sched.add(request("hopeless", 10_000, deadline=3.0))
+    out = sched.schedule(now=0.0)
+    assert [r.request.request_id for r in out.rejected] == ["hopeless"]
+    assert "long" in sched.requests
+    assert "about 7.6 s to prefill its 10000 tokens here behind 4000" in out.rejected[0].refusal.message
+
+
 def test_without_a_target_nothing_is_rejected():
     sched = make(PROFILES["throughput"], decodes_here=False, budget=256)
     for i in range(50):
