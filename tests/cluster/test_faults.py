@@ -110,9 +110,12 @@ def run_streams(serve: Serve, disturb=None) -> dict:
 
 
 def busiest_decode(serve: Serve) -> str:
+    # Asked of the workers themselves, not read from the router's last heartbeat: on a fast CPU a
+    # heartbeat's wait was long enough for the streams to end before the fault landed.
+    decodes = {n: w for n, w in workers_named(serve).items() if n.startswith("decode")}
+
     def running() -> dict[str, int]:
-        return {n: w.capacity.running_requests for n, w in workers_named(serve).items() if n.startswith("decode")}
-    # Heartbeats carry the counts: wait for one that shows the streams.
+        return {n: worker_stats(w.address, w.role).running_requests for n, w in decodes.items()}
     counts = wait_for(lambda: (lambda c: c if sum(c.values()) >= 2 else None)(running()), 10, "running streams")
     return max(counts, key=counts.get)
 
