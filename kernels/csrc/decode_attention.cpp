@@ -23,9 +23,6 @@ namespace {
 
 using namespace kvf;
 
-// The K pass of one KV head's group of G query heads: scores[j * len + t] = q_j . k_t for the group's
-// heads j, each K row chunk widened once and used by all G heads (G a constant: the accumulators stay
-// in registers). rows[t]: token t's K row, already at this KV head.
 // How many tokens ahead the row loops prefetch: enough to cover a memory access.
 constexpr int kAhead = 16;
 
@@ -34,6 +31,9 @@ inline void prefetch(const void* p, int64_t n) {
   for (int64_t o = 0; o < n; o += 64) _mm_prefetch(static_cast<const char*>(p) + o, _MM_HINT_T0);
 }
 
+// The K pass of one KV head's group of G query heads: scores[j * len + t] = q_j . k_t for the group's
+// heads j, each K row chunk widened once and used by all G heads (G a constant: the accumulators stay
+// in registers). rows[t]: token t's K row, already at this KV head.
 template <typename T, int G>
 void group_scores(const float* qg, const T* const* rows, int64_t v_offset, int64_t len, int64_t D, int64_t ahead,
                   float* scores) {
