@@ -340,32 +340,32 @@ class Scheduler:
         else:
             prompts = started + preempted + fresh
 
-        per_token_s = self.step_model.coefficients[2]
-        # Refusal asks whether a request can still make its deadline, so beside decode rows it counts the
-        # largest chunk those rows may ever let ride along (one stall of max_stall_factor x TPOT), not this
-        # step's: a fresh batch has banked nothing yet, and its chunk would refuse long prompts that the
-        # next steps' banked time lets through (a colocated worker refused 1,000-token prompts at 2 req/s,
-        # predicting 4-8 s for what took ~0.4 s).
-        best_drain = drain
-        if num_decodes and profile.tpot_s is not None:
-            best_drain = self._drain_time(num_decodes, context, profile.max_stall_factor * profile.tpot_s)
-
-        def best_eta(tokens_ahead: int, req: Request) -> float:
-            return best_drain(tokens_ahead + left(req))
-
-        def lost(req: Request, ahead: int) -> bool:
-            """Refused only if even a queue `reject_margin` times the predicted one would be late. On an
-            idle engine only the prompt's own per-token cost counts, not the steps' fixed cost: that is the
-            term a warm-up on a busy box over-estimates most (once 2 s a step, which refused every request,
-            so no step ever ran to correct it)."""
-            if req.ttft_deadline is None or now + profile.reject_margin * best_eta(ahead, req) <= req.ttft_deadline:
-                return False
-            if ahead > 0 or num_decodes > 0:
-                return True
-            return now + per_token_s * left(req) > req.ttft_deadline
-
         rejected: list[Rejection] = []
         if any(r.ttft_deadline is not None for r in fresh):
+            per_token_s = self.step_model.coefficients[2]
+            # Refusal asks whether a request can still make its deadline, so beside decode rows it counts the
+            # largest chunk those rows may ever let ride along (one stall of max_stall_factor x TPOT), not this
+            # step's: a fresh batch has banked nothing yet, and its chunk would refuse long prompts that the
+            # next steps' banked time lets through (a colocated worker refused 1,000-token prompts at 2 req/s,
+            # predicting 4-8 s for what took ~0.4 s).
+            best_drain = drain
+            if num_decodes and profile.tpot_s is not None:
+                best_drain = self._drain_time(num_decodes, context, profile.max_stall_factor * profile.tpot_s)
+
+            def best_eta(tokens_ahead: int, req: Request) -> float:
+                return best_drain(tokens_ahead + left(req))
+
+            def lost(req: Request, ahead: int) -> bool:
+                """Refused only if even a queue `reject_margin` times the predicted one would be late. On an
+                idle engine only the prompt's own per-token cost counts, not the steps' fixed cost: that is the
+                term a warm-up on a busy box over-estimates most (once 2 s a step, which refused every request,
+                so no step ever ran to correct it)."""
+                if req.ttft_deadline is None or now + profile.reject_margin * best_eta(ahead, req) <= req.ttft_deadline:
+                    return False
+                if ahead > 0 or num_decodes > 0:
+                    return True
+                return now + per_token_s * left(req) > req.ttft_deadline
+
             kept, late, ahead = [], [], 0
             for req in prompts:
                 if req.status is RequestStatus.WAITING and lost(req, ahead):
