@@ -32,8 +32,7 @@ def _decode_call(module) -> Callable[[Tensor], Tensor] | None:
 
     ext = cpu_kernels.load()
     if isinstance(module, QuantLinear) and module.kernel:
-        fn, datas, qtypes, bias = module._call
-        return lambda x: fn(x, datas, qtypes, bias)
+        return module.decode
     if isinstance(module, Linear) and module.skinny and ext is not None:
         bias = _EMPTY if module.bias_fp32 is None else module.bias_fp32
         following = _EMPTY if module.next_weight is None else module.next_weight

@@ -44,7 +44,7 @@ _SOURCES = ["quant_bindings.cpp", "quant_linear.cpp", "quant_dequantize.cpp"]
 _COMMON = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]
 AVX512 = LazyExtension(
     "kvferry_quant_avx512",
-    _SOURCES,
+    [*_SOURCES, "quant_amx.cpp"],  # AMX functions carry their own target attributes
     [*_COMMON, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
     ["-fopenmp"],
     unavailable_reason=lambda: None if cpu_features.has("avx512f", "avx512bw", "avx512vl", "avx512_vnni")

@@ -8,6 +8,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using nogil = py::call_guard<py::gil_scoped_release>;
 #if defined(__AVX512VNNI__)
   m.attr("isa") = "avx512_vnni";
+  m.def("quant_amx_available", &quant_amx_available, "whether this CPU and kernel give this process AMX-BF16 tiles");
+  m.def("quant_linear_amx", &quant_linear_amx, "y = x @ W.T (+ bias) on AMX tiles, W in GGUF blocks, x bfloat16", nogil());
 #else
   m.attr("isa") = "avx2";
 #endif

@@ -19,3 +19,9 @@ at::Tensor quant_linear(const at::Tensor& x, const std::vector<at::Tensor>& weig
 // uint8 [N, row_bytes] of ggml type qtype -> [N, in_features] float32 or bfloat16 (a new tensor, or out).
 at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t in_features, at::ScalarType dtype);
 void quant_dequantize_into(const at::Tensor& w, int64_t qtype, const at::Tensor& out);
+
+// The same product on AMX-BF16 tiles (quant_amx.cpp; AVX-512 build only): x bfloat16 [M, K], K a multiple
+// of 32; the weight dequantized to bfloat16 block by block (the dense copy's values). Returns bfloat16.
+bool quant_amx_available();
+at::Tensor quant_linear_amx(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                            const std::vector<int64_t>& qtypes, const at::Tensor& bias);

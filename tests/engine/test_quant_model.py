@@ -16,7 +16,9 @@ import torch
 from kvferry.engine.config import ConfigError
 from kvferry.engine.llm import LLM
 from kvferry.engine.loader import load_model
+from kvferry.engine import model as model_module
 from kvferry.engine.model import (
+    AMX_DECODE_MIN_TOKENS,
     DENSE_DECODE_MIN_TOKENS,
     DENSE_DECODE_MIN_TOKENS_AMX,
     QuantEmbedding,
@@ -263,12 +265,14 @@ def test_prompt_weights_mode(monkeypatch):
 
 
 def test_decode_batches_leave_the_kernels_for_the_dense_copy_where_the_cpu_makes_it_faster(default_pair, monkeypatch):
-    """With a prepacked bf16 copy, decode batches from 16 rows (8 where oneDNN runs bf16 on AMX) multiply
-    by it instead of the quant kernels; without a copy every batch up to quant.MAX_TOKENS takes them."""
+    """With a prepacked bf16 copy and no AMX kernel, decode batches from 16 rows (8 where oneDNN runs
+    bf16 on AMX) multiply by the copy instead of the quant kernels; without a copy every batch up to
+    quant.MAX_TOKENS takes them."""
     q, _ = default_pair
     proj = q.model.layers[3].mlp.gate_up_proj
     x = torch.randn(DENSE_DECODE_MIN_TOKENS_AMX, proj.in_features, generator=torch.Generator().manual_seed(1))
     x = x.bfloat16()
+    monkeypatch.setattr(model_module, "amx_decode_kernel", lambda module, dtype: None)
     try:
         for amx, first_dense in ((True, DENSE_DECODE_MIN_TOKENS_AMX), (False, DENSE_DECODE_MIN_TOKENS)):
             monkeypatch.setattr(cpu_features, "has_amx_bf16", lambda amx=amx: amx)
@@ -280,5 +284,29 @@ def test_decode_batches_leave_the_kernels_for_the_dense_copy_where_the_cpu_makes
             assert torch.equal(proj(x), dense) == amx  # 8 rows: the copy with AMX, the kernel without
         proj.pack(None)
         assert proj.kernel_max_tokens == quant.MAX_TOKENS
+    finally:
+        proj.pack(None)
+
+
+def test_bf16_decode_batches_from_five_rows_take_the_amx_kernel_where_there_is_one(default_pair):
+    """Where the CPU has AMX-BF16, every bf16 decode batch stays on the quantized weight: 1-4 rows on the
+    VNNI kernel, 5-64 on the AMX one (the dense copy is for prompts only)."""
+    q, _ = default_pair
+    proj = q.model.layers[3].mlp.gate_up_proj
+    module = quant.load()
+    if model_module.amx_decode_kernel(module, torch.bfloat16) is None:
+        pytest.skip("no AMX-BF16 kernel on this CPU")
+    g = torch.Generator().manual_seed(2)
+    try:
+        proj.pack(torch.bfloat16, decode_dtype=torch.bfloat16)
+        assert proj.kernel_max_tokens == quant.MAX_TOKENS
+        args = (proj.qweight.datas, proj.qweight.qtypes, torch.empty(0))
+        for rows in (AMX_DECODE_MIN_TOKENS - 1, AMX_DECODE_MIN_TOKENS, quant.MAX_TOKENS):
+            x = torch.randn(rows, proj.in_features, generator=g).bfloat16()
+            kernel = module.quant_linear_amx if rows >= AMX_DECODE_MIN_TOKENS else module.quant_linear
+            assert torch.equal(proj(x), kernel(x, *args))
+        x = torch.randn(quant.MAX_TOKENS + 1, proj.in_features, generator=g).bfloat16()
+        dense = torch.ops.mkldnn._linear_pointwise(x, proj.dense_packed, None, "none", [], "")
+        assert torch.equal(proj(x), dense)  # past the kernels' batch: the copy
     finally:
         proj.pack(None)
