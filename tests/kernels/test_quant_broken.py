@@ -9,11 +9,11 @@ so that the copies link side by side.
 
 from __future__ import annotations
 
-import os
 import types
 
 import pytest
 import torch
+from mutant_build import build_mutants
 from quant_blocks import NAMES, weight
 from test_quant import check_linear, linear
 
@@ -49,11 +49,9 @@ MUTANTS = {
 
 @pytest.fixture(scope="module")
 def mutants(tmp_path_factory):
-    from torch.utils.cpp_extension import load as build
-
     folder = tmp_path_factory.mktemp("quant_mutants")
     (folder / "quant_kernels.h").write_text((CSRC / "quant_kernels.h").read_text())
-    sources, declarations, bindings = [], [], []
+    sources, declarations, entries = [], [], {}
     for name, (path, original, broken, _) in MUTANTS.items():
         header, source = (CSRC / "quant_formats.h").read_text(), (CSRC / "quant_linear.cpp").read_text()
         text = header if path == "quant_formats.h" else source
@@ -63,20 +61,14 @@ def mutants(tmp_path_factory):
         else:
             source = source.replace(original, broken)
         (folder / f"{name}_formats.h").write_text(header)
-        renamed = f"quant_linear_{name}"
+        renamed = entries[name] = f"quant_linear_{name}"
         cpp = folder / f"{name}.cpp"
         cpp.write_text(f"#define quant_linear {renamed}\n#define kvq kvq_{name}\n"
                        + source.replace('#include "quant_formats.h"', f'#include "{name}_formats.h"'))
         sources.append(str(cpp))
         declarations.append(f"at::Tensor {renamed}(const at::Tensor&, const std::vector<at::Tensor>&, "
                             "const std::vector<int64_t>&, const at::Tensor&);")
-        bindings.append(f'  m.def("{name}", &{renamed});')
-    module_source = folder / "mutants.cpp"
-    module_source.write_text("#include <torch/extension.h>\n\n" + "\n".join(declarations)
-                             + "\n\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n" + "\n".join(bindings) + "\n}\n")
-    return build(name=f"kvferry_quant_mutants_{os.getpid()}", sources=[str(module_source), *sources],
-                 extra_cflags=list(quant.AVX2.cflags), extra_ldflags=list(quant.AVX2.ldflags),
-                 build_directory=str(folder), verbose=False)
+    return build_mutants(folder, sources, entries, declarations, quant.AVX2)
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))
