@@ -13,11 +13,12 @@ from kvferry.decode_worker.worker import DecodeWorker, TokenEvent
 from kvferry.proto import worker_pb2, worker_pb2_grpc
 from kvferry.proto.cluster_security import ClusterSecurity
 from kvferry.proto.convert import (
-    logprobs_to_proto, prefill_timings_fields, refusal_metadata, stats_to_proto,
+    logprobs_to_proto, prefill_timings_fields, refusal_metadata,
 )
 from kvferry.transport.grpc_transport import SERVICE_NAME as KV_TRANSFER_SERVICE
 from kvferry.transport.grpc_transport import add_kv_transfer_service, create_server
 from kvferry.worker_common.grpc_errors import new_request_args, worker_errors
+from kvferry.worker_common.servicer import WorkerCalls
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
 MAX_STREAM_S = 24 * 3600.0  # a stream's hard bound; the router's own deadline is normally shorter
@@ -38,13 +39,15 @@ def event_to_proto(event: TokenEvent) -> worker_pb2.TokenEvent:
     )
 
 
-class DecodeWorkerServicer(worker_pb2_grpc.DecodeWorkerServicer):
+class DecodeWorkerServicer(WorkerCalls, worker_pb2_grpc.DecodeWorkerServicer):
+    role = "decode"
+
     def __init__(self, worker: DecodeWorker, kv_address: str = ""):
         self.worker = worker
         self.kv_address = kv_address
 
     def Reserve(self, request: worker_pb2.ReserveRequest, context: grpc.ServicerContext) -> worker_pb2.ReserveResponse:
-        with worker_errors(context, "decode"):
+        with worker_errors(context, self.role):
             reservation = self.worker.reserve(
                 *new_request_args(request),
                 lease_s=request.lease_ms / 1000.0 if request.lease_ms else None,
@@ -86,16 +89,8 @@ class DecodeWorkerServicer(worker_pb2_grpc.DecodeWorkerServicer):
         finally:  # normal end, client cancel or deadline: the worker aborts it if still running
             self.worker.unsubscribed(request_id)
 
-    def Abort(self, request: worker_pb2.AbortRequest, context: grpc.ServicerContext) -> worker_pb2.AbortResponse:
-        with worker_errors(context, "decode"):
-            found = self.worker.abort(request.request_id)
-        return worker_pb2.AbortResponse(found=found)
-
-    def GetStats(self, request: worker_pb2.StatsRequest, context: grpc.ServicerContext) -> worker_pb2.WorkerStats:
-        return stats_to_proto(self.worker.stats())
-
     def Renew(self, request: worker_pb2.RenewRequest, context: grpc.ServicerContext) -> worker_pb2.RenewResponse:
-        with worker_errors(context, "decode"):
+        with worker_errors(context, self.role):
             return worker_pb2.RenewResponse(found=self.worker.renew(request.request_id))
 
 

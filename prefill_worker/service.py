@@ -17,18 +17,21 @@ from kvferry.prefill_worker.worker import PrefillAborted, PrefillWorker, SLOReje
 from kvferry.proto import worker_pb2, worker_pb2_grpc
 from kvferry.proto.cluster_security import ClusterSecurity
 from kvferry.proto.convert import (
-    logprobs_to_proto, prefill_timings_fields, refusal_metadata, stats_to_proto,
+    logprobs_to_proto, prefill_timings_fields, refusal_metadata,
 )
 from kvferry.transport.base import KVTarget, TransferError
 from kvferry.transport.grpc_transport import create_server, status_for
 from kvferry.worker_common.grpc_errors import new_request_args, worker_errors
+from kvferry.worker_common.servicer import WorkerCalls
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name
 MAX_PREFILL_S = 3600.0  # hard bound on one Prefill call; the router's deadline is normally shorter
 POLL_S = 0.25
 
 
-class PrefillWorkerServicer(worker_pb2_grpc.PrefillWorkerServicer):
+class PrefillWorkerServicer(WorkerCalls, worker_pb2_grpc.PrefillWorkerServicer):
+    role = "prefill"
+
     def __init__(self, worker: PrefillWorker, transfer_timeout_s: float = 30.0):
         self.worker = worker
         self.transfer_timeout_s = transfer_timeout_s
@@ -37,7 +40,7 @@ class PrefillWorkerServicer(worker_pb2_grpc.PrefillWorkerServicer):
         remaining = context.time_remaining()
         timeout_s = self.transfer_timeout_s if remaining is None else min(self.transfer_timeout_s, remaining)
         target = KVTarget(request.kv_address, request.receiver_instance_id, timeout_s=max(timeout_s, 0.001))
-        with worker_errors(context, "prefill"):
+        with worker_errors(context, self.role):
             future = self.worker.prefill(
                 *new_request_args(request),
                 target,
@@ -76,14 +79,6 @@ class PrefillWorkerServicer(worker_pb2_grpc.PrefillWorkerServicer):
         if result.first_logprobs is not None:
             response.first_logprobs.CopyFrom(logprobs_to_proto(result.first_logprobs))
         return response
-
-    def Abort(self, request: worker_pb2.AbortRequest, context: grpc.ServicerContext) -> worker_pb2.AbortResponse:
-        with worker_errors(context, "prefill"):
-            found = self.worker.abort(request.request_id)
-        return worker_pb2.AbortResponse(found=found)
-
-    def GetStats(self, request: worker_pb2.StatsRequest, context: grpc.ServicerContext) -> worker_pb2.WorkerStats:
-        return stats_to_proto(self.worker.stats())
 
 
 def create_prefill_server(
