@@ -26,7 +26,6 @@ import json
 import logging
 import secrets
 import socket
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from kvferry.transport import framing
 from kvferry.transport.base import TransferError, TransferErrorCode, TransportOffer
 from kvferry.transport.collective_group import RECEIVER_RANK, STAMP, PairGroup, open_store, read_stamp, staging_device
 from kvferry.transport.grpc_transport import header_from_proto, trailer_from_proto
-from kvferry.transport.listener import Listener, check_hello, listen_tcp
+from kvferry.transport.listener import ListeningServer, check_hello, listen_tcp
 from kvferry.transport.receiver import KVReceiver, ReceiveSession
 
 logger = logging.getLogger(__name__)
@@ -70,54 +69,24 @@ class _Posted:
     work: object
 
 
-class CollectiveServer:
+class CollectiveServer(ListeningServer):
+    # Each pair's thread destroys its group on the way out: close() waits for that, so that a process
+    # exiting right after close() never destroys a group while the interpreter is finalizing (torch aborts).
+    close_wait_s = 5.0
+    thread_kind = "pair"
+
     def __init__(
         self, receiver: KVReceiver, listener: socket.socket, backend: str, ticket: str,
         io_timeout_s: float = 30.0, idle_timeout_s: float = 300.0, rendezvous_timeout_s: float = 30.0,
         max_pairs: int = 64, depth: int = 4,
     ):
-        self.receiver = receiver
-        self.transport = backend
-        self.ticket = ticket
-        self.io_timeout_s = io_timeout_s
-        self.idle_timeout_s = idle_timeout_s
+        super().__init__(receiver, listener, backend, ticket, max_pairs, "KV pairs", io_timeout_s, idle_timeout_s)
         self.rendezvous_timeout_s = rendezvous_timeout_s
-        self.max_pairs = max_pairs
         self.depth = depth  # receives in flight per pair: one message's rendezvous hides behind others
         self.device = staging_device(backend, receiver.kv_caches[0].device)
         self._epochs = itertools.count(1)
-        self._listener = Listener(listener, max_pairs, "KV pairs")
-        self._threads: set[threading.Thread] = set()  # under the listener's lock
         self.epochs_started = 0
-        self._accept_thread = threading.Thread(
-            target=self._listener.accept_loop, args=(self._start,), name=f"kv-{backend}-accept", daemon=True
-        )
-        self._accept_thread.start()
-
-    @property
-    def connections_total(self) -> int:
-        return self._listener.total  # pairs formed or tried since start
-
-    @property
-    def num_connections(self) -> int:
-        return len(self._listener.connections)
-
-    def close(self) -> None:
-        self._listener.close()
-        self._accept_thread.join(timeout=2.0)
-        # Each pair's thread destroys its group on the way out: wait for that, so that a process exiting
-        # right after close() never destroys a group while the interpreter is finalizing (torch aborts).
-        end = time.monotonic() + 5.0
-        with self._listener.lock:
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join(timeout=max(end - time.monotonic(), 0.01))
-
-    def _start(self, conn: socket.socket) -> None:
-        thread = threading.Thread(target=self._serve, args=(conn,), name=f"kv-{self.transport}-pair", daemon=True)
-        with self._listener.lock:
-            self._threads.add(thread)
-        thread.start()
+        self._start_accepting()
 
     # ---- one pair ----------------------------------------------------------------------------------
     def _serve(self, conn: socket.socket) -> None:
@@ -140,9 +109,6 @@ class CollectiveServer:
             if group is not None:
                 group.close()  # here, on this thread, before close() stops waiting for it
             conn.close()
-            with self._listener.lock:
-                self._listener.connections.discard(conn)
-                self._threads.discard(threading.current_thread())
 
     def _form_pair(self, conn: socket.socket) -> PairGroup:
         deadline = time.monotonic() + self.rendezvous_timeout_s

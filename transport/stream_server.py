@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 
 from kvferry.proto import kv_transfer_pb2 as pb
 from kvferry.transport import framing
 from kvferry.transport.base import TransferError, TransferErrorCode
 from kvferry.transport.grpc_transport import header_from_proto, trailer_from_proto
-from kvferry.transport.listener import Listener, check_hello
+from kvferry.transport.listener import ListeningServer, check_hello
 from kvferry.transport.receiver import KVReceiver
 
 logger = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ class SocketPayload(ConnectionPayload):
         return view
 
 
-class StreamDataServer:
+class StreamDataServer(ListeningServer):
     def __init__(
         self,
         receiver: KVReceiver,
@@ -90,34 +89,13 @@ class StreamDataServer:
         make_payload,  # () -> ConnectionPayload
         io_timeout_s: float = 30.0,
         idle_timeout_s: float = 300.0,
-        max_connections: int = 64,
+        max_connections: int = 64,  # pooled senders keep the connections few
     ):
-        self.receiver = receiver
-        self.transport = transport
-        self.ticket = ticket
-        self._make_payload = make_payload
-        self.io_timeout_s = io_timeout_s
-        self.idle_timeout_s = idle_timeout_s
-        self._listener = Listener(listener, max_connections, "KV connections")
-        self._accept_thread = threading.Thread(
-            target=self._listener.accept_loop, args=(self._start,), name=f"kv-{transport}-accept", daemon=True
+        super().__init__(
+            receiver, listener, transport, ticket, max_connections, "KV connections", io_timeout_s, idle_timeout_s
         )
-        self._accept_thread.start()
-
-    def close(self) -> None:
-        self._listener.close()
-        self._accept_thread.join(timeout=2.0)
-
-    @property
-    def connections_total(self) -> int:
-        return self._listener.total  # pooled senders keep this low
-
-    @property
-    def num_connections(self) -> int:
-        return len(self._listener.connections)
-
-    def _start(self, conn: socket.socket) -> None:
-        threading.Thread(target=self._serve, args=(conn,), name=f"kv-{self.transport}-conn", daemon=True).start()
+        self._make_payload = make_payload
+        self._start_accepting()
 
     def _serve(self, conn: socket.socket) -> None:
         payload = None
@@ -137,7 +115,6 @@ class StreamDataServer:
             conn.close()
             if payload is not None:
                 payload.close()
-            self._listener.discard(conn)
 
     def _serve_transfer(self, conn: socket.socket, payload: ConnectionPayload) -> bool:
         """One transfer; False when the connection ended (cleanly, between transfers)."""
